@@ -1,0 +1,121 @@
+"""Flower ClientApp: a thin adapter from Flower messages to ``Personalizer``.
+
+Receives the global side, checks it, trains locally with DP and replies with the *change* of the
+global side plus metrics. The user vector and raw events are never put in a message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from attune.client.personalizer import Personalizer
+from attune.client.settings import DeviceSettings
+from attune.shared.errors import AttuneError
+from attune.shared.metrics import hit_and_ndcg, read_heldout
+from attune.shared.model import MODEL_VERSION
+from attune.shared.records import (
+    arrays_to_numpy,
+    model_config_from,
+    model_version_from,
+    state_to_arrays,
+    train_config_from,
+)
+from attune.shared.vocabulary import Vocabulary
+from attune.shared.wire import check_global_state
+
+logging.getLogger("flwr").propagate = False  # opacus's logging setup makes flwr lines print twice
+
+SettingsResolver = Callable[[Context], DeviceSettings]
+
+
+def _open(settings: DeviceSettings, msg: Message) -> tuple[Personalizer, dict[str, torch.Tensor]]:
+    config = msg.content["config"]
+    model = model_config_from(config)
+    version = model_version_from(config)
+    received = check_global_state(arrays_to_numpy(msg.content["arrays"]), model, version)
+    vocabulary = Vocabulary(model.num_items)
+    if settings.vocabulary_path is not None:
+        vocabulary = Vocabulary.of(json.loads(Path(settings.vocabulary_path).read_text()))
+    personalizer = Personalizer(
+        str(settings.store_path), model=model, vocabulary=vocabulary,
+        privacy=settings.privacy, seed=settings.seed,
+    )
+    personalizer.set_global(received, version)
+    return personalizer, received
+
+
+def _reply(msg: Message, metrics: dict[str, float | int], arrays: ArrayRecord | None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+def handle_train(msg: Message, settings: DeviceSettings) -> Message:
+    try:
+        personalizer, _ = _open(settings, msg)
+    except AttuneError as error:
+        return _error_reply(msg, error)
+    with personalizer:
+        outcome = personalizer.train(train_config_from(msg.content["config"]))
+        metrics: dict[str, float | int] = {
+            "num-examples": outcome.examples,
+            "trained": int(outcome.status == "trained"),
+            "private": int(outcome.private),
+            "epsilon": outcome.epsilon,
+            "steps": personalizer.ledger.steps,
+            "model-version": MODEL_VERSION,
+        }
+        if outcome.update is None:
+            return _reply(msg, metrics, None)
+        metrics["loss"] = float(outcome.loss or 0.0)
+        metrics["clipped-fraction"] = float(outcome.clipped_fraction or 0.0)
+        metrics["sample-rate"] = train_config_from(msg.content["config"]).sample_rate
+        arrays = state_to_arrays(outcome.update)
+        personalizer.note_update_sent(sum(int(a.numpy().size) for a in arrays.values()))
+        return _reply(msg, metrics, arrays)
+
+
+def _error_reply(msg: Message, error: AttuneError) -> Message:
+    logging.getLogger(__name__).warning("refusing round: %s", error)
+    return _reply(msg, {"num-examples": 0, "trained": 0, "error": 1}, None)
+
+
+def handle_evaluate(msg: Message, settings: DeviceSettings) -> Message:
+    """Rank the held-out candidates a simulation left beside the store (``*.eval.json``)."""
+    eval_path = Path(str(settings.store_path) + ".eval.json")
+    if not eval_path.is_file():
+        return _reply(msg, {"num-examples": 0}, None)
+    personalizer, _ = _open(settings, msg)
+    with personalizer:
+        heldout = read_heldout(eval_path)
+        scores = personalizer.score(heldout.candidates, heldout.context).numpy()[None, :]
+        hit, ndcg = hit_and_ndcg(scores)
+        return _reply(msg, {"num-examples": 1, "hr@10": float(hit[0]), "ndcg@10": float(ndcg[0])},
+                      None)
+
+
+def make_client_app(resolve: SettingsResolver) -> ClientApp:
+    """A ClientApp whose device settings come from ``resolve(context)``."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, resolve(context))
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, resolve(context))
+
+    return app
+
+
+# For `flwr run`: the SuperNode's --node-config names the store and the device's limits.
+app = make_client_app(lambda context: DeviceSettings.from_node_config(context.node_config))

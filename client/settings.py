@@ -1,0 +1,40 @@
+"""Device settings read from a Flower node config (``--node-config "store-path='...'"``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from attune.client.personalizer import PrivacyConfig
+from attune.shared.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """Where the device keeps its store, and its own privacy limits."""
+
+    store_path: Path
+    privacy: PrivacyConfig
+    vocabulary_path: Path | None = None
+    seed: int | None = None
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, object]) -> DeviceSettings:
+        if "store-path" not in node_config:
+            raise ConfigError("node config needs 'store-path': the device's event store file")
+        defaults = PrivacyConfig()
+        privacy = PrivacyConfig(
+            epsilon_budget=float(node_config.get("epsilon-budget", defaults.epsilon_budget)),
+            delta=float(node_config.get("delta", defaults.delta)),
+            min_events=int(node_config.get("min-events", defaults.min_events)),
+            allow_non_private=bool(node_config.get("allow-non-private", False)),
+        )
+        vocabulary = node_config.get("vocabulary-path")
+        seed = node_config.get("seed")
+        return cls(
+            store_path=Path(str(node_config["store-path"])),
+            privacy=privacy,
+            vocabulary_path=Path(str(vocabulary)) if vocabulary else None,
+            seed=int(seed) if seed is not None else None,
+        )

@@ -1,0 +1,138 @@
+"""Local training on the device's own events: DP-SGD with Poisson sampling, accounted by Opacus.
+
+One round of the default (partially local) algorithm:
+1. fit the person's user vector to the freshly received global item side (global side frozen);
+2. train everything jointly, the global side now learning from a user vector that fits;
+3. return the change of the global side. The user vector stays on the device.
+
+Both phases are DP-SGD steps on the same events with the same sample rate and noise, all logged
+in the device's ledger, so the update that leaves is (epsilon, delta)-DP per event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attune.shared.accounting import PrivacyLedger
+from attune.shared.config import TrainConfig
+from attune.shared.dp import Batch, clipped_backward, make_dp_optimizer, per_example_loss
+from attune.shared.model import GLOBAL_PARAMS, Personalization
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """The device's training examples as tensors (one per event)."""
+
+    items: torch.Tensor  # long [n]
+    weights: torch.Tensor  # float [n]
+    context: torch.Tensor | None  # float [n, features]
+
+    def __len__(self) -> int:
+        return int(self.items.shape[0])
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    update: dict[str, torch.Tensor]
+    examples: int
+    steps: int
+    mean_loss: float
+    clipped_fraction: float
+
+
+def sample_batch(
+    data: LocalData, sample_rate: float, negatives: int, num_items: int, generator: torch.Generator
+) -> Batch:
+    """Poisson-sample examples (each independently with ``sample_rate``) and draw negatives."""
+    chosen = (torch.rand(len(data), generator=generator) < sample_rate).nonzero().squeeze(1)
+    count = int(chosen.shape[0])
+    negative_items = torch.randint(0, num_items, (count, negatives), generator=generator)
+    items = torch.cat([data.items[chosen].unsqueeze(1), negative_items], dim=1)
+    labels = torch.zeros(count, negatives + 1)
+    labels[:, 0] = 1.0
+    context = data.context[chosen] if data.context is not None else None
+    return Batch(items=items, labels=labels, weights=data.weights[chosen], context=context)
+
+
+def _set_trainable(model: Personalization, *, global_side: bool) -> None:
+    for name, param in model.named_parameters():
+        if name in GLOBAL_PARAMS:
+            usable = name != "context_encoder.weight" or model.config.use_context
+            param.requires_grad_(global_side and usable)
+        else:
+            param.requires_grad_(True)
+
+
+def _run_phase(
+    model: Personalization,
+    data: LocalData,
+    config: TrainConfig,
+    steps: int,
+    ledger: PrivacyLedger,
+    generator: torch.Generator,
+) -> tuple[float, int, int]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [model.user_vector.weight], "lr": config.user_lr},
+        {"params": [p for p in params if p is not model.user_vector.weight], "lr": config.lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    expected_batch = config.sample_rate * len(data)
+    loss_sum, examples, clipped = 0.0, 0, 0
+    if config.private:
+        optimizer = make_dp_optimizer(
+            groups,
+            noise_multiplier=config.noise_multiplier,
+            max_grad_norm=config.max_grad_norm,
+            expected_batch_size=expected_batch,
+            generator=generator,
+        )
+        optimizer.attach_step_hook(ledger.accountant.get_optimizer_hook_fn(config.sample_rate))
+    else:
+        optimizer = torch.optim.SGD(groups)
+    num_items = model.config.num_items
+    for _ in range(steps):
+        batch = sample_batch(data, config.sample_rate, config.negatives, num_items, generator)
+        optimizer.zero_grad(set_to_none=True)
+        if config.private:
+            stats = clipped_backward(model, batch, config.loss, config.max_grad_norm)
+            loss_sum, clipped = loss_sum + stats.loss_sum, clipped + stats.clipped
+        elif len(batch):
+            losses = per_example_loss(model(batch.items, batch.context), batch, config.loss)
+            (losses.sum() / expected_batch).backward()
+            loss_sum += float(losses.detach().sum())
+        examples += len(batch)
+        optimizer.step()
+    return loss_sum, examples, clipped
+
+
+def train_round(
+    model: Personalization,
+    data: LocalData,
+    config: TrainConfig,
+    ledger: PrivacyLedger,
+    generator: torch.Generator,
+) -> RoundResult:
+    """Run one local round and return the change of the global side."""
+    before = model.global_state()
+    loss_sum, examples, clipped, steps = 0.0, 0, 0, 0
+    for global_side, epochs in ((False, config.user_epochs), (True, config.local_epochs)):
+        phase_steps = config.steps(epochs)
+        if phase_steps == 0:
+            continue
+        _set_trainable(model, global_side=global_side)
+        phase = _run_phase(model, data, config, phase_steps, ledger, generator)
+        loss_sum, examples, clipped = loss_sum + phase[0], examples + phase[1], clipped + phase[2]
+        steps += phase_steps
+    _set_trainable(model, global_side=True)
+    after = model.global_state()
+    update = {name: after[name] - before[name] for name in GLOBAL_PARAMS}
+    return RoundResult(
+        update=update,
+        examples=len(data),
+        steps=steps,
+        mean_loss=loss_sum / max(examples, 1),
+        clipped_fraction=clipped / max(examples, 1),
+    )

@@ -1,0 +1,70 @@
+"""The coordinator's run configuration, parsed once from Flower's run config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from attune.shared.config import TrainConfig
+from attune.shared.errors import ConfigError
+from attune.shared.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the coordinator runs: rounds, cohort, server step, and what devices are asked to do.
+
+    ``clients_per_round = 0`` means every connected device. When ``train.private`` is set and
+    ``target_epsilon`` is given, the noise multiplier sent to devices is calibrated so that a
+    device taking part in every round ends at ``target_epsilon`` (devices still enforce their own
+    budget and refuse beyond it).
+    """
+
+    rounds: int = 3
+    clients_per_round: int = 0
+    min_clients: int = 2
+    server_lr: float = 1.0
+    fraction_evaluate: float = 1.0
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    seed: int = 0
+    out_dir: Path | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        if self.clients_per_round < 0 or self.min_clients < 1:
+            raise ConfigError("clients_per_round must be >= 0 and min_clients >= 1")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ConfigError(f"epsilon must be > 0, got {self.target_epsilon}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> ServerConfig:
+        """Read ``kebab-case`` keys (``num-server-rounds``, ``local-epochs``, ...); unknown keys fail."""
+        known: dict[str, tuple[str, str]] = {"num-server-rounds": ("", "rounds")}
+        for section, klass in (("", cls), ("model", ModelConfig), ("train", TrainConfig)):
+            for f in fields(klass):
+                if f.name not in ("model", "train"):
+                    known.setdefault(f.name.replace("_", "-"), (section, f.name))
+        values: dict[str, dict[str, object]] = {"": {}, "model": {}, "train": {}}
+        for key, value in run_config.items():
+            if key not in known:
+                raise ConfigError(f"unknown run config key {key!r}")
+            section, name = known[key]
+            values[section][name] = value
+        top = values[""]
+        if "out_dir" in top:
+            top["out_dir"] = Path(str(top["out_dir"])) if top["out_dir"] else None
+        if top.get("target_epsilon") in (0, 0.0, ""):
+            top["target_epsilon"] = None
+        base = cls(**top)  # type: ignore[arg-type]
+        return replace(
+            base,
+            model=ModelConfig(**values["model"]),  # type: ignore[arg-type]
+            train=TrainConfig(**values["train"]),  # type: ignore[arg-type]
+        )

@@ -1,0 +1,141 @@
+"""Flower strategy: FedAvg over *updates* of the global side, each validated before it counts.
+
+Devices send the change of the global side; the coordinator adds the example-weighted mean
+change, times a server learning rate, to its model. An update that fails validation (names,
+shapes, dtype, finite values, model version, undecodable payload) is rejected and counted; the
+round goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from attune.shared.errors import ModelMismatchError
+from attune.shared.model import ModelConfig
+from attune.shared.records import arrays_to_numpy, state_to_arrays
+from attune.shared.wire import check_global_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundStats:
+    """What happened to the replies of one round."""
+
+    trained: int = 0
+    skipped: int = 0
+    rejected: int = 0
+    failed: int = 0
+    rejections: list[str] = field(default_factory=list)
+
+
+class UpdateFedAvg(FedAvg):
+    """FedAvg of validated updates, applied with ``server_lr`` to the current global model."""
+
+    def __init__(self, model: ModelConfig, server_lr: float = 1.0, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.model = model
+        self.server_lr = server_lr
+        self.current: dict[str, torch.Tensor] | None = None
+        self.last_stats = RoundStats()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current = {name: torch.from_numpy(a) for name, a in arrays_to_numpy(arrays).items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def accept(self, msg: Message, stats: RoundStats) -> tuple[dict[str, torch.Tensor], float] | None:
+        """The reply's update and weight, or ``None`` (counted in ``stats``) if it does not count."""
+        if msg.has_error():
+            stats.failed += 1
+            return None
+        metrics = msg.content.metric_records.get("metrics")
+        if metrics is None or "arrays" not in msg.content.array_records:
+            stats.skipped += 1
+            return None
+        weight = float(metrics.get("num-examples", 0))
+        try:
+            if not np.isfinite(weight) or weight <= 0:
+                raise ModelMismatchError(f"num-examples must be positive, got {weight}")
+            version = int(metrics.get("model-version", -1))
+            update = check_global_state(
+                arrays_to_numpy(msg.content.array_records["arrays"]), self.model, version
+            )
+        except ModelMismatchError as error:
+            stats.rejected += 1
+            stats.rejections.append(str(error))
+            log.warning("rejected update from node %s: %s", msg.metadata.src_node_id, error)
+            return None
+        stats.trained += 1
+        return update, weight
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.current is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        stats = RoundStats()
+        accepted = []
+        metric_rows = []
+        for msg in replies:
+            if not msg.has_error() and "metrics" in msg.content.metric_records:
+                metric_rows.append(msg.content.metric_records["metrics"])
+            result = self.accept(msg, stats)
+            if result is not None:
+                accepted.append(result)
+        self.last_stats = stats
+        metrics = MetricRecord(
+            {
+                "devices-trained": stats.trained,
+                "devices-skipped": stats.skipped,
+                "devices-rejected": stats.rejected,
+                "devices-failed": stats.failed,
+                **_privacy_metrics(metric_rows),
+            }
+        )
+        if not accepted:
+            return None, metrics
+        total = sum(weight for _, weight in accepted)
+        new_state = {}
+        for name, value in self.current.items():
+            mean_update = sum(update[name] * (weight / total) for update, weight in accepted)
+            new_state[name] = value + self.server_lr * mean_update
+        losses = [(float(m["loss"]), float(m["num-examples"])) for m in metric_rows if "loss" in m]
+        if losses:
+            metrics["loss"] = sum(l * w for l, w in losses) / sum(w for _, w in losses)
+        return state_to_arrays(new_state), metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        counted = [
+            msg for msg in replies
+            if not msg.has_error()
+            and float(msg.content.metric_records["metrics"].get("num-examples", 0)) > 0
+        ]
+        return super().aggregate_evaluate(server_round, counted) if counted else None
+
+
+def _privacy_metrics(rows: list[MetricRecord]) -> dict[str, float]:
+    """Max and mean epsilon over the devices that replied, and the max device's accounting."""
+    eps = [(float(m["epsilon"]), m) for m in rows if "epsilon" in m]
+    if not eps:
+        return {}
+    top_eps, top = max(eps, key=lambda pair: pair[0])
+    out = {
+        "epsilon-max": top_eps,
+        "epsilon-mean": sum(e for e, _ in eps) / len(eps),
+        "steps-max": float(top.get("steps", 0)),
+    }
+    if "sample-rate" in top:
+        out["sample-rate-max"] = float(top["sample-rate"])
+    return out

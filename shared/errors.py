@@ -1,0 +1,40 @@
+"""Every error Attune raises on purpose. Messages say what was wrong and what to do.
+
+    AttuneError
+    ├── InvalidEventError      an event or batch failed validation; the store is unchanged
+    ├── ModelMismatchError     parameters differ from the expected names/shapes/dtypes/version
+    ├── PrivacyBudgetExceeded  training would spend more epsilon than the device allows
+    ├── StoreError             the on-device store is unusable (wrong schema, corrupt file)
+    ├── ConfigError            invalid configuration
+    └── DataError              a dataset file is missing or malformed
+"""
+
+from __future__ import annotations
+
+
+class AttuneError(Exception):
+    """Base of every error Attune raises on purpose."""
+
+
+class InvalidEventError(AttuneError, ValueError):
+    """An event (or one event of a batch) failed validation. Nothing was stored."""
+
+
+class ModelMismatchError(AttuneError, ValueError):
+    """Received parameters do not match the model this code expects."""
+
+
+class PrivacyBudgetExceeded(AttuneError):
+    """Training would exceed the device's epsilon budget; nothing was trained or sent."""
+
+
+class StoreError(AttuneError):
+    """The on-device store cannot be used as it is."""
+
+
+class ConfigError(AttuneError, ValueError):
+    """A configuration value is invalid."""
+
+
+class DataError(AttuneError, ValueError):
+    """A dataset is missing or malformed."""

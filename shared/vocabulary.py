@@ -1,0 +1,48 @@
+"""Item ids to rows of the item table: a fixed list of ids, or stable hashing into buckets."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from attune.shared.errors import ConfigError, InvalidEventError
+from attune.shared.events import validate_item_id
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Maps item ids to indices in ``0..num_items-1``.
+
+    With ``ids`` the mapping is exact and unknown ids are an error; without, ids are hashed
+    (BLAKE2b, so every device and the coordinator agree) and collisions share a row.
+    """
+
+    num_items: int
+    ids: tuple[str, ...] | None = None
+    _lookup: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.ids is not None and len(self.ids) != self.num_items:
+            raise ConfigError(f"vocabulary has {len(self.ids)} ids but num_items={self.num_items}")
+        lookup = {item: i for i, item in enumerate(self.ids)} if self.ids is not None else {}
+        if self.ids is not None and len(lookup) != len(self.ids):
+            raise ConfigError("vocabulary ids must be unique")
+        object.__setattr__(self, "_lookup", lookup)
+
+    @classmethod
+    def of(cls, ids: Sequence[str]) -> Vocabulary:
+        return cls(num_items=len(ids), ids=tuple(ids))
+
+    def index(self, item_id: str) -> int:
+        validate_item_id(item_id)
+        if self.ids is None:
+            digest = hashlib.blake2b(item_id.encode(), digest_size=8).digest()
+            return int.from_bytes(digest, "little") % self.num_items
+        try:
+            return self._lookup[item_id]
+        except KeyError:
+            raise InvalidEventError(f"item_id {item_id!r} is not in the model's vocabulary") from None
+
+    def indices(self, item_ids: Sequence[str]) -> list[int]:
+        return [self.index(item) for item in item_ids]
