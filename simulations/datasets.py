@@ -143,8 +143,8 @@ def synthetic(
     start = 1.7e9
     users, chosen, times, weights = [], [], [], []
     for user in range(num_users):
-        count = max(8, int(rng.poisson(events_per_user)))
-        logits = 1.5 * items @ tastes[user] / np.sqrt(dim) + np.log(popularity)
+        count = max(12, int(rng.poisson(events_per_user)))
+        logits = 3.0 * items @ tastes[user] / np.sqrt(dim) + np.log(popularity)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         picks = rng.choice(num_items, size=min(count, num_items), replace=False, p=probs)

@@ -1,0 +1,64 @@
+"""Turn a behavior log into virtual devices: one event store (plus held-out candidates) per user.
+
+The devices are real ``attune.client`` stores, so simulations exercise the same code as phones.
+Timestamps are shifted so the newest event is an hour old (the store rejects pre-2000 and future
+times and applies retention); hour and weekday are taken from the original times.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from attune.client.store import EventStore, Retention
+from attune.shared.events import EVENT_TYPES, EVENT_WEIGHTS, Event, EventContext
+from attune.shared.metrics import HeldOut, write_heldout
+from attune.simulations.datasets import EventLog
+from attune.simulations.evaluation import Split
+
+# Simulated devices keep their whole history.
+SIMULATION_RETENTION = Retention(max_events=1_000_000, max_age_days=36_500)
+
+
+def event_type_for(weight: float) -> str:
+    """The event type whose weight is closest to ``weight`` (CSV logs carry free weights)."""
+    return min(EVENT_TYPES, key=lambda kind: abs(EVENT_WEIGHTS[kind] - weight))
+
+
+def store_path(directory: Path, user: int) -> Path:
+    return directory / "devices" / f"device-{user:06d}.sqlite"
+
+
+def write_devices(log: EventLog, split: Split, directory: Path) -> Path:
+    """Create one store per user with its training events; return the vocabulary file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocabulary_path = directory / "vocabulary.json"
+    vocabulary_path.write_text(json.dumps(list(log.item_ids)))
+    shift = time.time() - 3600 - float(log.timestamps.max())
+    order = np.argsort(log.users, kind="stable")
+    bounds = np.searchsorted(log.users[order], np.arange(log.num_users + 1))
+    for user in range(log.num_users):
+        rows = order[bounds[user] : bounds[user + 1]]
+        path = store_path(directory, user)
+        path.unlink(missing_ok=True)
+        events = [
+            Event(
+                item_id=log.item_ids[log.items[r]],
+                event_type=event_type_for(float(log.weights[r])),
+                timestamp=float(log.timestamps[r]) + shift,
+                context=EventContext.at(float(log.timestamps[r])),
+            )
+            for r in rows
+            if split.train[r]
+        ]
+        with EventStore(path, SIMULATION_RETENTION) as store:
+            store.add_many(events)
+        heldout = HeldOut(
+            candidates=[log.item_ids[i] for i in split.candidates[user]],
+            context=EventContext.at(float(split.test_times[user])),
+        )
+        write_heldout(Path(str(path) + ".eval.json"), heldout)
+    return vocabulary_path
