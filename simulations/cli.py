@@ -30,6 +30,7 @@ def _run(options: dict, source, out: Path) -> dict:
 
     server = server_config(**options)
     config = SimulationConfig(source=source, server=server, out=out)
+    log = source.load(server.seed)  # bad input fails here, before any progress is drawn
     with Progress(TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(),
                   TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("preparing devices", total=server.rounds)
@@ -39,7 +40,7 @@ def _run(options: dict, source, out: Path) -> dict:
             eps = done.train.get("epsilon-max", 0.0)
             bar.update(task, advance=1, description=f"HR@10 {hr:.3f}  epsilon {eps:.2f}")
 
-        results = simulate(config, on_round)
+        results = simulate(config, on_round, log)
     _print_table(results, out)
     return results
 
@@ -109,7 +110,7 @@ def main() -> None:
     try:
         cli()
     except AttuneError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
 

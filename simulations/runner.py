@@ -36,18 +36,21 @@ class DataSource:
     item_col: str = "item"
     time_col: str = "timestamp"
     weight_col: str | None = None
+    synthetic_users: int = 200
+
+    def __post_init__(self) -> None:
+        if self.dataset not in ("synthetic", "movielens", "csv"):
+            raise DataError(f"unknown dataset {self.dataset!r}: use synthetic, movielens or csv")
 
     def load(self, seed: int) -> EventLog:
         if self.dataset == "synthetic":
-            return synthetic(seed=seed)
+            return synthetic(num_users=self.synthetic_users, seed=seed)
         if self.path is None:
             raise DataError(f"--data is required with --dataset {self.dataset}")
         if self.dataset == "movielens":
             return load_movielens(self.path)
-        if self.dataset == "csv":
-            return load_csv(self.path, user_col=self.user_col, item_col=self.item_col,
-                            time_col=self.time_col, weight_col=self.weight_col)
-        raise DataError(f"unknown dataset {self.dataset!r}: use synthetic, movielens or csv")
+        return load_csv(self.path, user_col=self.user_col, item_col=self.item_col,
+                        time_col=self.time_col, weight_col=self.weight_col)
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,11 @@ def _settings_resolver(directory: Path, vocabulary: Path, privacy: PrivacyConfig
     return resolve
 
 
-def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord], None] | None = None) -> dict:
+def simulate(
+    config: SimulationConfig,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    log: EventLog | None = None,
+) -> dict:
     """Run the simulation and return (and write) the results document."""
     from flwr.simulation import run_simulation
 
@@ -80,7 +87,7 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord], None] |
     from attune.server.app import make_server_app
 
     server = config.server
-    log = config.source.load(server.seed)
+    log = log if log is not None else config.source.load(server.seed)
     split = leave_one_out(log, seed=server.seed)
     model = replace(server.model, num_items=log.num_items)
     out = config.out
