@@ -16,12 +16,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-
 from attune.client.store import EventStore, Retention
 from attune.client.training import LocalData, train_round
-from attune.shared.config import TrainConfig
 from attune.shared.accounting import ACCOUNTANT_NAME, PrivacyLedger
-from attune.shared.errors import ConfigError, InvalidEventError, ModelMismatchError
+from attune.shared.config import TrainConfig
+from attune.shared.errors import ConfigError, InvalidEventError
 from attune.shared.events import Event, EventContext, context_features
 from attune.shared.model import GLOBAL_PARAMS, MODEL_VERSION, ModelConfig, Personalization
 from attune.shared.vocabulary import Vocabulary

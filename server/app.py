@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
-
 from attune.server.config import ServerConfig
 from attune.server.coordinator import RoundCallback, run
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
 
 logging.getLogger("flwr").propagate = False  # opacus's logging setup makes flwr lines print twice
 

@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
-
 from attune.shared.errors import ModelMismatchError
 from attune.shared.model import ModelConfig
 from attune.shared.records import arrays_to_numpy, state_to_arrays
 from attune.shared.wire import check_global_state
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ class UpdateFedAvg(FedAvg):
             new_state[name] = value + self.server_lr * mean_update
         losses = [(float(m["loss"]), float(m["num-examples"])) for m in metric_rows if "loss" in m]
         if losses:
-            metrics["loss"] = sum(l * w for l, w in losses) / sum(w for _, w in losses)
+            metrics["loss"] = sum(value * w for value, w in losses) / sum(w for _, w in losses)
         return state_to_arrays(new_state), metrics
 
     def aggregate_evaluate(

@@ -25,9 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from opacus.optimizers import DPOptimizerFastGradientClipping
-
 from attune.shared.model import Personalization
+from opacus.optimizers import DPOptimizerFastGradientClipping
 
 # Opacus adds this to norms before dividing (optimizers/optimizer.py); kept identical so the
 # closed-form path and Opacus's reference path clip by exactly the same factor.
@@ -149,7 +148,7 @@ def make_dp_optimizer(
     generator: torch.Generator | None = None,
     secure_mode: bool = False,
 ) -> DPOptimizerFastGradientClipping:
-    """Opacus's optimizer (SGD per ``param_groups``) that adds noise to an already clipped sum and divides by the batch."""
+    """Opacus's optimizer (SGD per ``param_groups``): noise onto an already clipped sum, then / batch."""
     return DPOptimizerFastGradientClipping(
         torch.optim.SGD(param_groups),
         noise_multiplier=noise_multiplier,

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
+from attune.shared.errors import AttuneError
 from rich.console import Console
 from rich.table import Table
-
-from attune.shared.errors import AttuneError
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Attune: private on-device personalization with federated learning.")
@@ -24,9 +22,8 @@ DEFAULTS = {
 
 
 def _run(options: dict, source, out: Path) -> dict:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from attune.simulations.runner import SimulationConfig, server_config, simulate
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     server = server_config(**options)
     config = SimulationConfig(source=source, server=server, out=out)
@@ -61,18 +58,18 @@ def _print_table(results: dict, out: Path) -> None:
 @cli.command()
 def simulate(
     dataset: str = typer.Option("synthetic", help="synthetic, movielens or csv"),
-    data: Optional[Path] = typer.Option(None, help="ml-100k folder (u.data) or CSV file"),
+    data: Path | None = typer.Option(None, help="ml-100k folder (u.data) or CSV file"),
     user_col: str = typer.Option("user", help="CSV column of user ids"),
     item_col: str = typer.Option("item", help="CSV column of item ids"),
     time_col: str = typer.Option("timestamp", help="CSV column of unix timestamps"),
-    weight_col: Optional[str] = typer.Option(None, help="CSV column of event weights"),
+    weight_col: str | None = typer.Option(None, help="CSV column of event weights"),
     rounds: int = typer.Option(DEFAULTS["rounds"]),
     clients_per_round: int = typer.Option(0, help="devices per round; 0 = all"),
     local_epochs: float = typer.Option(DEFAULTS["local_epochs"]),
     user_epochs: float = typer.Option(DEFAULTS["user_epochs"], help="user-vector fit epochs"),
     epsilon: float = typer.Option(8.0, help="per-device event-level epsilon budget"),
     delta: float = typer.Option(1e-5),
-    noise_multiplier: Optional[float] = typer.Option(None, help="default: calibrated to epsilon"),
+    noise_multiplier: float | None = typer.Option(None, help="default: calibrated to epsilon"),
     max_grad_norm: float = typer.Option(DEFAULTS["max_grad_norm"]),
     sample_rate: float = typer.Option(DEFAULTS["sample_rate"], help="Poisson rate per step"),
     lr: float = typer.Option(DEFAULTS["lr"]),

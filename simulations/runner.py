@@ -81,10 +81,9 @@ def simulate(
     log: EventLog | None = None,
 ) -> dict:
     """Run the simulation and return (and write) the results document."""
-    from flwr.simulation import run_simulation
-
     from attune.client.flower_app import make_client_app
     from attune.server.app import make_server_app
+    from flwr.simulation import run_simulation
 
     server = config.server
     log = log if log is not None else config.source.load(server.seed)

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from attune.simulations.datasets import load_csv
 
 

@@ -5,8 +5,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-
 from attune.client.flower_app import handle_train
 from attune.client.personalizer import Personalizer, PrivacyConfig
 from attune.client.settings import DeviceSettings
@@ -15,6 +13,7 @@ from attune.shared.config import TrainConfig
 from attune.shared.events import Event
 from attune.shared.model import GLOBAL_PARAMS, MODEL_VERSION, ModelConfig, Personalization
 from attune.shared.records import state_to_arrays, to_config_record
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 MODEL = ModelConfig(num_items=40, dim=6)
 TRAIN = TrainConfig(sample_rate=0.5, noise_multiplier=1.0)
@@ -85,7 +84,7 @@ def test_bad_updates_are_rejected_and_never_reach_the_aggregate(strategy):
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert metrics["devices-trained"] == 1 and metrics["devices-rejected"] == 6
-    for name, array in arrays.items():
+    for _name, array in arrays.items():
         np.testing.assert_allclose(array.numpy(), 1.0)  # only the good update counted
 
 

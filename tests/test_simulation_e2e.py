@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from attune.simulations.runner import DataSource, SimulationConfig, server_config, simulate
 
 
