@@ -85,7 +85,8 @@ class UpdateFedAvg(FedAvg):
         stats = RoundStats()
         accepted = []
         metric_rows = []
-        for msg in replies:
+        # Replies arrive in any order; sorting by content makes float sums (and so runs) repeatable.
+        for msg in sorted(replies, key=_reply_key):
             if not msg.has_error() and "metrics" in msg.content.metric_records:
                 metric_rows.append(msg.content.metric_records["metrics"])
             result = self.accept(msg, stats)
@@ -106,8 +107,8 @@ class UpdateFedAvg(FedAvg):
         total = sum(weight for _, weight in accepted)
         new_state = {}
         for name, value in self.current.items():
-            mean_update = sum(update[name] * (weight / total) for update, weight in accepted)
-            new_state[name] = value + self.server_lr * mean_update
+            mean_update = sum(update[name].double() * (weight / total) for update, weight in accepted)
+            new_state[name] = (value.double() + self.server_lr * mean_update).float()
         losses = [(float(m["loss"]), float(m["num-examples"])) for m in metric_rows if "loss" in m]
         if losses:
             metrics["loss"] = sum(value * w for value, w in losses) / sum(w for _, w in losses)
@@ -122,6 +123,13 @@ class UpdateFedAvg(FedAvg):
             and float(msg.content.metric_records["metrics"].get("num-examples", 0)) > 0
         ]
         return super().aggregate_evaluate(server_round, counted) if counted else None
+
+
+def _reply_key(msg: Message) -> tuple:
+    if msg.has_error() or "metrics" not in msg.content.metric_records:
+        return (1,)
+    metrics = msg.content.metric_records["metrics"]
+    return (0, *(float(metrics.get(k, 0.0)) for k in ("num-examples", "loss", "epsilon", "steps")))
 
 
 def _privacy_metrics(rows: list[MetricRecord]) -> dict[str, float]:
