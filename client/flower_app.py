@@ -94,6 +94,7 @@ def handle_evaluate(msg: Message, settings: DeviceSettings) -> Message:
         return _reply(msg, {"num-examples": 0}, None)
     personalizer, _ = _open(settings, msg)
     with personalizer:
+        personalizer.refresh_ranking()
         heldout = read_heldout(eval_path)
         scores = personalizer.score(heldout.candidates, heldout.context).numpy()[None, :]
         hit, ndcg = hit_and_ndcg(scores)

@@ -17,17 +17,25 @@ from dataclasses import dataclass
 
 import torch
 from attune.client.store import EventStore, Retention
-from attune.client.training import LocalData, train_round
+from attune.client.training import LocalData, fit_rank_vector, train_round
 from attune.shared.accounting import ACCOUNTANT_NAME, PrivacyLedger
 from attune.shared.config import TrainConfig
 from attune.shared.errors import ConfigError, InvalidEventError
-from attune.shared.events import Event, EventContext, context_features
+from attune.shared.events import (
+    EVENT_TYPES,
+    RANKED_EVENT_TYPE,
+    Event,
+    EventContext,
+    context_features,
+    context_matrix,
+)
 from attune.shared.model import GLOBAL_PARAMS, MODEL_VERSION, ModelConfig, Personalization
 from attune.shared.vocabulary import Vocabulary
 from attune.shared.wire import check_global_state
 
 _GLOBAL_KEY = "global_model"
 _USER_KEY = "user_vector"
+_RANK_KEY = "rank_vector"
 _LEDGER_KEY = "ledger"
 _PARTICIPATION_KEY = "participation"
 
@@ -107,6 +115,7 @@ class Personalizer:
         self.store = EventStore(store_path, retention)
         self._model = Personalization(self.model_config, generator=self._generator(0))
         self._has_user_vector = False
+        self._rank_vector: torch.Tensor | None = None
         self._load()
 
     def close(self) -> None:
@@ -136,6 +145,9 @@ class Personalizer:
             with torch.no_grad():
                 self._model.user_vector.weight.copy_(_tensor_load(raw_user)["user"])
             self._has_user_vector = True
+        raw_rank = self.store.get_state(_RANK_KEY)
+        if raw_rank is not None:
+            self._rank_vector = _tensor_load(raw_rank)["rank"]
         self.ledger = PrivacyLedger()
         ledger_state = self.store.get_json(_LEDGER_KEY)
         if ledger_state is not None:
@@ -179,12 +191,24 @@ class Personalizer:
         if isinstance(item_ids, str):
             raise InvalidEventError("candidates must be a sequence of item ids, not one string")
         items = torch.tensor(self.vocabulary.indices(item_ids), dtype=torch.long)
-        features = context_features(context, None).unsqueeze(0) if context is not None else None
+        features = context_features(context, RANKED_EVENT_TYPE).unsqueeze(0)
         with torch.no_grad():
-            query = self._model.person(1, features)
-            if not self._has_user_vector:
-                query = query - self._model.user_vector.weight
+            query = self._model.person(1, features) - self._model.user_vector.weight
+            if self._rank_vector is not None:
+                query = query + self._rank_vector
+            elif self._has_user_vector:
+                query = query + self._model.user_vector.weight
             return self._model.score(query, items.unsqueeze(0))[0]
+
+    def refresh_ranking(self, steps: int = 40) -> None:
+        """Fit the ranking-only user vector to the current global side (on device, no DP needed:
+        it never shapes anything that is sent). Starts from the DP user vector."""
+        if not self._has_user_vector:
+            return
+        vector = fit_rank_vector(self._model, self.local_data(), steps=steps,
+                                 generator=self._generator(10_000 + self.participation["rounds"]))
+        self._rank_vector = vector
+        self.store.put_state({_RANK_KEY: _tensor_bytes({"rank": vector})})
 
     def rank(
         self, candidate_item_ids: Sequence[str], context: EventContext | None = None
@@ -205,7 +229,12 @@ class Personalizer:
         weights = torch.tensor([e.weight for e in events], dtype=torch.float32)
         context = None
         if self.model_config.use_context and events:
-            context = torch.stack([context_features(e.context, e.event_type) for e in events])
+            contexts = [e.resolved_context() for e in events]
+            context = context_matrix(
+                torch.tensor([c.hour for c in contexts]),
+                torch.tensor([c.weekday for c in contexts]),
+                torch.tensor([EVENT_TYPES.index(e.event_type) for e in events]),
+            )
         return LocalData(items=items, weights=weights, context=context)
 
     def epsilon(self) -> float:
@@ -249,6 +278,7 @@ class Personalizer:
         result = train_round(self._model, data, config, self.ledger, generator)
         self._has_user_vector = True
         self.participation["rounds"] += 1
+        self.refresh_ranking()
         self.store.put_state({
             _USER_KEY: _tensor_bytes({"user": self._model.user_vector.weight.detach().clone()}),
             _LEDGER_KEY: json.dumps(self.ledger.state_dict()).encode(),

@@ -135,3 +135,44 @@ def train_round(
         mean_loss=loss_sum / max(examples, 1),
         clipped_fraction=clipped / max(examples, 1),
     )
+
+
+def fit_rank_vector(
+    model: Personalization,
+    data: LocalData,
+    *,
+    steps: int = 40,
+    lr: float = 0.1,
+    negatives: int = 4,
+    weight_decay: float = 1e-3,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Fit a user vector for *ranking only*, against the frozen global side, without DP.
+
+    It never influences anything that leaves the device (the update is computed with the DP
+    user vector), so it needs no noise; starting from the DP user vector, it sharpens on-device
+    ranking. Returns ``[dim]``; the model's own user vector is left untouched.
+    """
+    start = model.user_vector.weight.detach()[0].clone()
+    if len(data) == 0:
+        return start
+    vector = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([vector], lr=lr, weight_decay=weight_decay)
+    num_items = model.config.num_items
+    with torch.no_grad():
+        shift = (
+            model.context_encoder(data.context)
+            if data.context is not None and model.config.use_context
+            else torch.zeros(len(data), model.config.dim)
+        )
+    for _ in range(steps):
+        batch = sample_batch(data, 1.0, negatives, num_items, generator)
+        with torch.no_grad():
+            vectors = model.item_embedding(batch.items)
+            bias = model.item_bias(batch.items).squeeze(-1)
+        logits = torch.einsum("bd,bmd->bm", vector + shift, vectors) + bias
+        loss = per_example_loss(logits, batch, "bce").mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return vector.detach()

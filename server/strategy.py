@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from attune.server.aggregation import apply_update, weighted_mean
 from attune.shared.errors import ModelMismatchError
 from attune.shared.model import ModelConfig
 from attune.shared.records import arrays_to_numpy, state_to_arrays
@@ -104,11 +105,7 @@ class UpdateFedAvg(FedAvg):
         )
         if not accepted:
             return None, metrics
-        total = sum(weight for _, weight in accepted)
-        new_state = {}
-        for name, value in self.current.items():
-            mean_update = sum(update[name].double() * (weight / total) for update, weight in accepted)
-            new_state[name] = (value.double() + self.server_lr * mean_update).float()
+        new_state = apply_update(self.current, weighted_mean(accepted), self.server_lr)
         losses = [(float(m["loss"]), float(m["num-examples"])) for m in metric_rows if "loss" in m]
         if losses:
             metrics["loss"] = sum(value * w for value, w in losses) / sum(w for _, w in losses)

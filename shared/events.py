@@ -24,6 +24,8 @@ EVENT_WEIGHTS: Mapping[str, float] = {
     "purchase": 3.0,
 }
 EVENT_TYPES: tuple[str, ...] = tuple(EVENT_WEIGHTS)
+# Ranking scores the chance of this interaction (training sees every type in the context features).
+RANKED_EVENT_TYPE = "click"
 
 ITEM_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:/@#-]{1,128}")
 EARLIEST_TIMESTAMP = 946_684_800.0  # 2000-01-01: older clocks are wrong clocks
@@ -89,16 +91,28 @@ def validate_item_id(item_id: object) -> str:
     return item_id
 
 
-def context_features(context: EventContext | None, event_type: str | None) -> torch.Tensor:
-    """Features for the context encoder: hour and weekday on the unit circle, one-hot event type.
-
-    ``None`` parts give zeros, which the encoder maps to no shift (it has no bias).
+def context_matrix(
+    hours: torch.Tensor, weekdays: torch.Tensor, event_types: torch.Tensor | None
+) -> torch.Tensor:
+    """Context-encoder features, ``[n, 4 + len(EVENT_TYPES)]``: hour and weekday on the unit
+    circle, then a one-hot event type (index into ``EVENT_TYPES``; ``None`` or -1 gives zeros).
     """
-    values = [0.0] * (4 + len(EVENT_TYPES))
-    if context is not None:
-        hour = 2 * math.pi * context.hour / 24
-        day = 2 * math.pi * context.weekday / 7
-        values[0:4] = [math.sin(hour), math.cos(hour), math.sin(day), math.cos(day)]
-    if event_type is not None:
-        values[4 + EVENT_TYPES.index(event_type)] = 1.0
-    return torch.tensor(values, dtype=torch.float32)
+    hour = 2 * math.pi * hours.double() / 24
+    day = 2 * math.pi * weekdays.double() / 7
+    features = torch.zeros(hours.shape[0], 4 + len(EVENT_TYPES), dtype=torch.float64)
+    features[:, 0], features[:, 1] = hour.sin(), hour.cos()
+    features[:, 2], features[:, 3] = day.sin(), day.cos()
+    if event_types is not None:
+        known = event_types >= 0
+        features[known.nonzero().squeeze(1), 4 + event_types[known]] = 1.0
+    return features.float()
+
+
+def context_features(context: EventContext | None, event_type: str | None) -> torch.Tensor:
+    """Features of one event (see ``context_matrix``); ``None`` parts give zeros."""
+    types = torch.tensor([EVENT_TYPES.index(event_type) if event_type is not None else -1])
+    if context is None:
+        features = context_matrix(torch.zeros(1), torch.zeros(1), types)[0]
+        features[:4] = 0.0
+        return features
+    return context_matrix(torch.tensor([context.hour]), torch.tensor([context.weekday]), types)[0]

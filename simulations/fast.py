@@ -1,0 +1,145 @@
+"""In-process simulation backend: the same local training and aggregation code, no message passing.
+
+Device state is compact (one tensor of user vectors, one ledger per device). Used for quick
+research loops; the Flower backend (``runner.simulate``) remains the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from attune.client.training import LocalData, fit_rank_vector, train_round
+from attune.server.aggregation import apply_update, weighted_mean
+from attune.server.config import ServerConfig
+from attune.server.coordinator import RoundRecord, planned_train_config
+from attune.shared.accounting import PrivacyLedger
+from attune.shared.events import EVENT_TYPES, EVENT_WEIGHTS, RANKED_EVENT_TYPE, context_matrix
+from attune.shared.metrics import hit_and_ndcg
+from attune.shared.model import Personalization
+from attune.simulations.datasets import EventLog
+from attune.simulations.evaluation import Split
+
+_TYPE_WEIGHTS = torch.tensor([EVENT_WEIGHTS[t] for t in EVENT_TYPES])
+
+
+def _hours_weekdays(timestamps: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    seconds = torch.from_numpy(np.asarray(timestamps, dtype=np.int64))
+    return (seconds // 3600) % 24, ((seconds // 86400) + 3) % 7  # 1970-01-01 was a Thursday
+
+
+def device_datasets(log: EventLog, split: Split, use_context: bool) -> list[LocalData]:
+    """Each user's training events as the device would build them from its store."""
+    weights = torch.from_numpy(log.weights)
+    kinds = (weights.unsqueeze(1) - _TYPE_WEIGHTS).abs().argmin(dim=1)  # as devices.event_type_for
+    hours, days = _hours_weekdays(log.timestamps)
+    context = context_matrix(hours, days, kinds) if use_context else None
+    order = np.argsort(log.users, kind="stable")
+    order = order[split.train[order]]
+    bounds = np.searchsorted(log.users[order], np.arange(log.num_users + 1))
+    datasets = []
+    for user in range(log.num_users):
+        rows = torch.from_numpy(order[bounds[user] : bounds[user + 1]])
+        datasets.append(LocalData(
+            items=torch.from_numpy(log.items)[rows],
+            weights=_TYPE_WEIGHTS[kinds[rows]],
+            context=context[rows] if context is not None else None,
+        ))
+    return datasets
+
+
+@dataclass
+class FastState:
+    users: torch.Tensor  # [num_users, dim]
+    trained: torch.Tensor  # bool [num_users]
+    ledgers: list[PrivacyLedger]
+
+
+def rank_vectors(model: Personalization, state: FastState, datasets: list[LocalData],
+                 seed: int) -> torch.Tensor:
+    """Each trained device's ranking-only user vector, fitted as ``Personalizer.refresh_ranking``."""
+    vectors = state.users.clone()
+    for user in state.trained.nonzero().squeeze(1).tolist():
+        with torch.no_grad():
+            model.user_vector.weight.copy_(state.users[user])
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + user)
+        vectors[user] = fit_rank_vector(model, datasets[user], generator=generator)
+    return vectors
+
+
+def evaluate(model: Personalization, users: torch.Tensor, trained: torch.Tensor,
+             split: Split) -> tuple[float, float]:
+    hours, days = _hours_weekdays(split.test_times)
+    query = users * trained.unsqueeze(1)
+    if model.config.use_context:
+        clicks = torch.full_like(hours, EVENT_TYPES.index(RANKED_EVENT_TYPE))
+        query = query + model.context_encoder(context_matrix(hours, days, clicks))
+    with torch.no_grad():
+        scores = model.score(query, torch.from_numpy(split.candidates)).numpy()
+    hit, ndcg = hit_and_ndcg(scores)
+    return float(hit.mean()), float(ndcg.mean())
+
+
+def simulate_fast(
+    log: EventLog,
+    split: Split,
+    server: ServerConfig,
+    min_events: int = 5,
+    budget: float | None = None,
+    rank_fit: bool = True,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> list[RoundRecord]:
+    torch.set_num_threads(1)
+    model = Personalization(server.model, generator=torch.Generator().manual_seed(server.seed))
+    current = model.global_state()
+    train = planned_train_config(server, log.num_users)
+    datasets = device_datasets(log, split, server.model.use_context)
+    dim = server.model.dim
+    init = torch.Generator().manual_seed(server.seed + 1)
+    state = FastState(users=torch.randn(log.num_users, dim, generator=init) * dim**-0.5,
+                      trained=torch.zeros(log.num_users, dtype=torch.bool),
+                      ledgers=[PrivacyLedger() for _ in range(log.num_users)])
+    rng = np.random.default_rng(server.seed)
+    per_round = server.clients_per_round or log.num_users
+    history = []
+    for server_round in range(1, server.rounds + 1):
+        cohort = np.sort(rng.choice(log.num_users, size=min(per_round, log.num_users), replace=False))
+        accepted, losses, eps = [], [], []
+        for user in cohort:
+            data = datasets[user]
+            ledger = state.ledgers[user]
+            if len(data) < min_events:
+                continue
+            if train.private and budget is not None and ledger.epsilon_after(
+                server.delta, noise_multiplier=train.noise_multiplier,
+                sample_rate=train.sample_rate, steps=train.steps_per_round) > budget:
+                continue
+            model.load_global_state(current)
+            with torch.no_grad():
+                model.user_vector.weight.copy_(state.users[user])
+            generator = torch.Generator().manual_seed(server.seed * 1_000_003 + int(user) * 7919
+                                                      + server_round)
+            result = train_round(model, data, train, ledger, generator)
+            state.users[user] = model.user_vector.weight.detach()[0]
+            state.trained[user] = True
+            accepted.append((result.update, float(result.examples)))
+            losses.append((result.mean_loss, result.examples))
+        if accepted:
+            current = apply_update(current, weighted_mean(accepted), server.server_lr)
+        model.load_global_state(current)
+        if train.private:
+            eps = [state.ledgers[u].epsilon(server.delta) for u in cohort[:1]]  # same plan for all
+        users = rank_vectors(model, state, datasets, server.seed + server_round) if rank_fit else state.users
+        hr, ndcg = evaluate(model, users, state.trained, split)
+        total = sum(n for _, n in losses) or 1
+        done = RoundRecord(round=server_round,
+                           train={"loss": sum(v * n for v, n in losses) / total,
+                                  "epsilon-max": max(eps, default=0.0),
+                                  "devices-trained": float(len(accepted))},
+                           evaluate={"hr@10": hr, "ndcg@10": ndcg})
+        history.append(done)
+        if on_round is not None:
+            on_round(done)
+    return history
