@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+
 from attune.shared.dp import Batch, per_example_loss
 from attune.shared.metrics import hit_and_ndcg
 from attune.shared.model import ModelConfig, Personalization

@@ -12,6 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
 from attune.client.personalizer import Personalizer
 from attune.client.settings import DeviceSettings
 from attune.shared.errors import AttuneError
@@ -26,8 +29,6 @@ from attune.shared.records import (
 )
 from attune.shared.vocabulary import Vocabulary
 from attune.shared.wire import check_global_state
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 logging.getLogger("flwr").propagate = False  # opacus's logging setup makes flwr lines print twice
 

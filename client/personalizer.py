@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from attune.client.store import EventStore, Retention
 from attune.client.training import LocalData, fit_rank_vector, train_round
 from attune.shared.accounting import ACCOUNTANT_NAME, PrivacyLedger

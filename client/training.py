@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from attune.shared.accounting import PrivacyLedger
 from attune.shared.config import TrainConfig
 from attune.shared.dp import Batch, clipped_backward, make_dp_optimizer, per_example_loss

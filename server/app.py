@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from attune.server.config import ServerConfig
-from attune.server.coordinator import RoundCallback, run
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+
+from attune.server.config import ServerConfig
+from attune.server.coordinator import RoundCallback, run
 
 logging.getLogger("flwr").propagate = False  # opacus's logging setup makes flwr lines print twice
 

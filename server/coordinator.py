@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
 from attune.server.checkpoint import save_checkpoint
 from attune.server.config import ServerConfig
 from attune.server.strategy import UpdateFedAvg
@@ -19,8 +22,6 @@ from attune.shared.accounting import calibrate_noise
 from attune.shared.config import TrainConfig
 from attune.shared.model import Personalization
 from attune.shared.records import arrays_to_numpy, state_to_arrays, to_config_record
-from flwr.app import ArrayRecord, ConfigRecord
-from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
 from attune.server.aggregation import apply_update, weighted_mean
 from attune.shared.errors import ModelMismatchError
 from attune.shared.model import ModelConfig
 from attune.shared.records import arrays_to_numpy, state_to_arrays
 from attune.shared.wire import check_global_state
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from attune.shared.model import Personalization
 from opacus.optimizers import DPOptimizerFastGradientClipping
+
+from attune.shared.model import Personalization
 
 # Opacus adds this to norms before dividing (optimizers/optimizer.py); kept identical so the
 # closed-form path and Opacus's reference path clip by exactly the same factor.

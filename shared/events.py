@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import torch
+
 from attune.shared.errors import InvalidEventError
 
 # Event type -> training weight. The order fixes the one-hot position in the context features.

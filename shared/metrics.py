@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from attune.shared.events import EventContext
 
 CUTOFF = 10

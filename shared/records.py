@@ -9,10 +9,11 @@ from dataclasses import fields
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
 from attune.shared.config import TrainConfig
 from attune.shared.errors import ModelMismatchError
 from attune.shared.model import MODEL_VERSION, ModelConfig
-from flwr.app import Array, ArrayRecord, ConfigRecord
 
 
 def _key(name: str) -> str:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+
 from attune.shared.errors import ModelMismatchError
 from attune.shared.model import GLOBAL_PARAMS, MODEL_VERSION, ModelConfig
 

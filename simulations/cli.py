@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 
 import typer
-from attune.shared.errors import AttuneError
 from rich.console import Console
 from rich.table import Table
+
+from attune.shared.errors import AttuneError
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Attune: private on-device personalization with federated learning.")
@@ -17,16 +18,17 @@ console = Console(stderr=True)
 DEFAULTS = {
     # Recommended settings for MovieLens-100K-sized data; see README "Measured results".
     "rounds": 20, "local_epochs": 2.0, "user_epochs": 3.0, "sample_rate": 1.0, "lr": 1.0,
-    "user_lr": 0.5, "server_lr": 30.0, "max_grad_norm": 1.0, "dim": 32,
+    "user_lr": 0.5, "server_lr": 60.0, "max_grad_norm": 1.0, "dim": 32,
 }
 
 
-def _run(options: dict, source, out: Path) -> dict:
-    from attune.simulations.runner import SimulationConfig, server_config, simulate
+def _run(options: dict, source, out: Path, backend: str = "flower") -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from attune.simulations.runner import SimulationConfig, server_config, simulate
+
     server = server_config(**options)
-    config = SimulationConfig(source=source, server=server, out=out)
+    config = SimulationConfig(source=source, server=server, out=out, backend=backend)
     log = source.load(server.seed)  # bad input fails here, before any progress is drawn
     with Progress(TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(),
                   TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
@@ -78,6 +80,7 @@ def simulate(
     dim: int = typer.Option(DEFAULTS["dim"]),
     no_dp: bool = typer.Option(False, "--no-dp", help="train WITHOUT privacy (labelled so)"),
     seed: int = typer.Option(0),
+    backend: str = typer.Option("flower", help="flower (Flower simulation engine) or fast (in-process)"),
     out: Path = typer.Option(Path("runs/simulate")),
 ) -> None:
     """Federated simulation: one virtual device per user, real ServerApp and ClientApp."""
@@ -90,7 +93,7 @@ def simulate(
                    noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                    sample_rate=sample_rate, lr=lr, user_lr=user_lr, server_lr=server_lr, dim=dim,
                    no_dp=no_dp, seed=seed)
-    _run(options, source, out)
+    _run(options, source, out, backend)
 
 
 @cli.command()

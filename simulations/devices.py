@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from attune.client.store import EventStore, Retention
 from attune.shared.events import EVENT_TYPES, EVENT_WEIGHTS, Event, EventContext
 from attune.shared.metrics import HeldOut, write_heldout

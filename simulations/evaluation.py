@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from attune.shared.metrics import hit_and_ndcg
 from attune.simulations.datasets import EventLog
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from attune.client.training import LocalData, fit_rank_vector, train_round
 from attune.server.aggregation import apply_update, weighted_mean
 from attune.server.config import ServerConfig

@@ -23,7 +23,7 @@ from attune.shared.errors import ConfigError, DataError
 from attune.shared.model import ModelConfig
 from attune.simulations.datasets import EventLog, load_csv, load_movielens, synthetic
 from attune.simulations.devices import store_path, write_devices
-from attune.simulations.evaluation import leave_one_out, popularity_baseline
+from attune.simulations.evaluation import Split, leave_one_out, popularity_baseline
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,11 @@ class SimulationConfig:
     server: ServerConfig
     out: Path
     min_events: int = 5
+    backend: str = "flower"
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("flower", "fast"):
+            raise ConfigError(f"unknown backend {self.backend!r}: use flower or fast")
 
 
 def _settings_resolver(directory: Path, vocabulary: Path, privacy: PrivacyConfig, seed: int):
@@ -81,10 +86,6 @@ def simulate(
     log: EventLog | None = None,
 ) -> dict:
     """Run the simulation and return (and write) the results document."""
-    from attune.client.flower_app import make_client_app
-    from attune.server.app import make_server_app
-    from flwr.simulation import run_simulation
-
     server = config.server
     log = log if log is not None else config.source.load(server.seed)
     split = leave_one_out(log, seed=server.seed)
@@ -92,13 +93,8 @@ def simulate(
     out = config.out
     if (out / "rounds.jsonl").exists():
         (out / "rounds.jsonl").unlink()
-    vocabulary = write_devices(log, split, out)
     server = replace(server, model=model, out_dir=out, min_clients=log.num_users)
     train = planned_train_config(server, log.num_users)
-    privacy = PrivacyConfig(
-        epsilon_budget=server.target_epsilon if train.private and server.target_epsilon else 1e9,
-        delta=server.delta, min_events=config.min_events, allow_non_private=not train.private,
-    )
     history: list[RoundRecord] = []
 
     def record(done: RoundRecord) -> None:
@@ -106,6 +102,37 @@ def simulate(
         if on_round is not None:
             on_round(done)
 
+    if config.backend == "fast":
+        from attune.simulations.fast import simulate_fast
+
+        budget = server.target_epsilon if train.private else None
+        simulate_fast(log, split, server, config.min_events, budget, on_round=record)
+    else:
+        _run_flower(log, split, server, train, config, record)
+    if len(history) != server.rounds:
+        raise RuntimeError(f"simulation finished {len(history)} of {server.rounds} rounds")
+    results = build_results(log, split, server, train, history)
+    results["backend"] = config.backend
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_curve(results, out / "curve.png")
+    return results
+
+
+def _run_flower(log: EventLog, split: Split, server: ServerConfig, train: TrainConfig,
+                config: SimulationConfig, record: Callable[[RoundRecord], None]) -> None:
+    """The real ServerApp and ClientApp in Flower's simulation engine, one store per user."""
+    from flwr.simulation import run_simulation
+
+    from attune.client.flower_app import make_client_app
+    from attune.server.app import make_server_app
+
+    out = config.out
+    vocabulary = write_devices(log, split, out)
+    privacy = PrivacyConfig(
+        epsilon_budget=server.target_epsilon if train.private and server.target_epsilon else 1e9,
+        delta=server.delta, min_events=config.min_events, allow_non_private=not train.private,
+    )
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -116,13 +143,6 @@ def simulate(
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                         "init_args": {"log_to_driver": False, "include_dashboard": False}},
     )
-    if len(history) != server.rounds:
-        raise RuntimeError(f"simulation finished {len(history)} of {server.rounds} rounds")
-    results = build_results(log, split, server, train, history)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot_curve(results, out / "curve.png")
-    return results
 
 
 def _r(value: float) -> float:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from attune.simulations.datasets import load_csv
 
 

@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
-from attune.shared.dp import Batch, clipped_backward, make_dp_optimizer, per_example_loss
-from attune.shared.model import ModelConfig, Personalization
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+
+from attune.shared.dp import Batch, clipped_backward, make_dp_optimizer, per_example_loss
+from attune.shared.model import ModelConfig, Personalization
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
 

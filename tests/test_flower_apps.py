@@ -5,6 +5,8 @@ import time
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
 from attune.client.flower_app import handle_train
 from attune.client.personalizer import Personalizer, PrivacyConfig
 from attune.client.settings import DeviceSettings
@@ -13,7 +15,6 @@ from attune.shared.config import TrainConfig
 from attune.shared.events import Event
 from attune.shared.model import GLOBAL_PARAMS, MODEL_VERSION, ModelConfig, Personalization
 from attune.shared.records import state_to_arrays, to_config_record
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 MODEL = ModelConfig(num_items=40, dim=6)
 TRAIN = TrainConfig(sample_rate=0.5, noise_multiplier=1.0)

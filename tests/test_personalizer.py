@@ -4,6 +4,8 @@ import time
 
 import pytest
 import torch
+from opacus.accountants import RDPAccountant
+
 from attune.client.personalizer import Personalizer, PrivacyConfig
 from attune.shared.accounting import epsilon_of
 from attune.shared.config import TrainConfig
@@ -11,7 +13,6 @@ from attune.shared.errors import InvalidEventError, ModelMismatchError
 from attune.shared.events import Event
 from attune.shared.model import ModelConfig
 from attune.shared.vocabulary import Vocabulary
-from opacus.accountants import RDPAccountant
 
 MODEL = ModelConfig(num_items=50, dim=8)
 VOCAB = Vocabulary.of([f"item{i}" for i in range(50)])

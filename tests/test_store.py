@@ -3,11 +3,12 @@
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from attune.client.store import EventStore, Retention
 from attune.shared.errors import InvalidEventError, StoreError
 from attune.shared.events import Event, EventContext
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 NOW = time.time()
 
