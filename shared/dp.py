@@ -140,6 +140,19 @@ def clipped_backward(
     )
 
 
+class SingleStepDPOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus's fast-gradient-clipping optimizer without the per-step copy of every gradient.
+
+    Attune takes exactly one backward pass per step and clears gradients to ``None`` between
+    steps, so the clipped sum can be used in place: Opacus's ``accumulate`` deep-copies it (a full
+    copy of the item table each step). Noise, scaling and accounting hooks are unchanged.
+    """
+
+    def accumulate(self) -> None:
+        for p in self.params:
+            p.summed_grad = p.grad.data if p.summed_grad is None else p.summed_grad + p.grad.data
+
+
 def make_dp_optimizer(
     param_groups: list[dict],
     *,
@@ -148,9 +161,9 @@ def make_dp_optimizer(
     expected_batch_size: float,
     generator: torch.Generator | None = None,
     secure_mode: bool = False,
-) -> DPOptimizerFastGradientClipping:
+) -> SingleStepDPOptimizer:
     """Opacus's optimizer (SGD per ``param_groups``): noise onto an already clipped sum, then / batch."""
-    return DPOptimizerFastGradientClipping(
+    return SingleStepDPOptimizer(
         torch.optim.SGD(param_groups),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
