@@ -138,6 +138,8 @@ def simulate_fast(
         done = RoundRecord(round=server_round,
                            train={"loss": sum(v * n for v, n in losses) / total,
                                   "epsilon-max": max(eps, default=0.0),
+                                  "steps-max": float(max(ledger.steps for ledger in state.ledgers)),
+                                  "sample-rate-max": train.sample_rate,
                                   "devices-trained": float(len(accepted))},
                            evaluate={"hr@10": hr, "ndcg@10": ndcg})
         history.append(done)

@@ -1,0 +1,22 @@
+"""The in-process backend runs the same training code and reports recomputable privacy."""
+
+import pytest
+
+from attune.shared.accounting import epsilon_of
+from attune.simulations.runner import DataSource, SimulationConfig, server_config, simulate
+
+
+def test_fast_backend_private_run_reports_recomputable_epsilon(tmp_path):
+    server = server_config(rounds=2, clients_per_round=0, local_epochs=1.0, user_epochs=1.0,
+                           epsilon=4.0, delta=1e-5, noise_multiplier=None, max_grad_norm=1.0,
+                           sample_rate=1.0, lr=1.0, user_lr=0.5, server_lr=10.0, dim=8,
+                           no_dp=False, seed=1)
+    config = SimulationConfig(DataSource("synthetic", synthetic_users=40), server, tmp_path, backend="fast")
+    results = simulate(config)
+    privacy = results["privacy"]
+    assert results["backend"] == "fast" and privacy["steps_max"] == 4
+    assert privacy["epsilon_max"] == pytest.approx(4.0, abs=0.05)
+    recomputed = epsilon_of([(privacy["noise_multiplier"], privacy["sample_rate"], privacy["steps_max"])],
+                            privacy["delta"])
+    assert recomputed == pytest.approx(privacy["epsilon_max"], abs=1e-5)
+    assert len(results["rounds"]) == 2 and (tmp_path / "curve.png").exists()
