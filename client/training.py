@@ -81,6 +81,8 @@ def _run_phase(
     groups = [g for g in groups if g["params"]]
     expected_batch = config.sample_rate * len(data)
     loss_sum, examples, clipped = 0.0, 0, 0
+    tables = [model.item_embedding.weight, model.item_bias.weight]
+    lazy = [p for p in tables if p.requires_grad] if config.private and config.lazy_noise else []
     if config.private:
         optimizer = make_dp_optimizer(
             groups,
@@ -88,6 +90,7 @@ def _run_phase(
             max_grad_norm=config.max_grad_norm,
             expected_batch_size=expected_batch,
             generator=generator,
+            lazy_params=lazy,
         )
         optimizer.attach_step_hook(ledger.accountant.get_optimizer_hook_fn(config.sample_rate))
     else:
@@ -95,6 +98,8 @@ def _run_phase(
     num_items = model.config.num_items
     for _ in range(steps):
         batch = sample_batch(data, config.sample_rate, config.negatives, num_items, generator)
+        if lazy:
+            optimizer.materialize_rows(batch.items)  # type: ignore[union-attr]
         optimizer.zero_grad(set_to_none=True)
         if config.private:
             stats = clipped_backward(model, batch, config.loss, config.max_grad_norm)
@@ -105,6 +110,8 @@ def _run_phase(
             loss_sum += float(losses.detach().sum())
         examples += len(batch)
         optimizer.step()
+    if lazy:
+        optimizer.materialize_all()  # type: ignore[union-attr]
     return loss_sum, examples, clipped
 
 
@@ -171,7 +178,7 @@ def fit_rank_vector(
         with torch.no_grad():
             vectors = model.item_embedding(batch.items)
             bias = model.item_bias(batch.items).squeeze(-1)
-        logits = torch.einsum("bd,bmd->bm", vector + shift, vectors) + bias
+        logits = torch.bmm(vectors, (vector + shift).unsqueeze(2)).squeeze(2) + bias
         loss = per_example_loss(logits, batch, "bce").mean()
         optimizer.zero_grad()
         loss.backward()

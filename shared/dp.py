@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
 from attune.shared.model import Personalization
 
@@ -74,6 +75,18 @@ def per_example_loss(logits: torch.Tensor, batch: Batch, loss: str) -> torch.Ten
     return per * batch.weights
 
 
+def logit_gradients(logits: torch.Tensor, batch: Batch, loss: str) -> torch.Tensor:
+    """``d per_example_loss / d logits`` in closed form, ``[b, m]`` (no autograd pass needed)."""
+    logits = logits.detach()
+    weights = batch.weights.unsqueeze(1)
+    if loss == "bce":
+        return (torch.sigmoid(logits) - batch.labels) * weights
+    if loss == "bpr":
+        push = torch.sigmoid(logits[:, 1:] - logits[:, :1]) * weights  # d softplus(-margin)
+        return torch.cat([-push.sum(dim=1, keepdim=True), push], dim=1)
+    raise ValueError(f"unknown loss {loss!r}: use 'bce' or 'bpr'")
+
+
 def per_example_norms(
     model: Personalization,
     batch: Batch,
@@ -87,7 +100,7 @@ def per_example_norms(
     trains_bias = model.item_bias.weight.requires_grad
     if trains_items or trains_bias:
         same = (items.unsqueeze(2) == items.unsqueeze(1)).to(logit_grads.dtype)
-        q = torch.einsum("bm,bmn,bn->b", logit_grads, same, logit_grads)
+        q = (torch.bmm(same, logit_grads.unsqueeze(2)).squeeze(2) * logit_grads).sum(dim=1)
         if trains_items:
             squared = squared + q * query.detach().pow(2).sum(dim=1)
         if trains_bias:
@@ -96,7 +109,7 @@ def per_example_norms(
     trains_context = batch.context is not None and model.context_encoder.weight.requires_grad
     if trains_user or trains_context:
         vectors = model.item_embedding.weight.detach()[items]
-        v = torch.einsum("bm,bmd->bd", logit_grads, vectors).pow(2).sum(dim=1)
+        v = torch.bmm(logit_grads.unsqueeze(1), vectors).squeeze(1).pow(2).sum(dim=1)
         if trains_user:
             squared = squared + v
         if trains_context:
@@ -124,7 +137,7 @@ def clipped_backward(
     query = model.person(len(batch), batch.context)
     logits = model.score(query, batch.items)
     losses = per_example_loss(logits, batch, loss)
-    (logit_grads,) = torch.autograd.grad(losses.sum(), logits, retain_graph=True)
+    logit_grads = logit_gradients(logits, batch, loss)
     norms = per_example_norms(model, batch, query, logit_grads)
     factors = clip_factors(norms, max_grad_norm)
     for p in params:
@@ -153,6 +166,65 @@ class SingleStepDPOptimizer(DPOptimizerFastGradientClipping):
             p.summed_grad = p.grad.data if p.summed_grad is None else p.summed_grad + p.grad.data
 
 
+class LazyNoiseDPOptimizer(SingleStepDPOptimizer):
+    """DP-SGD whose noise on embedding tables is drawn when a row is read, not at every step.
+
+    With plain SGD the noise a row has received is a sum of independent Gaussians, so drawing it
+    in one go when the row is next read (``materialize_rows``) or at the end of the round
+    (``materialize_all``) gives every read and the final parameters exactly the distribution
+    of per-step noise: the same mechanism and the same accounting, without drawing
+    ``items x dim`` Gaussians at every step. Other parameters get Opacus's per-step noise.
+    Only valid for SGD without momentum or weight decay (what ``make_dp_optimizer`` builds).
+    """
+
+    def __init__(self, *args: object, lazy_params: list[torch.nn.Parameter], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._lazy = {id(p): p for p in lazy_params}
+        self._variance = {id(p): 0.0 for p in lazy_params}  # per-coordinate, in parameter units
+        self._marks = {id(p): torch.zeros(p.shape[0], dtype=torch.float64) for p in lazy_params}
+        self._lr = {id(p): g["lr"] for g in self.original_optimizer.param_groups for p in g["params"]}
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            if id(p) in self._lazy:
+                p.grad = p.summed_grad.view_as(p)
+            else:
+                noise = _generate_noise(std=std, reference=p.summed_grad, generator=self.generator,
+                                        secure_mode=self.secure_mode)
+                p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        result = super().step(closure)
+        if not self._is_last_step_skipped:
+            std = self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
+            for key in self._lazy:
+                self._variance[key] += (self._lr[key] * std) ** 2
+        return result
+
+    def materialize_rows(self, rows: torch.Tensor) -> None:
+        """Add the pending noise of ``rows`` (any shape, repeats allowed) before they are read."""
+        rows = rows.reshape(-1).unique()
+        for key in self._lazy:
+            self._materialize(key, rows)
+
+    def materialize_all(self) -> None:
+        """Add every row's pending noise: call before the parameters leave the optimizer."""
+        for key, param in self._lazy.items():
+            self._materialize(key, torch.arange(param.shape[0]))
+
+    def _materialize(self, key: int, rows: torch.Tensor) -> None:
+        param = self._lazy[key]
+        pending = (self._variance[key] - self._marks[key][rows]).clamp(min=0.0)
+        noise = torch.randn((rows.shape[0], *param.shape[1:]), generator=self.generator)
+        scale = pending.sqrt().to(param.dtype).view(-1, *([1] * (param.dim() - 1)))
+        with torch.no_grad():
+            param.index_add_(0, rows, noise * scale)
+        self._marks[key][rows] = self._variance[key]
+
+
 def make_dp_optimizer(
     param_groups: list[dict],
     *,
@@ -161,10 +233,10 @@ def make_dp_optimizer(
     expected_batch_size: float,
     generator: torch.Generator | None = None,
     secure_mode: bool = False,
+    lazy_params: list[torch.nn.Parameter] | None = None,
 ) -> SingleStepDPOptimizer:
     """Opacus's optimizer (SGD per ``param_groups``): noise onto an already clipped sum, then / batch."""
-    return SingleStepDPOptimizer(
-        torch.optim.SGD(param_groups),
+    options = dict(
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size,
@@ -172,3 +244,6 @@ def make_dp_optimizer(
         generator=generator,
         secure_mode=secure_mode,
     )
+    if lazy_params:
+        return LazyNoiseDPOptimizer(torch.optim.SGD(param_groups), lazy_params=lazy_params, **options)
+    return SingleStepDPOptimizer(torch.optim.SGD(param_groups), **options)

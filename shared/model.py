@@ -92,7 +92,7 @@ class Personalization(nn.Module):
     def score(self, query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         vectors = self.item_embedding(items)
         bias = self.item_bias(items).squeeze(-1)
-        return torch.einsum("bd,bmd->bm", query, vectors) + bias
+        return torch.bmm(vectors, query.unsqueeze(2)).squeeze(2) + bias
 
     def global_state(self) -> dict[str, torch.Tensor]:
         """Detached copies of the parameters that federate."""
