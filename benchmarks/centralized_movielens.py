@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from attune.shared.dp import Batch, per_example_loss
+from attune.shared.loss import Batch, per_example_loss
 from attune.shared.metrics import hit_and_ndcg
 from attune.shared.model import ModelConfig, Personalization
 from attune.simulations.datasets import load_movielens

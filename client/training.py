@@ -17,7 +17,7 @@ import torch
 
 from attune.shared.accounting import PrivacyLedger
 from attune.shared.config import TrainConfig
-from attune.shared.dp import Batch, clipped_backward, make_dp_optimizer, per_example_loss
+from attune.shared.loss import Batch, per_example_loss
 from attune.shared.model import GLOBAL_PARAMS, Personalization
 
 
@@ -65,6 +65,16 @@ def _set_trainable(model: Personalization, *, global_side: bool) -> None:
             param.requires_grad_(True)
 
 
+# Below this many item-table coordinates, drawing the whole table's noise each step is cheaper
+# than tracking rows (benchmarks/dp_step.py: eager wins at 1k items x 32, lazy from 10k).
+LAZY_NOISE_MIN_COORDINATES = 100_000
+
+
+def _lazy(model: Personalization, config: TrainConfig) -> bool:
+    size = model.config.num_items * (model.config.dim + 1)
+    return config.lazy_noise and size >= LAZY_NOISE_MIN_COORDINATES
+
+
 def _run_phase(
     model: Personalization,
     data: LocalData,
@@ -82,8 +92,10 @@ def _run_phase(
     expected_batch = config.sample_rate * len(data)
     loss_sum, examples, clipped = 0.0, 0, 0
     tables = [model.item_embedding.weight, model.item_bias.weight]
-    lazy = [p for p in tables if p.requires_grad] if config.private and config.lazy_noise else []
+    lazy = [p for p in tables if p.requires_grad] if config.private and _lazy(model, config) else []
     if config.private:
+        from attune.shared.dp import clipped_backward, make_dp_optimizer  # imports Opacus: ~1.5 s
+
         optimizer = make_dp_optimizer(
             groups,
             noise_multiplier=config.noise_multiplier,

@@ -21,7 +21,7 @@ class TrainConfig:
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     private: bool = True
-    lazy_noise: bool = True
+    lazy_noise: bool = True  # draw large item tables' noise lazily (same distribution, faster)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.sample_rate <= 1.0:

@@ -28,28 +28,12 @@ import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
+from attune.shared.loss import Batch, logit_gradients, per_example_loss
 from attune.shared.model import Personalization
 
 # Opacus adds this to norms before dividing (optimizers/optimizer.py); kept identical so the
 # closed-form path and Opacus's reference path clip by exactly the same factor.
 NORM_EPS = 1e-6
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One (possibly empty) Poisson batch of training examples.
-
-    ``items[:, 0]`` is the interacted item and ``items[:, 1:]`` the sampled negatives;
-    ``labels`` is 1 for the positive column and 0 elsewhere.
-    """
-
-    items: torch.Tensor  # long [b, m]
-    labels: torch.Tensor  # float [b, m]
-    weights: torch.Tensor  # float [b]: event-type weight of each example
-    context: torch.Tensor | None  # float [b, features]
-
-    def __len__(self) -> int:
-        return int(self.items.shape[0])
 
 
 @dataclass(frozen=True)
@@ -61,36 +45,11 @@ class StepStats:
     clipped: int
 
 
-def per_example_loss(logits: torch.Tensor, batch: Batch, loss: str) -> torch.Tensor:
-    """Weighted loss of each example, ``[b]``: BCE over all columns, or BPR (pos vs each neg)."""
-    if loss == "bce":
-        per = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, batch.labels, reduction="none"
-        ).sum(dim=1)
-    elif loss == "bpr":
-        margin = logits[:, :1] - logits[:, 1:]
-        per = torch.nn.functional.softplus(-margin).sum(dim=1)
-    else:
-        raise ValueError(f"unknown loss {loss!r}: use 'bce' or 'bpr'")
-    return per * batch.weights
-
-
-def logit_gradients(logits: torch.Tensor, batch: Batch, loss: str) -> torch.Tensor:
-    """``d per_example_loss / d logits`` in closed form, ``[b, m]`` (no autograd pass needed)."""
-    logits = logits.detach()
-    weights = batch.weights.unsqueeze(1)
-    if loss == "bce":
-        return (torch.sigmoid(logits) - batch.labels) * weights
-    if loss == "bpr":
-        push = torch.sigmoid(logits[:, 1:] - logits[:, :1]) * weights  # d softplus(-margin)
-        return torch.cat([-push.sum(dim=1, keepdim=True), push], dim=1)
-    raise ValueError(f"unknown loss {loss!r}: use 'bce' or 'bpr'")
-
-
 def per_example_norms(
     model: Personalization,
     batch: Batch,
     query: torch.Tensor,
+    vectors: torch.Tensor,
     logit_grads: torch.Tensor,
 ) -> torch.Tensor:
     """L2 norm of each example's gradient over the model's trainable parameters, ``[b]``."""
@@ -108,8 +67,7 @@ def per_example_norms(
     trains_user = model.user_vector.weight.requires_grad
     trains_context = batch.context is not None and model.context_encoder.weight.requires_grad
     if trains_user or trains_context:
-        vectors = model.item_embedding.weight.detach()[items]
-        v = torch.bmm(logit_grads.unsqueeze(1), vectors).squeeze(1).pow(2).sum(dim=1)
+        v = torch.bmm(logit_grads.unsqueeze(1), vectors.detach()).squeeze(1).pow(2).sum(dim=1)
         if trains_user:
             squared = squared + v
         if trains_context:
@@ -135,10 +93,11 @@ def clipped_backward(
             p.grad = torch.zeros_like(p)
         return StepStats(examples=0, loss_sum=0.0, clipped=0)
     query = model.person(len(batch), batch.context)
-    logits = model.score(query, batch.items)
+    vectors = model.item_embedding(batch.items)
+    logits = model.score_with(query, vectors, model.item_bias(batch.items))
     losses = per_example_loss(logits, batch, loss)
     logit_grads = logit_gradients(logits, batch, loss)
-    norms = per_example_norms(model, batch, query, logit_grads)
+    norms = per_example_norms(model, batch, query, vectors, logit_grads)
     factors = clip_factors(norms, max_grad_norm)
     for p in params:
         p.grad = None

@@ -90,9 +90,12 @@ class Personalization(nn.Module):
         return self.score(query, items)
 
     def score(self, query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        vectors = self.item_embedding(items)
-        bias = self.item_bias(items).squeeze(-1)
-        return torch.bmm(vectors, query.unsqueeze(2)).squeeze(2) + bias
+        return self.score_with(query, self.item_embedding(items), self.item_bias(items))
+
+    @staticmethod
+    def score_with(query: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Logits from query ``[b, d]``, item vectors ``[b, m, d]`` and biases ``[b, m, 1]``."""
+        return torch.bmm(vectors, query.unsqueeze(2)).squeeze(2) + bias.squeeze(-1)
 
     def global_state(self) -> dict[str, torch.Tensor]:
         """Detached copies of the parameters that federate."""

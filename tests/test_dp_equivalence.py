@@ -7,7 +7,8 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from attune.shared.dp import Batch, clipped_backward, make_dp_optimizer, per_example_loss
+from attune.shared.dp import clipped_backward, make_dp_optimizer
+from attune.shared.loss import Batch, per_example_loss
 from attune.shared.model import ModelConfig, Personalization
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")

@@ -2,7 +2,8 @@
 
 import torch
 
-from attune.shared.dp import Batch, clipped_backward, make_dp_optimizer
+from attune.shared.dp import clipped_backward, make_dp_optimizer
+from attune.shared.loss import Batch
 from attune.shared.model import ModelConfig, Personalization
 
 STEPS, SIGMA, CLIP, BATCH, LR = 6, 0.8, 0.5, 3.0, 0.7
