@@ -94,8 +94,9 @@ def _run_phase(
     tables = [model.item_embedding.weight, model.item_bias.weight]
     lazy = [p for p in tables if p.requires_grad] if config.private and _lazy(model, config) else []
     if config.private:
-        from attune.shared.dp import clipped_backward, make_dp_optimizer  # imports Opacus: ~1.5 s
+        from attune.shared.dp import clipped_backward, make_dp_optimizer, sparse_tables  # Opacus: ~1.5 s
 
+        sparse_tables(model, bool(lazy))
         optimizer = make_dp_optimizer(
             groups,
             noise_multiplier=config.noise_multiplier,
@@ -124,6 +125,7 @@ def _run_phase(
         optimizer.step()
     if lazy:
         optimizer.materialize_all()  # type: ignore[union-attr]
+        sparse_tables(model, False)
     return loss_sum, examples, clipped
 
 

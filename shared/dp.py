@@ -134,6 +134,8 @@ class LazyNoiseDPOptimizer(SingleStepDPOptimizer):
     of per-step noise: the same mechanism and the same accounting, without drawing
     ``items x dim`` Gaussians at every step. Other parameters get Opacus's per-step noise.
     Only valid for SGD without momentum or weight decay (what ``make_dp_optimizer`` builds).
+    The tables' gradients may be sparse (``sparse_tables``): then a step touches only the rows
+    of its batch, and no pass over the whole table happens until ``materialize_all``.
     """
 
     def __init__(self, *args: object, lazy_params: list[torch.nn.Parameter], **kwargs: object) -> None:
@@ -147,8 +149,8 @@ class LazyNoiseDPOptimizer(SingleStepDPOptimizer):
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            if id(p) in self._lazy:
-                p.grad = p.summed_grad.view_as(p)
+            if id(p) in self._lazy:  # may be sparse: only the rows the batch touched
+                p.grad = p.summed_grad if p.summed_grad.is_sparse else p.summed_grad.view_as(p)
             else:
                 noise = _generate_noise(std=std, reference=p.summed_grad, generator=self.generator,
                                         secure_mode=self.secure_mode)
@@ -182,6 +184,12 @@ class LazyNoiseDPOptimizer(SingleStepDPOptimizer):
         with torch.no_grad():
             param.index_add_(0, rows, noise * scale)
         self._marks[key][rows] = self._variance[key]
+
+
+def sparse_tables(model: Personalization, sparse: bool) -> None:
+    """Let the item tables produce sparse gradients (rows of the batch only) or dense ones."""
+    model.item_embedding.sparse = sparse
+    model.item_bias.sparse = sparse
 
 
 def make_dp_optimizer(

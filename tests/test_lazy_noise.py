@@ -2,7 +2,7 @@
 
 import torch
 
-from attune.shared.dp import clipped_backward, make_dp_optimizer
+from attune.shared.dp import clipped_backward, make_dp_optimizer, sparse_tables
 from attune.shared.loss import Batch
 from attune.shared.model import ModelConfig, Personalization
 
@@ -16,6 +16,7 @@ def _run(seed: int, lazy: bool, sigma: float = SIGMA) -> torch.Tensor:
     model.context_encoder.weight.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     tables = [model.item_embedding.weight, model.item_bias.weight]
+    sparse_tables(model, lazy)  # as local training does: lazy tables take sparse gradients
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_dp_optimizer([{"params": params, "lr": LR}], noise_multiplier=sigma, max_grad_norm=CLIP,
                             expected_batch_size=BATCH, generator=g, lazy_params=tables if lazy else None)
