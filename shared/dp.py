@@ -141,9 +141,14 @@ class LazyNoiseDPOptimizer(SingleStepDPOptimizer):
     def __init__(self, *args: object, lazy_params: list[torch.nn.Parameter], **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._lazy = {id(p): p for p in lazy_params}
-        self._variance = {id(p): 0.0 for p in lazy_params}  # per-coordinate, in parameter units
-        self._marks = {id(p): torch.zeros(p.shape[0], dtype=torch.float64) for p in lazy_params}
-        self._lr = {id(p): g["lr"] for g in self.original_optimizer.param_groups for p in g["params"]}
+        rates = {g["lr"] for g in self.original_optimizer.param_groups
+                 for p in g["params"] if id(p) in self._lazy}
+        rows = {p.shape[0] for p in lazy_params}
+        if len(rates) != 1 or len(rows) != 1:
+            raise ValueError("lazy tables must share one learning rate and one row count")
+        self._lr = rates.pop()
+        self._variance = 0.0  # per-coordinate noise variance so far, in parameter units
+        self._marks = torch.zeros(rows.pop(), dtype=torch.float64)  # variance already drawn per row
 
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
@@ -161,29 +166,24 @@ class LazyNoiseDPOptimizer(SingleStepDPOptimizer):
         result = super().step(closure)
         if not self._is_last_step_skipped:
             std = self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
-            for key in self._lazy:
-                self._variance[key] += (self._lr[key] * std) ** 2
+            self._variance += (self._lr * std) ** 2
         return result
 
     def materialize_rows(self, rows: torch.Tensor) -> None:
         """Add the pending noise of ``rows`` (any shape, repeats allowed) before they are read."""
-        rows = rows.reshape(-1).unique()
-        for key in self._lazy:
-            self._materialize(key, rows)
+        self._materialize(rows.reshape(-1).unique())
 
     def materialize_all(self) -> None:
         """Add every row's pending noise: call before the parameters leave the optimizer."""
-        for key, param in self._lazy.items():
-            self._materialize(key, torch.arange(param.shape[0]))
+        self._materialize(torch.arange(self._marks.shape[0]))
 
-    def _materialize(self, key: int, rows: torch.Tensor) -> None:
-        param = self._lazy[key]
-        pending = (self._variance[key] - self._marks[key][rows]).clamp(min=0.0)
-        noise = torch.randn((rows.shape[0], *param.shape[1:]), generator=self.generator)
-        scale = pending.sqrt().to(param.dtype).view(-1, *([1] * (param.dim() - 1)))
+    def _materialize(self, rows: torch.Tensor) -> None:
+        scale = (self._variance - self._marks[rows]).sqrt().float().unsqueeze(1)
         with torch.no_grad():
-            param.index_add_(0, rows, noise * scale)
-        self._marks[key][rows] = self._variance[key]
+            for param in self._lazy.values():
+                noise = torch.randn((rows.shape[0], *param.shape[1:]), generator=self.generator)
+                param.index_add_(0, rows, noise.view(rows.shape[0], -1).mul_(scale).view_as(noise))
+        self._marks[rows] = self._variance
 
 
 def sparse_tables(model: Personalization, sparse: bool) -> None:
