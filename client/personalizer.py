@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 
 from attune.client.store import EventStore, Retention
 from attune.client.training import LocalData, fit_rank_vector, train_round
+from attune.shared import seeding
 from attune.shared.accounting import ACCOUNTANT_NAME, PrivacyLedger
 from attune.shared.config import TrainConfig
 from attune.shared.errors import ConfigError, InvalidEventError
@@ -114,7 +114,7 @@ class Personalizer:
         self.privacy = privacy or PrivacyConfig()
         self.seed = seed
         self.store = EventStore(store_path, retention)
-        self._model = Personalization(self.model_config, generator=self._generator(0))
+        self._model = Personalization(self.model_config, generator=self._generator(seeding.MODEL_INIT))
         self._has_user_vector = False
         self._rank_vector: torch.Tensor | None = None
         self._load()
@@ -132,8 +132,7 @@ class Personalizer:
 
     def _generator(self, salt: int) -> torch.Generator:
         """Seeded for simulations; from the OS's secure source on real devices."""
-        seed = secrets.randbits(63) if self.seed is None else self.seed * 1_000_003 + salt
-        return torch.Generator().manual_seed(seed)
+        return seeding.generator(self.seed, salt)
 
     def _load(self) -> None:
         raw = self.store.get_state(_GLOBAL_KEY)
@@ -207,7 +206,7 @@ class Personalizer:
         if not self._has_user_vector:
             return
         vector = fit_rank_vector(self._model, self.local_data(), steps=steps,
-                                 generator=self._generator(10_000 + self.participation["rounds"]))
+                                 generator=self._generator(seeding.RANK + self.participation["rounds"]))
         self._rank_vector = vector
         self.store.put_state({_RANK_KEY: _tensor_bytes({"rank": vector})})
 
@@ -273,9 +272,9 @@ class Personalizer:
                                     private=True, epsilon=spent)
         if not self._has_user_vector:
             with torch.no_grad():  # a fresh start: small random user vector
-                scale = self.model_config.dim**-0.5
-                self._model.user_vector.weight.normal_(0.0, scale, generator=self._generator(1))
-        generator = self._generator(2 + self.participation["rounds"])
+                scale, init = self.model_config.dim**-0.5, self._generator(seeding.USER_INIT)
+                self._model.user_vector.weight.normal_(0.0, scale, generator=init)
+        generator = self._generator(seeding.TRAIN + self.participation["rounds"])
         result = train_round(self._model, data, config, self.ledger, generator)
         self._has_user_vector = True
         self.participation["rounds"] += 1

@@ -14,12 +14,15 @@ import torch
 
 from attune.client.training import LocalData, fit_rank_vector, train_round
 from attune.server.aggregation import apply_update, weighted_mean
+from attune.server.checkpoint import save_checkpoint
 from attune.server.config import ServerConfig
 from attune.server.coordinator import RoundRecord, planned_train_config
+from attune.shared import seeding
 from attune.shared.accounting import PrivacyLedger
 from attune.shared.events import EVENT_TYPES, EVENT_WEIGHTS, RANKED_EVENT_TYPE, context_matrix
 from attune.shared.metrics import hit_and_ndcg
 from attune.shared.model import Personalization
+from attune.shared.seeding import device_seed
 from attune.simulations.datasets import EventLog
 from attune.simulations.evaluation import Split
 
@@ -37,7 +40,7 @@ def device_datasets(log: EventLog, split: Split, use_context: bool) -> list[Loca
     kinds = (weights.unsqueeze(1) - _TYPE_WEIGHTS).abs().argmin(dim=1)  # as devices.event_type_for
     hours, days = _hours_weekdays(log.timestamps)
     context = context_matrix(hours, days, kinds) if use_context else None
-    order = np.argsort(log.users, kind="stable")
+    order = np.lexsort((np.arange(len(log)), log.timestamps, log.users))  # the store's order
     order = order[split.train[order]]
     bounds = np.searchsorted(log.users[order], np.arange(log.num_users + 1))
     datasets = []
@@ -53,19 +56,22 @@ def device_datasets(log: EventLog, split: Split, use_context: bool) -> list[Loca
 
 @dataclass
 class FastState:
+    """Every device's state: DP user vector, whether it has trained, rounds trained, ledger."""
+
     users: torch.Tensor  # [num_users, dim]
     trained: torch.Tensor  # bool [num_users]
+    rounds: list[int]
     ledgers: list[PrivacyLedger]
 
 
 def rank_vectors(model: Personalization, state: FastState, datasets: list[LocalData],
-                 seed: int) -> torch.Tensor:
+                 seeds: list[int]) -> torch.Tensor:
     """Each trained device's ranking-only user vector, fitted as ``Personalizer.refresh_ranking``."""
     vectors = state.users.clone()
     for user in state.trained.nonzero().squeeze(1).tolist():
         with torch.no_grad():
             model.user_vector.weight.copy_(state.users[user])
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + user)
+        generator = seeding.generator(seeds[user], seeding.RANK + state.rounds[user])
         vectors[user] = fit_rank_vector(model, datasets[user], generator=generator)
     return vectors
 
@@ -97,18 +103,18 @@ def simulate_fast(
     current = model.global_state()
     train = planned_train_config(server, log.num_users)
     datasets = device_datasets(log, split, server.model.use_context)
-    dim = server.model.dim
-    init = torch.Generator().manual_seed(server.seed + 1)
-    state = FastState(users=torch.randn(log.num_users, dim, generator=init) * dim**-0.5,
+    seeds = [device_seed(server.seed, user) for user in range(log.num_users)]
+    state = FastState(users=torch.zeros(log.num_users, server.model.dim),
                       trained=torch.zeros(log.num_users, dtype=torch.bool),
+                      rounds=[0] * log.num_users,
                       ledgers=[PrivacyLedger() for _ in range(log.num_users)])
     rng = np.random.default_rng(server.seed)
     per_round = server.clients_per_round or log.num_users
     history = []
     for server_round in range(1, server.rounds + 1):
         cohort = np.sort(rng.choice(log.num_users, size=min(per_round, log.num_users), replace=False))
-        accepted, losses, eps = [], [], []
-        for user in cohort:
+        accepted, losses, trained_now = [], [], []
+        for user in cohort.tolist():
             data = datasets[user]
             ledger = state.ledgers[user]
             if len(data) < min_events:
@@ -117,22 +123,29 @@ def simulate_fast(
                 server.delta, noise_multiplier=train.noise_multiplier,
                 sample_rate=train.sample_rate, steps=train.steps_per_round) > budget:
                 continue
+            # exactly what Personalizer.train does on a device
             model.load_global_state(current)
             with torch.no_grad():
-                model.user_vector.weight.copy_(state.users[user])
-            generator = torch.Generator().manual_seed(server.seed * 1_000_003 + int(user) * 7919
-                                                      + server_round)
+                if state.trained[user]:
+                    model.user_vector.weight.copy_(state.users[user])
+                else:
+                    init = seeding.generator(seeds[user], seeding.USER_INIT)
+                    model.user_vector.weight.normal_(0.0, server.model.dim**-0.5, generator=init)
+            generator = seeding.generator(seeds[user], seeding.TRAIN + state.rounds[user])
             result = train_round(model, data, train, ledger, generator)
             state.users[user] = model.user_vector.weight.detach()[0]
             state.trained[user] = True
+            state.rounds[user] += 1
+            trained_now.append(user)
             accepted.append((result.update, float(result.examples)))
             losses.append((result.mean_loss, result.examples))
         if accepted:
             current = apply_update(current, weighted_mean(accepted), server.server_lr)
         model.load_global_state(current)
-        if train.private:
-            eps = [state.ledgers[u].epsilon(server.delta) for u in cohort[:1]]  # same plan for all
-        users = rank_vectors(model, state, datasets, server.seed + server_round) if rank_fit else state.users
+        eps = [state.ledgers[u].epsilon(server.delta) for u in trained_now] if train.private else []
+        if server.out_dir is not None:
+            save_checkpoint(server.out_dir / "checkpoints", server_round, current)
+        users = rank_vectors(model, state, datasets, seeds) if rank_fit else state.users
         hr, ndcg = evaluate(model, users, state.trained, split)
         total = sum(n for _, n in losses) or 1
         done = RoundRecord(round=server_round,

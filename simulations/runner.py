@@ -21,6 +21,7 @@ from attune.shared.accounting import ACCOUNTANT_NAME
 from attune.shared.config import TrainConfig
 from attune.shared.errors import ConfigError, DataError
 from attune.shared.model import ModelConfig
+from attune.shared.seeding import device_seed
 from attune.simulations.datasets import EventLog, load_csv, load_movielens, synthetic
 from attune.simulations.devices import store_path, write_devices
 from attune.simulations.evaluation import Split, leave_one_out, popularity_baseline
@@ -75,7 +76,7 @@ def _settings_resolver(directory: Path, vocabulary: Path, privacy: PrivacyConfig
         torch.set_num_threads(1)
         user = int(context.node_config["partition-id"])
         return DeviceSettings(store_path=store_path(directory, user), privacy=privacy,
-                              vocabulary_path=vocabulary, seed=seed * 1_000_003 + user)
+                              vocabulary_path=vocabulary, seed=device_seed(seed, user))
 
     return resolve
 
