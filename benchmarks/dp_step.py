@@ -173,7 +173,7 @@ def main() -> None:
             row["opacus_hooks_ms"] = timed(hooks_step(copy.deepcopy(base), batch), 3)
         else:
             row["opacus_hooks_ms"] = None
-            row["opacus_hooks_note"] = "skipped: per-sample embedding grads need batch x items x dim (3.3 GB)"
+            row["opacus_hooks_note"] = "skipped: per-sample grads are batch x items x dim (3.3 GB)"
         modes = ("plain_sparse", "attune_dp", "attune_dp_lazy", "attune_dp_eager", "opacus_ghost", "opacus_hooks")
         for key in modes:
             value = row[f"{key}_ms"]
