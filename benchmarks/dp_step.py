@@ -174,7 +174,8 @@ def main() -> None:
         else:
             row["opacus_hooks_ms"] = None
             row["opacus_hooks_note"] = "skipped: per-sample grads are batch x items x dim (3.3 GB)"
-        modes = ("plain_sparse", "attune_dp", "attune_dp_lazy", "attune_dp_eager", "opacus_ghost", "opacus_hooks")
+        modes = ("plain_sparse", "attune_dp", "attune_dp_lazy", "attune_dp_eager",
+                 "opacus_ghost", "opacus_hooks")
         for key in modes:
             value = row[f"{key}_ms"]
             row[f"{key}_ratio"] = None if value is None else value / row["plain_ms"]
