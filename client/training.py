@@ -56,13 +56,13 @@ def sample_batch(
     return Batch(items=items, labels=labels, weights=data.weights[chosen], context=context)
 
 
-def _set_trainable(model: Personalization, *, global_side: bool) -> None:
+def _set_trainable(model: Personalization, *, global_side: bool, user: bool = True) -> None:
     for name, param in model.named_parameters():
         if name in GLOBAL_PARAMS:
             usable = name != "context_encoder.weight" or model.config.use_context
             param.requires_grad_(global_side and usable)
         else:
-            param.requires_grad_(True)
+            param.requires_grad_(user)
 
 
 # Below this many item-table coordinates, drawing the whole table's noise each step is cheaper
@@ -84,9 +84,10 @@ def _run_phase(
     generator: torch.Generator,
 ) -> tuple[float, int, int]:
     params = [p for p in model.parameters() if p.requires_grad]
+    user = model.user_vector.weight
     groups = [
-        {"params": [model.user_vector.weight], "lr": config.user_lr},
-        {"params": [p for p in params if p is not model.user_vector.weight], "lr": config.lr},
+        {"params": [p for p in params if p is user], "lr": config.user_lr},
+        {"params": [p for p in params if p is not user], "lr": config.lr},
     ]
     groups = [g for g in groups if g["params"]]
     expected_batch = config.sample_rate * len(data)
@@ -143,11 +144,11 @@ def train_round(
         phase_steps = config.steps(epochs)
         if phase_steps == 0:
             continue
-        _set_trainable(model, global_side=global_side)
+        _set_trainable(model, global_side=global_side, user=not global_side or config.joint_user)
         phase = _run_phase(model, data, config, phase_steps, ledger, generator)
         loss_sum, examples, clipped = loss_sum + phase[0], examples + phase[1], clipped + phase[2]
         steps += phase_steps
-    _set_trainable(model, global_side=True)
+    _set_trainable(model, global_side=True, user=True)
     after = model.global_state()
     update = {name: after[name] - before[name] for name in GLOBAL_PARAMS}
     return RoundResult(

@@ -21,6 +21,7 @@ class TrainConfig:
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     private: bool = True
+    joint_user: bool = True  # also train the user vector in the global phase
     lazy_noise: bool = True  # draw large item tables' noise lazily (same distribution, faster)
 
     def __post_init__(self) -> None:
