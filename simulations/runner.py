@@ -222,7 +222,7 @@ def server_config(
     *, rounds: int, clients_per_round: int, local_epochs: float, user_epochs: float,
     epsilon: float | None, delta: float, noise_multiplier: float | None, max_grad_norm: float,
     sample_rate: float, lr: float, user_lr: float, server_lr: float, dim: int, no_dp: bool,
-    seed: int,
+    seed: int, negatives: int = 4, context: bool = True, joint_user: bool = True,
 ) -> ServerConfig:
     """Validate simulation options into a ServerConfig (the noise is calibrated later if unset)."""
     if epsilon is not None and epsilon <= 0:
@@ -232,10 +232,11 @@ def server_config(
     train = TrainConfig(
         local_epochs=local_epochs, user_epochs=user_epochs, sample_rate=sample_rate, lr=lr,
         user_lr=user_lr, noise_multiplier=noise_multiplier or 1.0, max_grad_norm=max_grad_norm,
-        private=not no_dp,
+        private=not no_dp, negatives=negatives, joint_user=joint_user,
     )
     return ServerConfig(
         rounds=rounds, clients_per_round=clients_per_round, server_lr=server_lr,
         target_epsilon=None if (no_dp or noise_multiplier is not None) else epsilon,
-        delta=delta, seed=seed, model=ModelConfig(num_items=2, dim=dim), train=train,
+        delta=delta, seed=seed, model=ModelConfig(num_items=2, dim=dim, use_context=context),
+        train=train,
     )
