@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -35,7 +34,8 @@ logging.getLogger("flwr").propagate = False  # opacus's logging setup makes flwr
 SettingsResolver = Callable[[Context], DeviceSettings]
 
 
-def _open(settings: DeviceSettings, msg: Message) -> tuple[Personalizer, dict[str, torch.Tensor]]:
+def _open(settings: DeviceSettings, msg: Message) -> Personalizer:
+    """Open the device's store and adopt the received global side (checked first)."""
     config = msg.content["config"]
     model = model_config_from(config)
     version = model_version_from(config)
@@ -48,7 +48,7 @@ def _open(settings: DeviceSettings, msg: Message) -> tuple[Personalizer, dict[st
         privacy=settings.privacy, seed=settings.seed,
     )
     personalizer.set_global(received, version)
-    return personalizer, received
+    return personalizer
 
 
 def _reply(msg: Message, metrics: dict[str, float | int], arrays: ArrayRecord | None) -> Message:
@@ -60,7 +60,7 @@ def _reply(msg: Message, metrics: dict[str, float | int], arrays: ArrayRecord | 
 
 def handle_train(msg: Message, settings: DeviceSettings) -> Message:
     try:
-        personalizer, _ = _open(settings, msg)
+        personalizer = _open(settings, msg)
     except AttuneError as error:
         return _error_reply(msg, error)
     with personalizer:
@@ -93,7 +93,7 @@ def handle_evaluate(msg: Message, settings: DeviceSettings) -> Message:
     eval_path = Path(str(settings.store_path) + ".eval.json")
     if not eval_path.is_file():
         return _reply(msg, {"num-examples": 0}, None)
-    personalizer, _ = _open(settings, msg)
+    personalizer = _open(settings, msg)
     with personalizer:
         personalizer.refresh_ranking()
         heldout = read_heldout(eval_path)
