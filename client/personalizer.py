@@ -194,9 +194,10 @@ class Personalizer:
         features = context_features(context, RANKED_EVENT_TYPE).unsqueeze(0)
         with torch.no_grad():
             query = self._model.person(1, features) - self._model.user_vector.weight
-            if self._rank_vector is not None:
+            personal = not self.paused  # paused: the global model only
+            if personal and self._rank_vector is not None:
                 query = query + self._rank_vector
-            elif self._has_user_vector:
+            elif personal and self._has_user_vector:
                 query = query + self._model.user_vector.weight
             return self._model.score(query, items.unsqueeze(0))[0]
 
@@ -248,6 +249,9 @@ class Personalizer:
         """
         config = config or TrainConfig()
         spent = self.epsilon()
+        if self.paused:
+            return TrainOutcome("refused", "paused by the person: nothing is trained or sent",
+                                private=config.private, epsilon=spent)
         if not config.private and not self.privacy.allow_non_private:
             return TrainOutcome("refused", "non-private training is not allowed on this device",
                                 private=False, epsilon=spent)
@@ -288,6 +292,48 @@ class Personalizer:
                             steps=result.steps, loss=result.mean_loss,
                             clipped_fraction=result.clipped_fraction, epsilon=self.epsilon(),
                             update=result.update)
+
+    # -- the person's controls --------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.participation.get("paused", False))
+
+    def pause(self, paused: bool = True) -> None:
+        """While paused nothing is trained or sent, and ``rank`` uses the global model only."""
+        self.participation["paused"] = bool(paused)
+        self.store.put_state({_PARTICIPATION_KEY: json.dumps(self.participation).encode()})
+
+    def forget_item(self, item_id: str) -> int:
+        """Delete every event of one item ("not interested"); returns how many were deleted."""
+        self.vocabulary.index(item_id)  # validates the id
+        return self.store.forget_item(item_id)
+
+    def erase(self) -> None:
+        """Delete everything stored about the person: events, user vectors, local model.
+
+        The privacy ledger is kept: it records what was already sent, and forgetting it would let
+        a later round spend budget that is already spent.
+        """
+        self.store.erase(keep_state=(_LEDGER_KEY, _PARTICIPATION_KEY))
+        self._has_user_vector = False
+        self._rank_vector = None
+        with torch.no_grad():
+            self._model.user_vector.weight.zero_()
+
+    def export(self) -> dict:
+        """Everything stored about the person, as one JSON-ready document (access, portability)."""
+        events = [
+            {"item_id": e.item_id, "event_type": e.event_type, "timestamp": e.timestamp,
+             "hour": e.resolved_context().hour, "weekday": e.resolved_context().weekday}
+            for e in self.store.events()
+        ]
+        local = None
+        if self._has_user_vector:
+            local = {"user_vector": self._model.user_vector.weight.detach()[0].tolist(),
+                     "rank_vector": None if self._rank_vector is None else self._rank_vector.tolist()}
+        return {"events": events, "privacy": self.privacy_report(), "local_model": local,
+                "paused": self.paused}
 
     def note_update_sent(self, parameters: int) -> None:
         """Record that an update left the device (for the person's privacy report)."""

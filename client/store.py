@@ -130,6 +130,21 @@ class EventStore:
             for item, kind, ts, hour, weekday in rows
         ]
 
+    def forget_item(self, item_id: str) -> int:
+        """Delete every event of ``item_id``; returns how many were deleted."""
+        with self._transaction():
+            cursor = self._db.execute("DELETE FROM events WHERE item_id = ?", (item_id,))
+        return int(cursor.rowcount)
+
+    def erase(self, keep_state: tuple[str, ...] = ()) -> None:
+        """Delete every event and every state blob except ``keep_state``, then rewrite the file
+        (``VACUUM``) so no deleted page survives; ``secure_delete`` already zeroes freed pages."""
+        with self._transaction():
+            self._db.execute("DELETE FROM events")
+            marks = ",".join("?" * len(keep_state))
+            self._db.execute(f"DELETE FROM state WHERE key NOT IN ({marks})", keep_state)
+        self._db.execute("VACUUM")
+
     def get_state(self, key: str) -> bytes | None:
         row = self._db.execute("SELECT value FROM state WHERE key=?", (key,)).fetchone()
         return None if row is None else bytes(row[0])
