@@ -93,7 +93,10 @@ def handle_evaluate(msg: Message, settings: DeviceSettings) -> Message:
     eval_path = Path(str(settings.store_path) + ".eval.json")
     if not eval_path.is_file():
         return _reply(msg, {"num-examples": 0}, None)
-    personalizer = _open(settings, msg)
+    try:
+        personalizer = _open(settings, msg)
+    except AttuneError as error:
+        return _error_reply(msg, error)
     with personalizer:
         personalizer.refresh_ranking()
         heldout = read_heldout(eval_path)

@@ -191,9 +191,8 @@ def fit_rank_vector(
     for _ in range(steps):
         batch = sample_batch(data, 1.0, negatives, num_items, generator)
         with torch.no_grad():
-            vectors = model.item_embedding(batch.items)
-            bias = model.item_bias(batch.items).squeeze(-1)
-        logits = torch.bmm(vectors, (vector + shift).unsqueeze(2)).squeeze(2) + bias
+            vectors, bias = model.item_embedding(batch.items), model.item_bias(batch.items)
+        logits = model.score_with(vector + shift, vectors, bias)
         loss = per_example_loss(logits, batch, "bce").mean()
         optimizer.zero_grad()
         loss.backward()

@@ -39,6 +39,16 @@ def apply_update(current: Update, mean_update: Update, server_lr: float) -> Upda
     }
 
 
+class ServerSGD:
+    """Plain FedAvg step: ``current + server_lr * mean`` (see ``apply_update``)."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def step(self, current: Update, mean_update: Update) -> Update:
+        return apply_update(current, mean_update, self.lr)
+
+
 class ServerAdam:
     """Adam on the server with the mean update as the (negative) pseudo-gradient.
 
@@ -61,3 +71,12 @@ class ServerAdam:
             self.m[name], self.v[name] = m, v
             out[name] = (value.double() + self.lr * m / (v.sqrt() + self.eps)).float()
         return out
+
+
+def server_step(kind: str, lr: float) -> ServerSGD | ServerAdam:
+    """The server optimizer named in the run config: ``sgd`` (FedAvg) or ``adam`` (FedAdam)."""
+    if kind == "sgd":
+        return ServerSGD(lr)
+    if kind == "adam":
+        return ServerAdam(lr)
+    raise ValueError(f"unknown server optimizer {kind!r}: use sgd or adam")

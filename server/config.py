@@ -25,6 +25,7 @@ class ServerConfig:
     clients_per_round: int = 0
     min_clients: int = 2
     server_lr: float = 1.0
+    server_optimizer: str = "sgd"
     fraction_evaluate: float = 1.0
     target_epsilon: float | None = None
     delta: float = 1e-5
@@ -42,6 +43,8 @@ class ServerConfig:
             raise ConfigError(f"epsilon must be > 0, got {self.target_epsilon}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if self.server_optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"server_optimizer must be sgd or adam, got {self.server_optimizer!r}")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> ServerConfig:

@@ -62,6 +62,7 @@ def run(grid: Grid, config: ServerConfig, on_round: RoundCallback | None = None)
     strategy = UpdateFedAvg(
         config.model,
         server_lr=config.server_lr,
+        server_optimizer=config.server_optimizer,
         fraction_train=min(fraction, 1.0),
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=min(config.min_clients, len(nodes)),

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from attune.server.aggregation import apply_update, weighted_mean
+from attune.server.aggregation import server_step, weighted_mean
 from attune.shared.errors import ModelMismatchError
 from attune.shared.model import ModelConfig
 from attune.shared.records import arrays_to_numpy, state_to_arrays
@@ -39,12 +39,14 @@ class RoundStats:
 
 
 class UpdateFedAvg(FedAvg):
-    """FedAvg of validated updates, applied with ``server_lr`` to the current global model."""
+    """FedAvg of validated updates, applied to the current global model by a server step
+    (``sgd`` with ``server_lr``, or FedAdam)."""
 
-    def __init__(self, model: ModelConfig, server_lr: float = 1.0, **kwargs: object) -> None:
+    def __init__(self, model: ModelConfig, server_lr: float = 1.0, server_optimizer: str = "sgd",
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.model = model
-        self.server_lr = server_lr
+        self.server = server_step(server_optimizer, server_lr)
         self.current: dict[str, torch.Tensor] | None = None
         self.last_stats = RoundStats()
 
@@ -106,7 +108,7 @@ class UpdateFedAvg(FedAvg):
         )
         if not accepted:
             return None, metrics
-        new_state = apply_update(self.current, weighted_mean(accepted), self.server_lr)
+        new_state = self.server.step(self.current, weighted_mean(accepted))
         losses = [(float(m["loss"]), float(m["num-examples"])) for m in metric_rows if "loss" in m]
         if losses:
             metrics["loss"] = sum(value * w for value, w in losses) / sum(w for _, w in losses)

@@ -92,6 +92,13 @@ def validate_item_id(item_id: object) -> str:
     return item_id
 
 
+def nearest_event_types(weights: torch.Tensor) -> torch.Tensor:
+    """Index into ``EVENT_TYPES`` of the type whose weight is closest to each weight (logs that
+    carry free weights, such as CSV files, are mapped onto the known types this way)."""
+    table = torch.tensor([EVENT_WEIGHTS[kind] for kind in EVENT_TYPES], dtype=torch.float64)
+    return (weights.double().unsqueeze(1) - table).abs().argmin(dim=1)
+
+
 def context_matrix(
     hours: torch.Tensor, weekdays: torch.Tensor, event_types: torch.Tensor | None
 ) -> torch.Tensor:

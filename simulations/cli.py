@@ -81,6 +81,7 @@ def simulate(
     lr: float = typer.Option(DEFAULTS["lr"]),
     user_lr: float = typer.Option(DEFAULTS["user_lr"]),
     server_lr: float = typer.Option(DEFAULTS["server_lr"]),
+    server_optimizer: str = typer.Option("sgd", help="sgd (FedAvg step) or adam (FedAdam)"),
     dim: int = typer.Option(DEFAULTS["dim"]),
     negatives: int = typer.Option(DEFAULTS["negatives"], help="sampled negatives per event"),
     context: bool = typer.Option(DEFAULTS["context"], help="train the context encoder"),
@@ -100,7 +101,8 @@ def simulate(
                    user_epochs=user_epochs, epsilon=epsilon, delta=delta,
                    noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                    sample_rate=sample_rate, lr=lr, user_lr=user_lr, server_lr=server_lr, dim=dim,
-                   no_dp=no_dp, seed=seed, negatives=negatives, context=context, joint_user=joint_user)
+                   no_dp=no_dp, seed=seed, negatives=negatives, context=context, joint_user=joint_user,
+                   server_optimizer=server_optimizer)
     _run(options, source, out, backend)
 
 

@@ -12,20 +12,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from attune.client.store import EventStore, Retention
-from attune.shared.events import EVENT_TYPES, EVENT_WEIGHTS, Event, EventContext
+from attune.shared.events import EVENT_TYPES, Event, EventContext, nearest_event_types
 from attune.shared.metrics import HeldOut, write_heldout
 from attune.simulations.datasets import EventLog
 from attune.simulations.evaluation import Split
 
 # Simulated devices keep their whole history.
 SIMULATION_RETENTION = Retention(max_events=1_000_000, max_age_days=36_500)
-
-
-def event_type_for(weight: float) -> str:
-    """The event type whose weight is closest to ``weight`` (CSV logs carry free weights)."""
-    return min(EVENT_TYPES, key=lambda kind: abs(EVENT_WEIGHTS[kind] - weight))
 
 
 def store_path(directory: Path, user: int) -> Path:
@@ -38,6 +34,7 @@ def write_devices(log: EventLog, split: Split, directory: Path) -> Path:
     vocabulary_path = directory / "vocabulary.json"
     vocabulary_path.write_text(json.dumps(list(log.item_ids)))
     shift = time.time() - 3600 - float(log.timestamps.max())
+    kinds = nearest_event_types(torch.from_numpy(log.weights)).tolist()
     order = np.argsort(log.users, kind="stable")
     bounds = np.searchsorted(log.users[order], np.arange(log.num_users + 1))
     for user in range(log.num_users):
@@ -47,7 +44,7 @@ def write_devices(log: EventLog, split: Split, directory: Path) -> Path:
         events = [
             Event(
                 item_id=log.item_ids[log.items[r]],
-                event_type=event_type_for(float(log.weights[r])),
+                event_type=EVENT_TYPES[kinds[r]],
                 timestamp=float(log.timestamps[r]) + shift,
                 context=EventContext.at(float(log.timestamps[r])),
             )

@@ -13,13 +13,19 @@ import numpy as np
 import torch
 
 from attune.client.training import LocalData, fit_rank_vector, train_round
-from attune.server.aggregation import apply_update, weighted_mean
+from attune.server.aggregation import server_step, weighted_mean
 from attune.server.checkpoint import save_checkpoint
 from attune.server.config import ServerConfig
 from attune.server.coordinator import RoundRecord, planned_train_config
 from attune.shared import seeding
 from attune.shared.accounting import PrivacyLedger
-from attune.shared.events import EVENT_TYPES, EVENT_WEIGHTS, RANKED_EVENT_TYPE, context_matrix
+from attune.shared.events import (
+    EVENT_TYPES,
+    EVENT_WEIGHTS,
+    RANKED_EVENT_TYPE,
+    context_matrix,
+    nearest_event_types,
+)
 from attune.shared.metrics import hit_and_ndcg
 from attune.shared.model import Personalization
 from attune.shared.seeding import device_seed
@@ -37,7 +43,7 @@ def _hours_weekdays(timestamps: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]
 def device_datasets(log: EventLog, split: Split, use_context: bool) -> list[LocalData]:
     """Each user's training events as the device would build them from its store."""
     weights = torch.from_numpy(log.weights)
-    kinds = (weights.unsqueeze(1) - _TYPE_WEIGHTS).abs().argmin(dim=1)  # as devices.event_type_for
+    kinds = nearest_event_types(weights)  # as simulations.devices stores them
     hours, days = _hours_weekdays(log.timestamps)
     context = context_matrix(hours, days, kinds) if use_context else None
     order = np.lexsort((np.arange(len(log)), log.timestamps, log.users))  # the store's order
@@ -108,6 +114,7 @@ def simulate_fast(
                       trained=torch.zeros(log.num_users, dtype=torch.bool),
                       rounds=[0] * log.num_users,
                       ledgers=[PrivacyLedger() for _ in range(log.num_users)])
+    step = server_step(server.server_optimizer, server.server_lr)
     rng = np.random.default_rng(server.seed)
     per_round = server.clients_per_round or log.num_users
     history = []
@@ -140,7 +147,7 @@ def simulate_fast(
             accepted.append((result.update, float(result.examples)))
             losses.append((result.mean_loss, result.examples))
         if accepted:
-            current = apply_update(current, weighted_mean(accepted), server.server_lr)
+            current = step.step(current, weighted_mean(accepted))
         model.load_global_state(current)
         eps = [state.ledgers[u].epsilon(server.delta) for u in trained_now] if train.private else []
         if server.out_dir is not None:

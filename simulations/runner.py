@@ -223,6 +223,7 @@ def server_config(
     epsilon: float | None, delta: float, noise_multiplier: float | None, max_grad_norm: float,
     sample_rate: float, lr: float, user_lr: float, server_lr: float, dim: int, no_dp: bool,
     seed: int, negatives: int = 4, context: bool = True, joint_user: bool = True,
+    server_optimizer: str = "sgd",
 ) -> ServerConfig:
     """Validate simulation options into a ServerConfig (the noise is calibrated later if unset)."""
     if epsilon is not None and epsilon <= 0:
@@ -236,6 +237,7 @@ def server_config(
     )
     return ServerConfig(
         rounds=rounds, clients_per_round=clients_per_round, server_lr=server_lr,
+        server_optimizer=server_optimizer,
         target_epsilon=None if (no_dp or noise_multiplier is not None) else epsilon,
         delta=delta, seed=seed, model=ModelConfig(num_items=2, dim=dim, use_context=context),
         train=train,

@@ -90,7 +90,7 @@ def test_bad_updates_are_rejected_and_never_reach_the_aggregate(strategy):
 
 
 def test_weighted_mean_of_updates_with_server_lr(strategy):
-    strategy.server_lr = 2.0
+    strategy.server.lr = 2.0
     replies = [_reply(state_to_arrays(_update(1.0)), examples=30),
                _reply(state_to_arrays(_update(3.0)), examples=10)]
     arrays, _ = strategy.aggregate_train(1, replies)
