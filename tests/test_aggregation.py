@@ -27,3 +27,12 @@ def test_server_adam_first_step_is_lr_times_sign():
     new = adam.step({"w": torch.zeros(3)}, {"w": torch.tensor([2.0, -3.0, 0.5]).double()})
     # m = 0.1 d, v = 0.01 d^2 -> m / sqrt(v) = sign(d)
     torch.testing.assert_close(new["w"], torch.tensor([0.5, -0.5, 0.5]))
+
+
+def test_server_step_is_chosen_by_name():
+    from attune.server.aggregation import ServerSGD, server_step
+
+    assert isinstance(server_step("sgd", 2.0), ServerSGD)
+    assert isinstance(server_step("adam", 0.1), ServerAdam)
+    with pytest.raises(ValueError, match="unknown server optimizer"):
+        server_step("momentum", 1.0)
