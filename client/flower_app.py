@@ -45,7 +45,7 @@ def _open(settings: DeviceSettings, msg: Message) -> Personalizer:
         vocabulary = Vocabulary.of(json.loads(Path(settings.vocabulary_path).read_text()))
     personalizer = Personalizer(
         str(settings.store_path), model=model, vocabulary=vocabulary,
-        privacy=settings.privacy, seed=settings.seed,
+        privacy=settings.privacy, seed=settings.seed, encryption_key=settings.encryption_key(),
     )
     personalizer.set_global(received, version)
     return personalizer
@@ -78,8 +78,12 @@ def handle_train(msg: Message, settings: DeviceSettings) -> Message:
         metrics["loss"] = float(outcome.loss or 0.0)
         metrics["clipped-fraction"] = float(outcome.clipped_fraction or 0.0)
         metrics["sample-rate"] = train_config_from(msg.content["config"]).sample_rate
+        if not personalizer.consented:  # withdrawn after training finished: still send nothing
+            metrics["trained"] = 0
+            return _reply(msg, metrics, None)
         arrays = state_to_arrays(outcome.update)
-        personalizer.note_update_sent(sum(int(a.numpy().size) for a in arrays.values()))
+        sizes = [a.numpy() for a in arrays.values()]
+        personalizer.note_update_sent(sum(int(a.size) for a in sizes), sum(int(a.nbytes) for a in sizes))
         return _reply(msg, metrics, arrays)
 
 

@@ -18,6 +18,16 @@ class DeviceSettings:
     privacy: PrivacyConfig
     vocabulary_path: Path | None = None
     seed: int | None = None
+    encryption_key_file: Path | None = None
+
+    def encryption_key(self) -> bytes | None:
+        """The store's key from ``encryption-key-file`` (64 hex digits), read when opening."""
+        if self.encryption_key_file is None:
+            return None
+        try:
+            return bytes.fromhex(self.encryption_key_file.read_text().strip())
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"cannot read the store key from {self.encryption_key_file}: {error}") from None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> DeviceSettings:
@@ -32,9 +42,11 @@ class DeviceSettings:
         )
         vocabulary = node_config.get("vocabulary-path")
         seed = node_config.get("seed")
+        key_file = node_config.get("encryption-key-file")
         return cls(
             store_path=Path(str(node_config["store-path"])),
             privacy=privacy,
             vocabulary_path=Path(str(vocabulary)) if vocabulary else None,
             seed=int(seed) if seed is not None else None,
+            encryption_key_file=Path(str(key_file)) if key_file else None,
         )

@@ -5,6 +5,7 @@
     ├── ModelMismatchError     parameters differ from the expected names/shapes/dtypes/version
     ├── PrivacyBudgetExceeded  training would spend more epsilon than the device allows
     ├── StoreError             the on-device store is unusable (wrong schema, corrupt file)
+    │   └── WrongKeyError      the store's encryption key is missing or wrong; nothing was changed
     ├── ConfigError            invalid configuration
     └── DataError              a dataset file is missing or malformed
 """
@@ -30,6 +31,10 @@ class PrivacyBudgetExceeded(AttuneError):
 
 class StoreError(AttuneError):
     """The on-device store cannot be used as it is."""
+
+
+class WrongKeyError(StoreError):
+    """The store is encrypted under another key (or none was given). Nothing was read or changed."""
 
 
 class ConfigError(AttuneError, ValueError):

@@ -51,3 +51,13 @@ def read_heldout(path: Path) -> HeldOut:
     payload = json.loads(Path(path).read_text())
     context = EventContext(hour=payload["hour"], weekday=payload["weekday"])
     return HeldOut(candidates=list(payload["candidates"]), context=context)
+
+
+def intra_list_diversity(vectors: np.ndarray) -> float:
+    """1 - mean pairwise cosine similarity of a list's item vectors ``[k, d]`` (higher: more varied)."""
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    k = unit.shape[0]
+    if k < 2:
+        return 0.0
+    similarity = unit @ unit.T
+    return float(1.0 - (similarity.sum() - np.trace(similarity)) / (k * (k - 1)))

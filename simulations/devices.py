@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attune.client.consent import write_consent
 from attune.client.store import EventStore, Retention
 from attune.shared.events import EVENT_TYPES, Event, EventContext, nearest_event_types
 from attune.shared.metrics import HeldOut, write_heldout
@@ -22,6 +23,7 @@ from attune.simulations.evaluation import Split
 
 # Simulated devices keep their whole history.
 SIMULATION_RETENTION = Retention(max_events=1_000_000, max_age_days=36_500)
+SIMULATED_POLICY = "simulation"
 
 
 def store_path(directory: Path, user: int) -> Path:
@@ -53,6 +55,7 @@ def write_devices(log: EventLog, split: Split, directory: Path) -> Path:
         ]
         with EventStore(path, SIMULATION_RETENTION) as store:
             store.add_many(events)
+            write_consent(store, True, SIMULATED_POLICY)  # every simulated person opted in
         heldout = HeldOut(
             candidates=[log.item_ids[i] for i in split.candidates[user]],
             context=EventContext.at(float(split.test_times[user])),

@@ -31,6 +31,7 @@ def test_outgoing_message_holds_only_global_parameters(tmp_path):
     with Personalizer(str(store), model=MODEL) as device:
         now = time.time()
         device.record_many(Event(f"sku-{i % 15}", "view", now - 500 + i) for i in range(40))
+        device.grant_consent("test-policy-1")
     settings = DeviceSettings(store_path=store, privacy=PrivacyConfig(), seed=1)
     reply = handle_train(_train_message(), settings)
     assert set(reply.content.array_records) == {"arrays"}

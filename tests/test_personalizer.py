@@ -20,8 +20,10 @@ TRAIN = TrainConfig(local_epochs=1, user_epochs=1, sample_rate=0.3, noise_multip
 
 
 def open_device(path, **privacy):
-    return Personalizer(str(path), model=MODEL, vocabulary=VOCAB,
-                        privacy=PrivacyConfig(**privacy), seed=7)
+    device = Personalizer(str(path), model=MODEL, vocabulary=VOCAB,
+                          privacy=PrivacyConfig(**privacy), seed=7)
+    device.grant_consent("test-policy-1")
+    return device
 
 
 def fill(device, count=30):
@@ -134,8 +136,10 @@ def test_privacy_report_says_what_left(tmp_path):
     with open_device(tmp_path / "d.sqlite") as device:
         fill(device)
         device.train(TRAIN)
-        device.note_update_sent(MODEL.num_items * (MODEL.dim + 1) + MODEL.dim * 9)
+        parameters = MODEL.num_items * (MODEL.dim + 1) + MODEL.dim * 9
+        device.note_update_sent(parameters, 4 * parameters)
         report = device.privacy_report()
         assert report["unit"] == "event" and report["updates_sent"] == 1
+        assert report["bytes_sent"] == 4 * parameters and report["consented"]
         assert report["epsilon_spent"] == pytest.approx(device.epsilon())
         assert "user_vector.weight" not in report["shared_parameters"]

@@ -1,0 +1,94 @@
+"""Diverse ranking (MMR), explanations and the exported scorer, through the public API."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from attune.client.export import load_scorer
+from attune.client.personalizer import Personalizer, PrivacyConfig
+from attune.client.ranking import mmr_order
+from attune.shared.config import TrainConfig
+from attune.shared.events import Event, EventContext
+from attune.shared.metrics import intra_list_diversity
+from attune.shared.model import ModelConfig, Personalization
+from attune.shared.vocabulary import Vocabulary
+
+MODEL = ModelConfig(num_items=40, dim=4)
+VOCAB = Vocabulary.of([f"item{i}" for i in range(40)])
+
+
+def _clustered_global() -> dict[str, torch.Tensor]:
+    """Items 0-9 point one way, 10-19 another, 20-39 a third; bias favours cluster 0."""
+    state = Personalization(MODEL, generator=torch.Generator().manual_seed(0)).global_state()
+    axes = torch.eye(4)
+    table = torch.cat([axes[0].repeat(10, 1), axes[1].repeat(10, 1), axes[2].repeat(20, 1)])
+    table += 0.05 * torch.randn(40, 4, generator=torch.Generator().manual_seed(1))
+    state["item_embedding.weight"] = table
+    state["item_bias.weight"] = torch.cat([torch.full((10, 1), 2.0), torch.full((10, 1), 1.0),
+                                           torch.zeros(20, 1)])
+    return state
+
+
+@pytest.fixture
+def device(tmp_path):
+    with Personalizer(str(tmp_path / "r.sqlite"), model=MODEL, vocabulary=VOCAB,
+                      privacy=PrivacyConfig(min_events=5), seed=5) as opened:
+        opened.set_global(_clustered_global())
+        opened.grant_consent("policy-1")
+        yield opened
+
+
+def test_diversity_zero_is_score_order_and_more_diversity_mixes_clusters(device):
+    items = [f"item{i}" for i in range(40)]
+    plain = device.rank(items)
+    assert [r.item_id for r in device.rank(items, diversity=0.0)] == [r.item_id for r in plain]
+    assert [r.score for r in plain] == sorted((r.score for r in plain), reverse=True)
+    table = device.global_state()["item_embedding.weight"].numpy()
+    spread = []
+    for diversity in (0.0, 0.3, 0.7):
+        top = device.rank(items, diversity=diversity, limit=5)
+        assert len(top) == 5 and top[0].item_id == plain[0].item_id  # the best item stays first
+        spread.append(intra_list_diversity(table[[VOCAB.index(r.item_id) for r in top]]))
+    assert spread[0] < 0.1 and spread[2] > 0.5 and spread[0] <= spread[1] <= spread[2]
+
+
+def test_mmr_matches_a_brute_force_reference():
+    g = torch.Generator().manual_seed(3)
+    scores, vectors = torch.randn(12, generator=g), torch.randn(12, 3, generator=g)
+    relevance = (scores - scores.min()) / (scores.max() - scores.min())
+    unit = vectors / vectors.norm(dim=1, keepdim=True)
+    picked: list[int] = []
+    for _ in range(6):  # the textbook definition, one candidate at a time
+        def gain(i):
+            closest = max([float(unit[i] @ unit[j]) for j in picked], default=0.0)
+            return 0.6 * float(relevance[i]) - 0.4 * max(closest, 0.0)
+        picked.append(max((i for i in range(12) if i not in picked), key=gain))
+    assert mmr_order(scores, vectors, 0.4, 6) == picked
+
+
+def test_explain_names_the_persons_events_behind_a_score(device):
+    now = time.time()
+    device.record_many([Event("item3", "purchase", now - 300), Event("item4", "view", now - 200),
+                        Event("item15", "click", now - 100), Event("item25", "like", now - 50)])
+    reasons = device.explain("item1")
+    assert [r.item_id for r in reasons] == ["item3", "item4"]  # same cluster, purchase outweighs view
+    assert reasons[0].event_type == "purchase" and reasons[0].support > reasons[1].support > 0
+    assert [r.item_id for r in device.explain("item30", limit=1)] == ["item25"]
+
+
+def test_exported_scorer_gives_the_same_scores_outside_the_personalizer(device, tmp_path):
+    now = time.time()
+    device.record_many(Event(f"item{i % 7}", "click", now - 900 + i) for i in range(30))
+    outcome = device.train(TrainConfig(sample_rate=1.0, local_epochs=1, noise_multiplier=1.0))
+    assert outcome.status == "trained"
+    path = device.export_scorer(tmp_path / "scorer.pt2")
+    scorer, vocabulary = load_scorer(path)
+    assert vocabulary["ids"] == list(VOCAB.ids)
+    candidates = ["item0", "item5", "item17", "item33", "item39"]
+    indices = torch.tensor([vocabulary["ids"].index(c) for c in candidates])
+    for hour, weekday in ((0, 0), (8, 2), (23, 6)):
+        expected = device.score(candidates, EventContext(hour=hour, weekday=weekday))
+        exported = scorer(indices, torch.tensor(hour), torch.tensor(weekday))
+        np.testing.assert_allclose(exported.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
