@@ -17,8 +17,33 @@ import torch
 from attune.shared.loss import Batch, per_example_loss
 from attune.shared.metrics import hit_and_ndcg
 from attune.shared.model import ModelConfig, Personalization
-from attune.simulations.datasets import load_movielens
-from attune.simulations.evaluation import leave_one_out, popularity_baseline
+from attune.simulations.datasets import EventLog, load_movielens
+from attune.simulations.evaluation import Split, leave_one_out, popularity_baseline
+
+
+def train_centralized(log: EventLog, split: Split, dim: int, epochs: int, seed: int
+                      ) -> tuple[Personalization, torch.nn.Embedding]:
+    """The item side and one user vector per user, trained with all events in one place."""
+    g = torch.Generator().manual_seed(seed)
+    model = Personalization(ModelConfig(num_items=log.num_items, dim=dim, use_context=False), g)
+    users = torch.nn.Embedding(log.num_users, dim)
+    torch.nn.init.normal_(users.weight, 0, dim**-0.5)
+    params = [model.item_embedding.weight, model.item_bias.weight, users.weight]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    u = torch.from_numpy(log.users[split.train])
+    i = torch.from_numpy(log.items[split.train])
+    for _ in range(epochs):
+        for idx in torch.randperm(len(u), generator=g).split(256):
+            items = torch.cat([i[idx, None], torch.randint(0, log.num_items, (len(idx), 4), generator=g)], 1)
+            labels = torch.zeros(len(idx), 5)
+            labels[:, 0] = 1
+            batch = Batch(items, labels, torch.ones(len(idx)), None)
+            logits = model.score(users(u[idx]), items)
+            loss = per_example_loss(logits, batch, "bce").mean() + 1e-6 * users(u[idx]).pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model, users
 
 
 def main() -> None:
@@ -31,25 +56,7 @@ def main() -> None:
     torch.set_num_threads(1)
     log = load_movielens(args.data)
     split = leave_one_out(log, seed=args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    model = Personalization(ModelConfig(num_items=log.num_items, dim=args.dim, use_context=False), g)
-    users = torch.nn.Embedding(log.num_users, args.dim)
-    torch.nn.init.normal_(users.weight, 0, args.dim**-0.5)
-    params = [model.item_embedding.weight, model.item_bias.weight, users.weight]
-    opt = torch.optim.Adam(params, lr=3e-3)
-    u = torch.from_numpy(log.users[split.train])
-    i = torch.from_numpy(log.items[split.train])
-    for _ in range(args.epochs):
-        for idx in torch.randperm(len(u), generator=g).split(256):
-            items = torch.cat([i[idx, None], torch.randint(0, log.num_items, (len(idx), 4), generator=g)], 1)
-            labels = torch.zeros(len(idx), 5)
-            labels[:, 0] = 1
-            batch = Batch(items, labels, torch.ones(len(idx)), None)
-            logits = model.score(users(u[idx]), items)
-            loss = per_example_loss(logits, batch, "bce").mean() + 1e-6 * users(u[idx]).pow(2).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    model, users = train_centralized(log, split, args.dim, args.epochs, args.seed)
     with torch.no_grad():
         cand = torch.from_numpy(split.candidates)
         scores = model.score(users.weight, cand).numpy()

@@ -214,7 +214,9 @@ class Personalizer:
         """Scores of ``item_ids`` for this person (global side only until the device has trained)."""
         if isinstance(item_ids, str):
             raise InvalidEventError("candidates must be a sequence of item ids, not one string")
-        items = torch.tensor(self.vocabulary.indices(item_ids), dtype=torch.long)
+        return self._score(torch.tensor(self.vocabulary.indices(item_ids), dtype=torch.long), context)
+
+    def _score(self, items: torch.Tensor, context: EventContext | None) -> torch.Tensor:
         if context is not None and not isinstance(context, EventContext):
             raise InvalidEventError("context must be an EventContext or None")
         with torch.no_grad():
@@ -266,16 +268,17 @@ class Personalizer:
             raise ConfigError(f"limit must be a positive integer or None, got {limit!r}")
         if not candidates:
             return []
-        scores = self.score(candidates, context)
+        items = torch.tensor(self.vocabulary.indices(candidates), dtype=torch.long)
+        scores = self._score(items, context)
         dismissed = set(self.not_interested())
         wanted = [i for i, item in enumerate(candidates) if item not in dismissed]
-        unwanted = [i for i, item in enumerate(candidates) if item in dismissed]
         keep = torch.tensor(wanted, dtype=torch.long)
-        vectors = self._model.item_embedding.weight.detach()[
-            torch.tensor(self.vocabulary.indices([candidates[i] for i in wanted]), dtype=torch.long)]
+        vectors = self._model.item_embedding.weight.detach()[items[keep]]
         picked = mmr_order(scores[keep], vectors, float(diversity), len(wanted))
-        order = [wanted[p] for p in picked] + sorted(unwanted, key=lambda i: -float(scores[i]))
-        return [Ranked(candidates[i], float(scores[i])) for i in order[:limit]]
+        unwanted = sorted(set(range(len(candidates))) - set(wanted), key=lambda i: -float(scores[i]))
+        order = [wanted[p] for p in picked] + unwanted
+        values = scores.tolist()
+        return [Ranked(candidates[i], values[i]) for i in order[:limit]]
 
     def explain(self, item_id: str, *, limit: int = 3, recent: int = 200) -> list[Support]:
         """The person's own recent events that most support ``item_id``'s score, strongest first.
