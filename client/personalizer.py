@@ -238,6 +238,8 @@ class Personalizer:
     def refresh_ranking(self, steps: int = 40) -> None:
         """Fit the ranking-only user vector to the current global side (on device, no DP needed:
         it never shapes anything that is sent). Starts from the DP user vector."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"steps must be a positive integer, got {steps!r}")
         if not self._has_user_vector:
             return
         vector = fit_rank_vector(self._model, self.local_data(), steps=steps,
@@ -411,6 +413,8 @@ class Personalizer:
 
     def pause(self, paused: bool = True) -> None:
         """While paused nothing is trained or sent, and ``rank`` uses the global model only."""
+        if not isinstance(paused, bool):
+            raise ConfigError(f"paused must be True or False, got {paused!r}")
         self.participation["paused"] = bool(paused)
         self.store.put_state({_PARTICIPATION_KEY: json.dumps(self.participation).encode()})
 

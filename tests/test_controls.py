@@ -62,6 +62,7 @@ def test_erase_leaves_no_trace_in_the_file_but_keeps_the_ledger(device, tmp_path
     assert device.store.count() == 0 and device.epsilon() == pytest.approx(spent)
     raw = (tmp_path / "d.sqlite").read_bytes()
     assert b"item7" not in raw  # neither live rows nor freed pages hold the erased ids
+    assert not (tmp_path / "d.sqlite-wal").exists() and not (tmp_path / "d.sqlite-journal").exists()
     tables = sqlite3.connect(tmp_path / "d.sqlite").execute("SELECT key FROM state").fetchall()
     assert {k for (k,) in tables} == {"ledger", "participation", "consent"}
     assert device.export()["local_model"] is None
@@ -181,6 +182,9 @@ def test_bad_arguments_raise_clear_errors_and_change_nothing(device):
         lambda: device.export_scorer("scorer.txt"),
         lambda: device.forget_item("item1", keep_as_negative="yes"),
         lambda: device.train({"lr": 1}),
+        lambda: device.pause("yes"),
+        lambda: device.refresh_ranking(steps=0),
+        lambda: device.rotate_key(b"short"),
     ):
         with pytest.raises(AttuneError):
             call()
