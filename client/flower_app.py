@@ -1,7 +1,7 @@
 """Flower ClientApp: a thin adapter from Flower messages to ``Personalizer``.
 
-Receives the global side, checks it, trains locally with DP and replies with the *change* of the
-global side plus metrics. The user vector and raw events are never put in a message.
+Receives the global side, checks its signature and shape, trains locally with DP and replies
+with the *change* of the global side plus metrics. The user vector and raw events are never put in a message.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from attune.client.personalizer import Personalizer
 from attune.client.settings import DeviceSettings
-from attune.shared.errors import AttuneError
+from attune.shared.errors import AttuneError, SignatureError
 from attune.shared.metrics import hit_and_ndcg, read_heldout
 from attune.shared.model import MODEL_VERSION
 from attune.shared.records import (
@@ -26,6 +26,7 @@ from attune.shared.records import (
     state_to_arrays,
     train_config_from,
 )
+from attune.shared.signing import load_public_key, verify_model
 from attune.shared.vocabulary import Vocabulary
 from attune.shared.wire import check_global_state
 
@@ -39,7 +40,14 @@ def _open(settings: DeviceSettings, msg: Message) -> Personalizer:
     config = msg.content["config"]
     model = model_config_from(config)
     version = model_version_from(config)
-    received = check_global_state(arrays_to_numpy(msg.content["arrays"]), model, version)
+    arrays = arrays_to_numpy(msg.content["arrays"])
+    if settings.coordinator_public_key is not None:
+        verify_model(load_public_key(settings.coordinator_public_key), arrays, version,
+                     int(config.get("server-round", -1)), config.get("model-signature"))  # type: ignore[arg-type]
+    elif not settings.allow_unsigned:
+        raise SignatureError("this device has no coordinator public key (node config "
+                             "'coordinator-public-key'); set allow-unsigned=true only for local experiments")
+    received = check_global_state(arrays, model, version)
     vocabulary = Vocabulary(model.num_items)
     if settings.vocabulary_path is not None:
         vocabulary = Vocabulary.of(json.loads(Path(settings.vocabulary_path).read_text()))
@@ -64,7 +72,10 @@ def handle_train(msg: Message, settings: DeviceSettings) -> Message:
     except AttuneError as error:
         return _error_reply(msg, error)
     with personalizer:
-        outcome = personalizer.train(train_config_from(msg.content["config"]))
+        config = msg.content["config"]
+        if "user-epsilon" in config:  # the coordinator's user-level guarantee, for the person's report
+            personalizer.note_user_level(float(config["user-epsilon"]), float(config["user-delta"]))  # type: ignore[arg-type]
+        outcome = personalizer.train(train_config_from(config))
         metrics: dict[str, float | int] = {
             "num-examples": outcome.examples,
             "trained": int(outcome.status == "trained"),

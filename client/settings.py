@@ -12,13 +12,19 @@ from attune.shared.errors import ConfigError
 
 @dataclass(frozen=True)
 class DeviceSettings:
-    """Where the device keeps its store, and its own privacy limits."""
+    """Where the device keeps its store, its own privacy limits, and whom it trusts.
+
+    The device adopts only global models signed by the key in ``coordinator_public_key``;
+    ``allow_unsigned`` (for local experiments only) lets it run without one.
+    """
 
     store_path: Path
     privacy: PrivacyConfig
     vocabulary_path: Path | None = None
     seed: int | None = None
     encryption_key_file: Path | None = None
+    coordinator_public_key: Path | None = None
+    allow_unsigned: bool = False
 
     def encryption_key(self) -> bytes | None:
         """The store's key from ``encryption-key-file`` (64 hex digits), read when opening."""
@@ -43,10 +49,13 @@ class DeviceSettings:
         vocabulary = node_config.get("vocabulary-path")
         seed = node_config.get("seed")
         key_file = node_config.get("encryption-key-file")
+        public_key = node_config.get("coordinator-public-key")
         return cls(
             store_path=Path(str(node_config["store-path"])),
             privacy=privacy,
             vocabulary_path=Path(str(vocabulary)) if vocabulary else None,
             seed=int(seed) if seed is not None else None,
             encryption_key_file=Path(str(key_file)) if key_file else None,
+            coordinator_public_key=Path(str(public_key)) if public_key else None,
+            allow_unsigned=bool(node_config.get("allow-unsigned", False)),
         )

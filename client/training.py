@@ -19,6 +19,7 @@ from attune.shared.accounting import PrivacyLedger
 from attune.shared.config import TrainConfig
 from attune.shared.loss import Batch, per_example_loss
 from attune.shared.model import GLOBAL_PARAMS, Personalization
+from attune.shared.user_level import clip_update
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,8 @@ def train_round(
     _set_trainable(model, global_side=True, user=True)
     after = model.global_state()
     update = {name: after[name] - before[name] for name in GLOBAL_PARAMS}
+    if config.update_clip > 0:  # user-level DP: bound what this whole person can move the sum
+        update, _ = clip_update(update, config.update_clip)
     return RoundResult(
         update=update,
         examples=len(data),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from attune.shared.config import TrainConfig
@@ -18,7 +18,13 @@ class ServerConfig:
     ``clients_per_round = 0`` means every connected device. When ``train.private`` is set and
     ``target_epsilon`` is given, the noise multiplier sent to devices is calibrated so that a
     device taking part in every round ends at ``target_epsilon`` (devices still enforce their own
-    budget and refuse beyond it).
+    budget and refuse beyond it): that is the event-level guarantee.
+
+    User-level DP on the aggregate is on when ``train.update_clip > 0`` and either
+    ``user_noise_multiplier`` or ``user_target_epsilon`` is set (the latter calibrates the
+    multiplier for ``rounds`` rounds and is also the budget the run stops at). ``aggregation``
+    picks ``mean`` (example-weighted), ``trimmed-mean`` or ``median``. ``signing_key`` (an Ed25519
+    PEM file) signs every model sent; ``resume`` continues from the last good checkpoint.
     """
 
     rounds: int = 3
@@ -29,6 +35,14 @@ class ServerConfig:
     fraction_evaluate: float = 1.0
     target_epsilon: float | None = None
     delta: float = 1e-5
+    aggregation: str = "mean"
+    trim_fraction: float = 0.1
+    user_noise_multiplier: float = 0.0
+    user_target_epsilon: float | None = None
+    user_delta: float = 1e-5
+    noise_seed: int | None = None  # seeds the aggregate's noise: simulations only
+    signing_key: Path | None = None
+    resume: bool = False
     seed: int = 0
     out_dir: Path | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -43,8 +57,18 @@ class ServerConfig:
             raise ConfigError(f"epsilon must be > 0, got {self.target_epsilon}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if self.user_target_epsilon is not None and self.user_target_epsilon <= 0:
+            raise ConfigError(f"user_target_epsilon must be > 0, got {self.user_target_epsilon}")
+        if self.user_level_dp and self.train.update_clip <= 0:
+            raise ConfigError("user-level DP needs train.update_clip > 0 (devices clip their updates)")
+        if self.resume and self.out_dir is None:
+            raise ConfigError("resume needs out_dir (where the checkpoints are)")
         if self.server_optimizer not in ("sgd", "adam"):
             raise ConfigError(f"server_optimizer must be sgd or adam, got {self.server_optimizer!r}")
+
+    @property
+    def user_level_dp(self) -> bool:
+        return self.user_noise_multiplier > 0 or self.user_target_epsilon is not None
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> ServerConfig:
@@ -61,13 +85,16 @@ class ServerConfig:
             section, name = known[key]
             values[section][name] = value
         top = values[""]
-        if "out_dir" in top:
-            top["out_dir"] = Path(str(top["out_dir"])) if top["out_dir"] else None
-        if top.get("target_epsilon") in (0, 0.0, ""):
-            top["target_epsilon"] = None
-        base = cls(**top)  # type: ignore[arg-type]
-        return replace(
-            base,
+        for name in ("out_dir", "signing_key"):  # paths; "" means none
+            if name in top:
+                top[name] = Path(str(top[name])) if top[name] else None
+        for name in ("target_epsilon", "user_target_epsilon"):  # 0 means none
+            if top.get(name) in (0, 0.0, ""):
+                top[name] = None
+        if "noise_seed" in top and int(top["noise_seed"]) < 0:  # type: ignore[call-overload]
+            top["noise_seed"] = None
+        return cls(
+            **top,  # type: ignore[arg-type]
             model=ModelConfig(**values["model"]),  # type: ignore[arg-type]
             train=TrainConfig(**values["train"]),  # type: ignore[arg-type]
         )

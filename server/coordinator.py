@@ -1,4 +1,5 @@
-"""The coordinator's round loop: sample, train, validate and aggregate, evaluate, checkpoint.
+"""The coordinator's round loop: sample, sign, train, validate and aggregate, account, evaluate,
+checkpoint.
 
 Runs on any Flower ``Grid`` (simulation or Deployment Engine); ``app.py`` is the ServerApp shell.
 """
@@ -12,16 +13,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from attune.server.checkpoint import save_checkpoint
+from attune.server.aggregation import AggregationConfig
+from attune.server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from attune.server.config import ServerConfig
+from attune.server.privacy import UserLevelAccountant
 from attune.server.strategy import UpdateFedAvg
 from attune.shared.accounting import calibrate_noise
 from attune.shared.config import TrainConfig
-from attune.shared.model import Personalization
+from attune.shared.model import MODEL_VERSION, Personalization
 from attune.shared.records import arrays_to_numpy, state_to_arrays, to_config_record
+from attune.shared.signing import load_private_key, sign_model
 
 log = logging.getLogger(__name__)
 
@@ -52,34 +56,80 @@ def planned_train_config(config: ServerConfig, num_devices: int) -> TrainConfig:
     return replace(train, noise_multiplier=sigma)
 
 
+def aggregation_config(config: ServerConfig, noise_multiplier: float) -> AggregationConfig:
+    return AggregationConfig(rule=config.aggregation, trim_fraction=config.trim_fraction,
+                             update_clip=config.train.update_clip, user_noise_multiplier=noise_multiplier,
+                             noise_seed=config.noise_seed)
+
+
+def user_noise_multiplier(config: ServerConfig, num_devices: int) -> float:
+    """The aggregate's noise multiplier: as configured, or calibrated to ``user_target_epsilon``
+    over ``rounds`` rounds at this cohort size."""
+    if config.user_target_epsilon is None:
+        return config.user_noise_multiplier
+    cohort = min(config.clients_per_round or num_devices, num_devices)
+    return calibrate_noise(epsilon=config.user_target_epsilon, delta=config.user_delta,
+                           sample_rate=cohort / num_devices, steps=config.rounds)
+
+
 def run(grid: Grid, config: ServerConfig, on_round: RoundCallback | None = None) -> list[RoundRecord]:
-    """Run ``config.rounds`` rounds; checkpoint the global model after each one."""
+    """Run rounds up to ``config.rounds`` (from the last checkpoint when resuming); checkpoint
+    after each one."""
     arrays = initial_arrays(config)
     nodes = _wait_for_nodes(grid, max(config.min_clients, config.clients_per_round))
     train = planned_train_config(config, len(nodes))
-    log.info("devices: %d; noise multiplier sent: %.4f", len(nodes), train.noise_multiplier)
+    z = user_noise_multiplier(config, len(nodes)) if config.user_level_dp else 0.0
+    log.info("devices: %d; noise multiplier sent: %.4f; user-level noise multiplier: %.4f",
+             len(nodes), train.noise_multiplier, z)
     fraction = 1.0 if config.clients_per_round == 0 else config.clients_per_round / len(nodes)
     strategy = UpdateFedAvg(
         config.model,
         server_lr=config.server_lr,
         server_optimizer=config.server_optimizer,
+        aggregation=aggregation_config(config, z),
         fraction_train=min(fraction, 1.0),
         fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=min(config.min_clients, len(nodes)),
+        min_train_nodes=min(config.min_clients, config.clients_per_round or len(nodes)),
         min_evaluate_nodes=1 if config.fraction_evaluate > 0 else 0,
         min_available_nodes=config.min_clients,
     )
-    record = to_config_record(config.model, train)
+    accountant = UserLevelAccountant(z, config.user_delta, config.user_target_epsilon) if z > 0 else None
+    first = 1
+    if config.resume and config.out_dir is not None:
+        resumed = latest_checkpoint(config.out_dir / "checkpoints")
+        if resumed is not None:
+            arrays = state_to_arrays(resumed.state)
+            strategy.server.load_state_dict(resumed.optimizer)
+            if accountant is not None and resumed.ledger is not None:
+                accountant.ledger.load_state_dict(resumed.ledger)
+            first = resumed.round + 1
+            log.info("resuming after round %d", resumed.round)
+    signing_key = load_private_key(config.signing_key) if config.signing_key is not None else None
     history: list[RoundRecord] = []
-    for server_round in range(1, config.rounds + 1):
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, ConfigRecord(dict(record)), grid)
-        )
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+    for server_round in range(first, config.rounds + 1):
+        record = to_config_record(config.model, train)
+        if accountant is not None:
+            record["user-epsilon"], record["user-delta"] = accountant.epsilon(), config.user_delta
+        if signing_key is not None:
+            record["model-signature"] = sign_model(signing_key, arrays_to_numpy(arrays), MODEL_VERSION,
+                                                   server_round)
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(record)), grid))
+        population = len(list(grid.get_node_ids()))
+        if accountant is not None and not accountant.admits(len(messages), population):
+            break
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+        if accountant is not None:
+            accountant.record(len(messages), population)
+            train_metrics = train_metrics or MetricRecord()
+            train_metrics["user-epsilon"] = accountant.epsilon()
+            train_metrics["user-noise-multiplier"] = z
         if new_arrays is not None:
             arrays = new_arrays
         eval_metrics = None
         if config.fraction_evaluate > 0:
+            if signing_key is not None:
+                record["model-signature"] = sign_model(signing_key, arrays_to_numpy(arrays),
+                                                       MODEL_VERSION, server_round)
             eval_replies = grid.send_and_receive(
                 strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(record)), grid)
             )
@@ -92,7 +142,9 @@ def run(grid: Grid, config: ServerConfig, on_round: RoundCallback | None = None)
         history.append(done)
         if config.out_dir is not None:
             state = {k: torch.from_numpy(v) for k, v in arrays_to_numpy(arrays).items()}
-            save_checkpoint(config.out_dir / "checkpoints", server_round, state)
+            save_checkpoint(config.out_dir / "checkpoints", Checkpoint(
+                server_round, state, strategy.server.state_dict(),
+                accountant.ledger.state_dict() if accountant is not None else None))
             with (config.out_dir / "rounds.jsonl").open("a") as handle:
                 handle.write(json.dumps(asdict(done)) + "\n")
         if on_round is not None:

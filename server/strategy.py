@@ -1,9 +1,10 @@
 """Flower strategy: FedAvg over *updates* of the global side, each validated before it counts.
 
-Devices send the change of the global side; the coordinator adds the example-weighted mean
-change, times a server learning rate, to its model. An update that fails validation (names,
-shapes, dtype, finite values, model version, undecodable payload) is rejected and counted; the
-round goes on with the rest.
+Devices send the change of the global side; the coordinator aggregates the accepted changes
+(``attune.server.aggregation.aggregate``: weighted mean, robust rule, or user-level DP) and
+applies the result with its server optimizer. An update that fails validation (names, shapes,
+dtype, finite values, model version, undecodable payload, norm over the clip bound) is rejected,
+counted and logged; the round goes on with the rest.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from attune.server.aggregation import server_step, weighted_mean
+from attune.server.aggregation import AggregationConfig, aggregate, server_step
 from attune.shared.errors import ModelMismatchError
 from attune.shared.model import ModelConfig
 from attune.shared.records import arrays_to_numpy, state_to_arrays
+from attune.shared.user_level import update_norm
 from attune.shared.wire import check_global_state
 
 log = logging.getLogger(__name__)
@@ -43,9 +45,10 @@ class UpdateFedAvg(FedAvg):
     (``sgd`` with ``server_lr``, or FedAdam)."""
 
     def __init__(self, model: ModelConfig, server_lr: float = 1.0, server_optimizer: str = "sgd",
-                 **kwargs: object) -> None:
+                 aggregation: AggregationConfig | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.model = model
+        self.aggregation = aggregation or AggregationConfig()
         self.server = server_step(server_optimizer, server_lr)
         self.current: dict[str, torch.Tensor] | None = None
         self.last_stats = RoundStats()
@@ -73,6 +76,9 @@ class UpdateFedAvg(FedAvg):
             update = check_global_state(
                 arrays_to_numpy(msg.content.array_records["arrays"]), self.model, version
             )
+            bound = self.aggregation.update_clip
+            if bound > 0 and (norm := update_norm(update)) > bound * (1 + 1e-5):
+                raise ModelMismatchError(f"update norm {norm:.4g} is over the clip bound {bound}")
         except ModelMismatchError as error:
             stats.rejected += 1
             stats.rejections.append(str(error))
@@ -108,7 +114,7 @@ class UpdateFedAvg(FedAvg):
         )
         if not accepted:
             return None, metrics
-        new_state = self.server.step(self.current, weighted_mean(accepted))
+        new_state = self.server.step(self.current, aggregate(self.aggregation, server_round, accepted))
         losses = [(float(m["loss"]), float(m["num-examples"])) for m in metric_rows if "loss" in m]
         if losses:
             metrics["loss"] = sum(value * w for value, w in losses) / sum(w for _, w in losses)

@@ -23,6 +23,7 @@ class TrainConfig:
     private: bool = True
     joint_user: bool = True  # also train the user vector in the global phase
     lazy_noise: bool = True  # draw large item tables' noise lazily (same distribution, faster)
+    update_clip: float = 0.0  # clip the whole update to this L2 norm (user-level DP); 0: off
 
     def __post_init__(self) -> None:
         if not 0.0 < self.sample_rate <= 1.0:
@@ -33,6 +34,8 @@ class TrainConfig:
             raise ConfigError(f"negatives must be >= 1, got {self.negatives}")
         if self.loss not in ("bce", "bpr"):
             raise ConfigError(f"loss must be 'bce' or 'bpr', got {self.loss!r}")
+        if self.update_clip < 0:
+            raise ConfigError(f"update_clip must be >= 0, got {self.update_clip}")
         if self.private and (self.noise_multiplier <= 0 or self.max_grad_norm <= 0):
             raise ConfigError("private training needs noise_multiplier > 0 and max_grad_norm > 0")
 

@@ -3,7 +3,7 @@
     AttuneError
     ├── InvalidEventError      an event or batch failed validation; the store is unchanged
     ├── ModelMismatchError     parameters differ from the expected names/shapes/dtypes/version
-    ├── PrivacyBudgetExceeded  training would spend more epsilon than the device allows
+    │   └── SignatureError     a global model is unsigned or its signature does not verify
     ├── StoreError             the on-device store is unusable (wrong schema, corrupt file)
     │   └── WrongKeyError      the store's encryption key is missing or wrong; nothing was changed
     ├── ConfigError            invalid configuration
@@ -25,8 +25,8 @@ class ModelMismatchError(AttuneError, ValueError):
     """Received parameters do not match the model this code expects."""
 
 
-class PrivacyBudgetExceeded(AttuneError):
-    """Training would exceed the device's epsilon budget; nothing was trained or sent."""
+class SignatureError(ModelMismatchError):
+    """A global model is unsigned, tampered, replayed or signed by another key; it was not used."""
 
 
 class StoreError(AttuneError):

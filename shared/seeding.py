@@ -1,4 +1,5 @@
-"""Where a device's randomness comes from: the OS's secure source, or a seed in simulations.
+"""Where randomness comes from (devices and the coordinator's noise): the OS's secure source, or a
+seed in simulations.
 
 One scheme for every backend, so the Flower simulation and the in-process backend draw the very
 same numbers for the same device and round (the backend-equivalence test relies on it).
@@ -14,6 +15,7 @@ MODEL_INIT = 0
 USER_INIT = 1
 TRAIN = 2  # + the device's count of rounds trained so far
 RANK = 10_000  # + the device's count of rounds trained so far
+USER_LEVEL_NOISE = 20_000  # + the server round (coordinator's noise on the aggregate)
 
 
 def device_seed(run_seed: int, device: int) -> int:

@@ -82,6 +82,10 @@ def simulate(
     user_lr: float = typer.Option(DEFAULTS["user_lr"]),
     server_lr: float = typer.Option(DEFAULTS["server_lr"]),
     server_optimizer: str = typer.Option("sgd", help="sgd (FedAvg step) or adam (FedAdam)"),
+    aggregation: str = typer.Option("mean", help="mean, trimmed-mean or median"),
+    update_clip: float = typer.Option(0.0, help="devices clip their whole update to this norm"),
+    user_epsilon: float | None = typer.Option(
+        None, help="user-level DP on the aggregate: epsilon over all rounds (needs --update-clip)"),
     dim: int = typer.Option(DEFAULTS["dim"]),
     negatives: int = typer.Option(DEFAULTS["negatives"], help="sampled negatives per event"),
     context: bool = typer.Option(DEFAULTS["context"], help="train the context encoder"),
@@ -102,7 +106,8 @@ def simulate(
                    noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                    sample_rate=sample_rate, lr=lr, user_lr=user_lr, server_lr=server_lr, dim=dim,
                    no_dp=no_dp, seed=seed, negatives=negatives, context=context, joint_user=joint_user,
-                   server_optimizer=server_optimizer)
+                   server_optimizer=server_optimizer, aggregation=aggregation,
+                   update_clip=update_clip, user_epsilon=user_epsilon)
     _run(options, source, out, backend)
 
 

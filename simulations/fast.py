@@ -13,10 +13,16 @@ import numpy as np
 import torch
 
 from attune.client.training import LocalData, fit_rank_vector, train_round
-from attune.server.aggregation import server_step, weighted_mean
-from attune.server.checkpoint import save_checkpoint
+from attune.server.aggregation import aggregate, server_step
+from attune.server.checkpoint import Checkpoint, save_checkpoint
 from attune.server.config import ServerConfig
-from attune.server.coordinator import RoundRecord, planned_train_config
+from attune.server.coordinator import (
+    RoundRecord,
+    aggregation_config,
+    planned_train_config,
+    user_noise_multiplier,
+)
+from attune.server.privacy import UserLevelAccountant
 from attune.shared import seeding
 from attune.shared.accounting import PrivacyLedger
 from attune.shared.events import (
@@ -115,11 +121,16 @@ def simulate_fast(
                       rounds=[0] * log.num_users,
                       ledgers=[PrivacyLedger() for _ in range(log.num_users)])
     step = server_step(server.server_optimizer, server.server_lr)
+    z = user_noise_multiplier(server, log.num_users) if server.user_level_dp else 0.0
+    aggregation = aggregation_config(server, z)
+    accountant = UserLevelAccountant(z, server.user_delta, server.user_target_epsilon) if z > 0 else None
     rng = np.random.default_rng(server.seed)
     per_round = server.clients_per_round or log.num_users
     history = []
     for server_round in range(1, server.rounds + 1):
         cohort = np.sort(rng.choice(log.num_users, size=min(per_round, log.num_users), replace=False))
+        if accountant is not None and not accountant.admits(len(cohort), log.num_users):
+            break
         accepted, losses, trained_now = [], [], []
         for user in cohort.tolist():
             data = datasets[user]
@@ -147,11 +158,15 @@ def simulate_fast(
             accepted.append((result.update, float(result.examples)))
             losses.append((result.mean_loss, result.examples))
         if accepted:
-            current = step.step(current, weighted_mean(accepted))
+            current = step.step(current, aggregate(aggregation, server_round, accepted))
+        if accountant is not None:
+            accountant.record(len(cohort), log.num_users)
         model.load_global_state(current)
         eps = [state.ledgers[u].epsilon(server.delta) for u in trained_now] if train.private else []
         if server.out_dir is not None:
-            save_checkpoint(server.out_dir / "checkpoints", server_round, current)
+            save_checkpoint(server.out_dir / "checkpoints", Checkpoint(
+                server_round, current, step.state_dict(),
+                accountant.ledger.state_dict() if accountant is not None else None))
         users = rank_vectors(model, state, datasets, seeds) if rank_fit else state.users
         hr, ndcg = evaluate(model, users, state.trained, split)
         total = sum(n for _, n in losses) or 1
@@ -160,7 +175,8 @@ def simulate_fast(
                                   "epsilon-max": max(eps, default=0.0),
                                   "steps-max": float(max(ledger.steps for ledger in state.ledgers)),
                                   "sample-rate-max": train.sample_rate,
-                                  "devices-trained": float(len(accepted))},
+                                  "devices-trained": float(len(accepted)),
+                                  **({"user-epsilon": accountant.epsilon()} if accountant else {})},
                            evaluate={"hr@10": hr, "ndcg@10": ndcg})
         history.append(done)
         if on_round is not None:

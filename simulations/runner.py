@@ -22,6 +22,7 @@ from attune.shared.config import TrainConfig
 from attune.shared.errors import ConfigError, DataError
 from attune.shared.model import ModelConfig
 from attune.shared.seeding import device_seed
+from attune.shared.signing import generate_keypair
 from attune.simulations.datasets import EventLog, load_csv, load_movielens, synthetic
 from attune.simulations.devices import store_path, write_devices
 from attune.simulations.evaluation import Split, leave_one_out, popularity_baseline
@@ -69,14 +70,16 @@ class SimulationConfig:
             raise ConfigError(f"unknown backend {self.backend!r}: use flower or fast")
 
 
-def _settings_resolver(directory: Path, vocabulary: Path, privacy: PrivacyConfig, seed: int):
+def _settings_resolver(directory: Path, vocabulary: Path, privacy: PrivacyConfig, seed: int,
+                       public_key: Path):
     def resolve(context) -> DeviceSettings:  # runs inside the simulation's worker processes
         import torch
 
         torch.set_num_threads(1)
         user = int(context.node_config["partition-id"])
         return DeviceSettings(store_path=store_path(directory, user), privacy=privacy,
-                              vocabulary_path=vocabulary, seed=device_seed(seed, user))
+                              vocabulary_path=vocabulary, seed=device_seed(seed, user),
+                              coordinator_public_key=public_key)
 
     return resolve
 
@@ -130,6 +133,9 @@ def _run_flower(log: EventLog, split: Split, server: ServerConfig, train: TrainC
 
     out = config.out
     vocabulary = write_devices(log, split, out)
+    signing_key, public_key = out / "keys" / "coordinator.pem", out / "keys" / "coordinator.pub.pem"
+    generate_keypair(signing_key, public_key)  # every model the devices adopt is signed
+    server = replace(server, signing_key=signing_key)
     privacy = PrivacyConfig(
         epsilon_budget=server.target_epsilon if train.private and server.target_epsilon else 1e9,
         delta=server.delta, min_events=config.min_events, allow_non_private=not train.private,
@@ -139,7 +145,7 @@ def _run_flower(log: EventLog, split: Split, server: ServerConfig, train: TrainC
     logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
         server_app=make_server_app(server, record),
-        client_app=make_client_app(_settings_resolver(out, vocabulary, privacy, server.seed)),
+        client_app=make_client_app(_settings_resolver(out, vocabulary, privacy, server.seed, public_key)),
         num_supernodes=log.num_users,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                         "init_args": {"log_to_driver": False, "include_dashboard": False}},
@@ -223,7 +229,8 @@ def server_config(
     epsilon: float | None, delta: float, noise_multiplier: float | None, max_grad_norm: float,
     sample_rate: float, lr: float, user_lr: float, server_lr: float, dim: int, no_dp: bool,
     seed: int, negatives: int = 4, context: bool = True, joint_user: bool = True,
-    server_optimizer: str = "sgd",
+    server_optimizer: str = "sgd", aggregation: str = "mean", update_clip: float = 0.0,
+    user_epsilon: float | None = None,
 ) -> ServerConfig:
     """Validate simulation options into a ServerConfig (the noise is calibrated later if unset)."""
     if epsilon is not None and epsilon <= 0:
@@ -233,12 +240,13 @@ def server_config(
     train = TrainConfig(
         local_epochs=local_epochs, user_epochs=user_epochs, sample_rate=sample_rate, lr=lr,
         user_lr=user_lr, noise_multiplier=noise_multiplier or 1.0, max_grad_norm=max_grad_norm,
-        private=not no_dp, negatives=negatives, joint_user=joint_user,
+        private=not no_dp, negatives=negatives, joint_user=joint_user, update_clip=update_clip,
     )
     return ServerConfig(
         rounds=rounds, clients_per_round=clients_per_round, server_lr=server_lr,
         server_optimizer=server_optimizer,
         target_epsilon=None if (no_dp or noise_multiplier is not None) else epsilon,
         delta=delta, seed=seed, model=ModelConfig(num_items=2, dim=dim, use_context=context),
-        train=train,
+        train=train, aggregation=aggregation, user_target_epsilon=user_epsilon,
+        noise_seed=seed,  # a simulation is reproducible; a deployment's noise is never seeded
     )

@@ -17,8 +17,10 @@ def test_fast_and_flower_backends_agree_after_two_rounds(tmp_path):
     results = {}
     for backend in ("fast", "flower"):
         results[backend] = simulate(SimulationConfig(source, server, tmp_path / backend, backend=backend))
-    fast_round, fast = load_checkpoint(tmp_path / "fast" / "checkpoints" / "global_final.pt")
-    flower_round, flower = load_checkpoint(tmp_path / "flower" / "checkpoints" / "global_final.pt")
+    fast_checkpoint = load_checkpoint(tmp_path / "fast" / "checkpoints" / "global_final.pt")
+    flower_checkpoint = load_checkpoint(tmp_path / "flower" / "checkpoints" / "global_final.pt")
+    fast_round, fast = fast_checkpoint.round, fast_checkpoint.state
+    flower_round, flower = flower_checkpoint.round, flower_checkpoint.state
     assert fast_round == flower_round == 2
     for name in flower:
         # same numbers up to float32 summation order in aggregation

@@ -128,13 +128,14 @@ def test_withdrawal_mid_round_sends_nothing_through_flower(tmp_path, monkeypatch
     vocabulary = tmp_path / "vocabulary.json"
     vocabulary.write_text(json.dumps(list(VOCAB.ids)))
     settings = DeviceSettings(store_path=path, privacy=PrivacyConfig(min_events=5), seed=1,
-                              vocabulary_path=vocabulary)
+                              vocabulary_path=vocabulary, allow_unsigned=True)
     arrays = state_to_arrays(Personalization(MODEL).global_state())
     message = Message(content=RecordDict({"arrays": arrays, "config": to_config_record(MODEL, TRAIN)}),
                       dst_node_id=1, message_type="train")
     reply = handle_train(message, settings)
     assert "arrays" not in reply.content.array_records
-    assert reply.content.metric_records["metrics"]["trained"] == 0
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["trained"] == 0 and "error" not in metrics  # refused by consent, not an error
 
 
 def test_forget_one_event_and_keep_an_item_as_negative(device):

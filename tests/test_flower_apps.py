@@ -10,30 +10,73 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from attune.client.flower_app import handle_train
 from attune.client.personalizer import Personalizer, PrivacyConfig
 from attune.client.settings import DeviceSettings
+from attune.server.aggregation import AggregationConfig
 from attune.server.strategy import UpdateFedAvg
 from attune.shared.config import TrainConfig
 from attune.shared.events import Event
 from attune.shared.model import GLOBAL_PARAMS, MODEL_VERSION, ModelConfig, Personalization
 from attune.shared.records import state_to_arrays, to_config_record
+from attune.shared.signing import generate_keypair, load_private_key, sign_model
 
 MODEL = ModelConfig(num_items=40, dim=6)
 TRAIN = TrainConfig(sample_rate=0.5, noise_multiplier=1.0)
 
 
-def _train_message() -> Message:
-    arrays = state_to_arrays(Personalization(MODEL).global_state())
-    content = RecordDict({"arrays": arrays, "config": to_config_record(MODEL, TRAIN)})
+@pytest.fixture
+def coordinator_key(tmp_path):
+    generate_keypair(tmp_path / "coordinator.pem", tmp_path / "coordinator.pub.pem")
+    return load_private_key(tmp_path / "coordinator.pem"), tmp_path / "coordinator.pub.pem"
+
+
+def _train_message(key=None, server_round=1, tamper=False) -> Message:
+    state = Personalization(MODEL).global_state()
+    config = to_config_record(MODEL, TRAIN)
+    config["server-round"] = server_round
+    if key is not None:
+        config["model-signature"] = sign_model(key, {k: v.numpy() for k, v in state.items()},
+                                               MODEL_VERSION, server_round)
+    if tamper:
+        state["item_bias.weight"][3, 0] += 1e-3
+    content = RecordDict({"arrays": state_to_arrays(state), "config": config})
     return Message(content=content, dst_node_id=1, message_type="train")
 
 
-def test_outgoing_message_holds_only_global_parameters(tmp_path):
+def _device(tmp_path):
     store = tmp_path / "device.sqlite"
     with Personalizer(str(store), model=MODEL) as device:
         now = time.time()
         device.record_many(Event(f"sku-{i % 15}", "view", now - 500 + i) for i in range(40))
         device.grant_consent("test-policy-1")
-    settings = DeviceSettings(store_path=store, privacy=PrivacyConfig(), seed=1)
-    reply = handle_train(_train_message(), settings)
+    return store
+
+
+def test_device_refuses_unsigned_tampered_replayed_or_foreign_models(tmp_path, coordinator_key):
+    key, public = coordinator_key
+    store = _device(tmp_path)
+    settings = DeviceSettings(store_path=store, privacy=PrivacyConfig(), seed=1,
+                              coordinator_public_key=public)
+    generate_keypair(tmp_path / "other.pem", tmp_path / "other.pub.pem")
+    for message in (_train_message(None), _train_message(key, tamper=True),
+                    _train_message(load_private_key(tmp_path / "other.pem"))):
+        reply = handle_train(message, settings)
+        assert "arrays" not in reply.content.array_records
+        assert reply.content.metric_records["metrics"]["error"] == 1
+    replayed = _train_message(key, server_round=1)
+    replayed.content["config"]["server-round"] = 2  # an old round's model offered again
+    assert handle_train(replayed, settings).content.metric_records["metrics"]["error"] == 1
+    with Personalizer(str(store), model=MODEL) as device:
+        assert device.privacy_report()["rounds_trained"] == 0  # nothing was adopted or trained
+    no_key = DeviceSettings(store_path=store, privacy=PrivacyConfig(), seed=1)
+    assert handle_train(_train_message(key), no_key).content.metric_records["metrics"]["error"] == 1
+    assert "arrays" in handle_train(_train_message(key), settings).content.array_records
+
+
+def test_outgoing_message_holds_only_global_parameters(tmp_path, coordinator_key):
+    key, public = coordinator_key
+    store = _device(tmp_path)
+    settings = DeviceSettings(store_path=store, privacy=PrivacyConfig(), seed=1,
+                              coordinator_public_key=public)
+    reply = handle_train(_train_message(key), settings)
     assert set(reply.content.array_records) == {"arrays"}
     names = set(reply.content.array_records["arrays"].keys())
     assert names == set(GLOBAL_PARAMS)
@@ -96,3 +139,17 @@ def test_weighted_mean_of_updates_with_server_lr(strategy):
                _reply(state_to_arrays(_update(3.0)), examples=10)]
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["item_bias.weight"].numpy(), 2.0 * (0.75 * 1 + 0.25 * 3))
+
+
+def test_update_over_the_clip_bound_is_rejected():
+    strategy = UpdateFedAvg(MODEL, aggregation=AggregationConfig(update_clip=5.0))
+    strategy.current = {k: torch.zeros_like(v) for k, v in Personalization(MODEL).global_state().items()}
+    small = _update(0.0)
+    small["item_bias.weight"][0, 0] = 4.0  # norm 4: within the bound
+    huge = _update(0.0)
+    huge["item_bias.weight"][0, 0] = 1e6
+    replies = [_reply(state_to_arrays(small)), _reply(state_to_arrays(huge))]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["devices-trained"] == 1 and metrics["devices-rejected"] == 1
+    assert "over the clip bound" in strategy.last_stats.rejections[0]
+    assert float(arrays["item_bias.weight"].numpy()[0, 0]) == 4.0
