@@ -33,6 +33,7 @@ class ServerConfig:
     server_lr: float = 1.0
     server_optimizer: str = "sgd"
     fraction_evaluate: float = 1.0
+    round_timeout: float = 0.0  # seconds to wait for replies; 0: wait for every sampled device
     target_epsilon: float | None = None
     delta: float = 1e-5
     aggregation: str = "mean"
@@ -61,6 +62,8 @@ class ServerConfig:
             raise ConfigError(f"user_target_epsilon must be > 0, got {self.user_target_epsilon}")
         if self.user_level_dp and self.train.update_clip <= 0:
             raise ConfigError("user-level DP needs train.update_clip > 0 (devices clip their updates)")
+        if self.round_timeout < 0:
+            raise ConfigError(f"round_timeout must be >= 0, got {self.round_timeout}")
         if self.resume and self.out_dir is None:
             raise ConfigError("resume needs out_dir (where the checkpoints are)")
         if self.server_optimizer not in ("sgd", "adam"):

@@ -117,10 +117,13 @@ def run(grid: Grid, config: ServerConfig, on_round: RoundCallback | None = None)
         population = len(list(grid.get_node_ids()))
         if accountant is not None and not accountant.admits(len(messages), population):
             break
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+        timeout = config.round_timeout or None  # devices that do not answer in time are left out
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        train_metrics = train_metrics or MetricRecord()
+        train_metrics["devices-missing"] = len(messages) - len(replies)
         if accountant is not None:
             accountant.record(len(messages), population)
-            train_metrics = train_metrics or MetricRecord()
             train_metrics["user-epsilon"] = accountant.epsilon()
             train_metrics["user-noise-multiplier"] = z
         if new_arrays is not None:
@@ -131,7 +134,8 @@ def run(grid: Grid, config: ServerConfig, on_round: RoundCallback | None = None)
                 record["model-signature"] = sign_model(signing_key, arrays_to_numpy(arrays),
                                                        MODEL_VERSION, server_round)
             eval_replies = grid.send_and_receive(
-                strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(record)), grid)
+                strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(record)), grid),
+                timeout=timeout,
             )
             eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         done = RoundRecord(

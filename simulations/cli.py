@@ -1,7 +1,9 @@
-"""The ``attune`` command: ``simulate`` and ``demo``. Flags are parsed here and nowhere else."""
+"""The ``attune`` command: ``simulate``, ``demo``, ``credentials`` and ``federation``. Flags are
+parsed here and nowhere else."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -119,6 +121,64 @@ def demo(out: Path = typer.Option(Path("runs/demo")), seed: int = typer.Option(0
     options = dict(DEFAULTS, rounds=10, clients_per_round=0, epsilon=8.0, delta=1e-5,
                    noise_multiplier=None, no_dp=False, seed=seed)
     _run(options, DataSource("synthetic"), out)
+
+
+@cli.command()
+def credentials(
+    out: Path = typer.Option(Path("deploy/credentials")),
+    host: list[str] = typer.Option(["127.0.0.1"], help="SuperLink host name or IP (repeatable)"),
+    supernodes: int = typer.Option(3, help="SuperNode key pairs to create"),
+) -> None:
+    """Create a deployment's credentials: TLS CA and SuperLink certificate, SuperNode keys,
+    and the coordinator's model-signing key."""
+    from attune.server.credentials import create_credentials
+
+    creds = create_credentials(out, host, supernodes)
+    Console().print(f"credentials in {creds.directory}: CA {creds.ca_cert.name}, SuperLink "
+                    f"{creds.server_cert.name}/{creds.server_key.name}, SuperNode keys supernode_<i>"
+                    f"(.pub), signing key {creds.signing_key.name} (devices get {creds.verify_key.name})")
+
+
+@cli.command()
+def federation(
+    supernodes: int = typer.Option(3, help="SuperNodes, each with its own device store"),
+    rounds: int = typer.Option(3),
+    out: Path = typer.Option(Path("runs/federation")),
+    port: int = typer.Option(18000, help="SuperLink port on 127.0.0.1"),
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS and no SuperNode authentication "
+                                  "(local experiments only)"),
+    app: Path = typer.Option(Path("."), help="the Attune project directory (its pyproject.toml)"),
+) -> None:
+    """A Deployment Engine federation on this machine: SuperLink + SuperNodes on synthetic device
+    stores, `flwr run` of the Attune app with DP, then every process is stopped."""
+    from attune.server.deployment import FederationConfig, LocalFederation
+    from attune.simulations.datasets import synthetic
+    from attune.simulations.devices import store_path, write_devices
+    from attune.simulations.evaluation import leave_one_out
+
+    log = synthetic(num_users=supernodes, seed=0)
+    vocabulary = write_devices(log, leave_one_out(log), out / "devices")
+    stores = tuple(store_path(out / "devices", user) for user in range(supernodes))
+    config = FederationConfig(directory=out / "federation", stores=stores, app=app.resolve(),
+                              vocabulary=vocabulary, port=port, insecure=insecure)
+    with LocalFederation(config) as running:
+        console.print(f"SuperLink on {running.address} ({'insecure' if insecure else 'TLS + node auth'}), "
+                      f"{supernodes} SuperNodes online; logs in {running.logs}")
+        code = running.run({
+            "num-server-rounds": rounds, "min-clients": supernodes, "num-items": log.num_items,
+            "dim": 8, "use-context": False, "fraction-evaluate": 0.0, "sample-rate": 1.0,
+            "noise-multiplier": 2.0, "update-clip": 1.0, "user-noise-multiplier": 0.8,
+            "out-dir": (out / "run").resolve(), "signing-key": running.credentials.signing_key})
+    if code != 0:
+        raise AttuneError(f"flwr run exited with {code}; see {config.directory / 'logs'}")
+    table = Table(title="federation rounds")
+    for column in ("round", "devices trained", "event-level epsilon (max)", "user-level epsilon"):
+        table.add_column(column, justify="right")
+    for line in (out / "run" / "rounds.jsonl").read_text().splitlines():
+        train = json.loads(line)["train"]
+        table.add_row(str(json.loads(line)["round"]), f"{train.get('devices-trained', 0):.0f}",
+                      f"{train.get('epsilon-max', 0):.2f}", f"{train.get('user-epsilon', 0):.2f}")
+    Console().print(table)
 
 
 def main() -> None:

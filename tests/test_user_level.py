@@ -97,3 +97,17 @@ def test_checkpoint_round_trip_and_fallback_past_corrupt_or_partial_files(tmp_pa
     assert latest_checkpoint(tmp_path).round == 1
     (tmp_path / "global_round_0001.pt.sha256").unlink()
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_pyproject_run_config_declares_every_server_option_with_its_default():
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    from attune.server.config import ServerConfig
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert ServerConfig.from_run_config(pyproject["tool"]["flwr"]["app"]["config"]) == ServerConfig()

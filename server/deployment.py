@@ -1,0 +1,275 @@
+"""A Flower Deployment Engine federation on one machine: a SuperLink, N SuperNodes (each pointing
+at its own device store) and ``flwr run`` of the Attune app, for the recipe, the demo and tests.
+
+Everything here drives Flower's own executables (``flower-superlink``, ``flower-supernode``,
+``flwr``); Attune adds no network code. TLS and SuperNode authentication are on unless
+``insecure`` is set; runtime dependency installation and telemetry are off. Every process is
+started in its own session and stopped (with its children) by ``stop()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from attune.server.credentials import Credentials, create_credentials
+from attune.shared.errors import ConfigError
+from attune.shared.signing import generate_keypair
+
+log = logging.getLogger(__name__)
+CONNECTION = "attune-local"
+_MARKER = "ATTUNE_FEDERATION"
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """``directory`` receives credentials, Flower's home (``FLWR_HOME``) and logs."""
+
+    directory: Path
+    stores: tuple[Path, ...]
+    app: Path  # the Flower App directory (this project's pyproject.toml)
+    vocabulary: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 18000
+    insecure: bool = False
+    min_events: int = 5
+    node_config: dict[str, str | int | float | bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.stores:
+            raise ConfigError("a federation needs at least one device store")
+        if not (self.app / "pyproject.toml").is_file():
+            raise ConfigError(f"{self.app} is not a Flower App directory (no pyproject.toml)")
+
+
+def _config_value(value: str | int | float | bool | Path) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, Path)):
+        return f"'{value}'"
+    return repr(value)
+
+
+def format_config(values: dict[str, str | int | float | bool | Path]) -> str:
+    """``key=value`` pairs as Flower's ``--run-config`` and ``--node-config`` read them."""
+    return " ".join(f"{key}={_config_value(value)}" for key, value in values.items())
+
+
+class LocalFederation:
+    """Start with ``with LocalFederation(config) as federation:``; every process stops on exit."""
+
+    def __init__(self, config: FederationConfig) -> None:
+        self.config = config
+        self.credentials = Credentials(config.directory / "credentials")
+        self.logs = config.directory / "logs"
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: list[subprocess.Popen | None] = []
+        self._runs: list[subprocess.Popen] = []
+        bin_dir = str(Path(sys.executable).parent)  # flower-superlink needs flower-superexec on PATH
+        self.env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                    "FLWR_HOME": str(config.directory / "flwr"), "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    # inherited by every process Flower spawns, even in new sessions: how stop() finds them
+                    _MARKER: str(config.directory.resolve())}
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with (self.logs / f"{name}.log").open("ab") as out:
+            return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                    start_new_session=True)
+
+    def flwr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True,
+                              check=check, timeout=300)
+
+    def start(self) -> None:
+        config, creds = self.config, self.credentials
+        if config.insecure:
+            creds.directory.mkdir(parents=True, exist_ok=True)
+            generate_keypair(creds.signing_key, creds.verify_key)
+        else:
+            create_credentials(creds.directory, [config.host], len(config.stores))
+        self._write_flower_config()
+        security = ["--insecure"] if config.insecure else [
+            "--ssl-ca-certfile", str(creds.ca_cert), "--ssl-certfile", str(creds.server_cert),
+            "--ssl-keyfile", str(creds.server_key), "--enable-supernode-auth"]
+        self.superlink = self._spawn("superlink", [
+            "flower-superlink", *security, "--disable-runtime-dependency-installation",
+            "--host", config.host, "--port", str(config.port),
+            "--database", str(config.directory / "superlink.db")])
+        _wait_for_port(config.host, config.port, self.superlink)
+        for index in range(len(config.stores)):
+            if not config.insecure:
+                self.flwr("supernode", "register", str(creds.supernode_public_key(index)), CONNECTION)
+            self.supernodes.append(self._start_supernode(index))
+        self.wait_online(len(config.stores))
+
+    def _write_flower_config(self) -> None:
+        home = self.config.directory / "flwr"
+        home.mkdir(parents=True, exist_ok=True)
+        security = ("insecure = true" if self.config.insecure
+                    else f'root-certificates = "{self.credentials.ca_cert}"')
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{self.address}"\n{security}\n')
+
+    def _start_supernode(self, index: int) -> subprocess.Popen:
+        config = self.config
+        node_config: dict = {"store-path": config.stores[index],
+                             "coordinator-public-key": self.credentials.verify_key,
+                             "min-events": config.min_events, **config.node_config}
+        if config.vocabulary is not None:
+            node_config["vocabulary-path"] = config.vocabulary
+        security = ["--insecure"] if config.insecure else [
+            "--root-certificates", str(self.credentials.ca_cert),
+            "--auth-supernode-private-key", str(self.credentials.supernode_key(index))]
+        return self._spawn(f"supernode-{index}", [
+            "flower-supernode", *security, "--superlink", self.address,
+            "--host", config.host, "--port", str(_free_port(config.host)),
+            "--node-config", format_config(node_config)])
+
+    def online_nodes(self) -> int:
+        result = self.flwr("supernode", "list", CONNECTION, "--format", "json", check=False)
+        try:
+            nodes = json.loads(result.stdout).get("nodes", [])
+        except json.JSONDecodeError:
+            return 0
+        return sum(1 for node in nodes if node.get("status") == "online")
+
+    def wait_online(self, count: int, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.online_nodes() < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {count} SuperNodes came online; see {self.logs}")
+            time.sleep(1.0)
+
+    def start_run(self, run_config: dict[str, str | int | float | bool | Path]) -> subprocess.Popen:
+        """``flwr run`` of the app with ``run_config`` (streams the run's log until it ends)."""
+        run = self._spawn(f"run-{len(self._runs)}", [
+            "flwr", "run", str(self.config.app), CONNECTION, "--stream",
+            "--run-config", format_config(run_config)])
+        self._runs.append(run)
+        return run
+
+    def run(self, run_config: dict[str, str | int | float | bool | Path], timeout: float = 1800) -> int:
+        run = self.start_run(run_config)
+        return run.wait(timeout=timeout)
+
+    def stop_run(self, run_id: int) -> None:
+        """``flwr stop``: the SuperLink cancels the run's pending messages."""
+        self.flwr("stop", str(run_id), CONNECTION, check=False)
+
+    def run_ids(self) -> list[int]:
+        """Ids of the runs started so far, read from their logs."""
+        ids = []
+        for index in range(len(self._runs)):
+            text = (self.logs / f"run-{index}.log").read_text(errors="replace")
+            ids += [int(word) for line in text.splitlines() if "Successfully started run" in line
+                    for word in line.split() if word.isdigit()]
+        return ids
+
+    def kill_supernode(self, index: int) -> None:
+        """SIGKILL one SuperNode and its ClientApp processes (a device vanishing mid-round)."""
+        process = self.supernodes[index]
+        if process is not None:
+            os.killpg(process.pid, signal.SIGKILL)  # no goodbye to the SuperLink: a crash
+            process.wait(timeout=10)
+            self.supernodes[index] = None
+
+    def processes(self, command: str = "") -> list[int]:
+        """Live processes of this federation (found by the marker in their environment)."""
+        return _marked_pids(f"{_MARKER}={self.env[_MARKER]}", command)
+
+    def kill_serverapp(self) -> int:
+        """SIGKILL the running ServerApp process(es) of this SuperLink; returns how many."""
+        pids = self.processes("flwr-serverapp")
+        for pid in pids:
+            _kill(pid)
+        return len(pids)
+
+    def stop(self) -> None:
+        """Stop every process this federation started (runs, SuperNodes, SuperLink) and every
+        process Flower started for it (SuperExec, ServerApp, ClientApps)."""
+        for process in [*self._runs, *self.supernodes, self.superlink]:
+            if process is not None:
+                _kill_group(process)
+        for pid in self.processes():
+            _kill(pid)
+        self._runs, self.supernodes, self.superlink = [], [], None
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    try:  # children that outlived their parent (same session)
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _marked_pids(marker: str, command: str = "") -> list[int]:
+    """Pids whose environment holds ``marker`` and whose command line holds ``command`` (Linux)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                if marker.encode() in environ and command.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_for_port(host: str, port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"the SuperLink did not open {host}:{port} within {timeout:.0f} s")

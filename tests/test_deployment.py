@@ -1,0 +1,75 @@
+"""End to end through Flower's Deployment Engine on 127.0.0.1: a SuperLink and SuperNodes with TLS
+and SuperNode authentication run the Attune app. A SuperNode is killed mid-round, then the
+ServerApp is killed and the run resumed. Every process started is stopped."""
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from attune.server.checkpoint import latest_checkpoint, load_checkpoint
+from attune.server.deployment import FederationConfig, LocalFederation
+from attune.simulations.datasets import synthetic
+from attune.simulations.devices import store_path, write_devices
+from attune.simulations.evaluation import leave_one_out
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for(path: Path, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_deployment_engine_tls_node_auth_dead_supernode_and_resumed_server(tmp_path):
+    log = synthetic(num_users=4, seed=0)
+    vocabulary = write_devices(log, leave_one_out(log), tmp_path / "devices")
+    stores = tuple(store_path(tmp_path / "devices", user) for user in range(4))
+    out = tmp_path / "run"
+    run_config = {
+        "num-server-rounds": 3, "min-clients": 3, "num-items": log.num_items, "dim": 8,
+        "use-context": False, "fraction-evaluate": 0.0, "noise-multiplier": 2.0, "sample-rate": 1.0,
+        "update-clip": 1.0, "user-noise-multiplier": 0.8, "round-timeout": 240.0, "out-dir": out,
+    }
+    config = FederationConfig(directory=tmp_path / "federation", stores=stores, app=ROOT,
+                              vocabulary=vocabulary, port=_free_port())
+    checkpoints = out / "checkpoints"
+    with LocalFederation(config) as federation:
+        run_config["signing-key"] = federation.credentials.signing_key
+        assert b"BEGIN CERTIFICATE" in federation.credentials.ca_cert.read_bytes()
+        first = federation.start_run(run_config)
+        _wait_for(checkpoints / "global_round_0001.pt.sha256")
+        federation.kill_supernode(3)  # a device vanishes while round 2 is running
+        _wait_for(checkpoints / "global_round_0002.pt.sha256")
+        assert federation.kill_serverapp() >= 1  # the coordinator dies after round 2
+        first.kill()
+        for run_id in federation.run_ids():
+            federation.stop_run(run_id)
+        stopped_at = latest_checkpoint(checkpoints)
+        assert stopped_at is not None and stopped_at.round in (2, 3)
+        assert federation.run({**run_config, "resume": True}) == 0
+        rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rounds] == [1, 2, 3]
+        assert rounds[0]["train"]["devices-trained"] == 4
+        second = rounds[1]["train"]
+        assert second["devices-trained"] == 3 and second["devices-missing"] + second["devices-failed"] == 1
+        epsilons = [r["train"]["user-epsilon"] for r in rounds]
+        assert epsilons[0] < epsilons[1] < epsilons[2]  # the resumed run continued the ledger
+        final = load_checkpoint(checkpoints / "global_round_0003.pt")
+        assert final.ledger is not None and len(final.ledger["history"]) >= 1
+        start = load_checkpoint(checkpoints / "global_round_0001.pt")
+        assert not torch.equal(final.state["item_embedding.weight"], start.state["item_embedding.weight"])
+    time.sleep(1)
+    assert federation.processes() == []  # every process started for the federation is gone
