@@ -68,17 +68,18 @@ class LocalFederation:
 
     def __init__(self, config: FederationConfig) -> None:
         self.config = config
-        self.credentials = Credentials(config.directory / "credentials")
-        self.logs = config.directory / "logs"
+        self.directory = config.directory.resolve()  # Flower's processes get absolute paths
+        self.credentials = Credentials(self.directory / "credentials")
+        self.logs = self.directory / "logs"
         self.superlink: subprocess.Popen | None = None
         self.supernodes: list[subprocess.Popen | None] = []
         self._runs: list[subprocess.Popen] = []
         bin_dir = str(Path(sys.executable).parent)  # flower-superlink needs flower-superexec on PATH
         self.env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                    "FLWR_HOME": str(config.directory / "flwr"), "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_HOME": str(self.directory / "flwr"), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     # inherited by every process Flower spawns, even in new sessions: how stop() finds them
-                    _MARKER: str(config.directory.resolve())}
+                    _MARKER: str(self.directory)}
 
     def __enter__(self) -> LocalFederation:
         try:
@@ -119,7 +120,7 @@ class LocalFederation:
         self.superlink = self._spawn("superlink", [
             "flower-superlink", *security, "--disable-runtime-dependency-installation",
             "--host", config.host, "--port", str(config.port),
-            "--database", str(config.directory / "superlink.db")])
+            "--database", str(self.directory / "superlink.db")])
         _wait_for_port(config.host, config.port, self.superlink)
         for index in range(len(config.stores)):
             if not config.insecure:
@@ -128,7 +129,7 @@ class LocalFederation:
         self.wait_online(len(config.stores))
 
     def _write_flower_config(self) -> None:
-        home = self.config.directory / "flwr"
+        home = self.directory / "flwr"
         home.mkdir(parents=True, exist_ok=True)
         security = ("insecure = true" if self.config.insecure
                     else f'root-certificates = "{self.credentials.ca_cert}"')
@@ -138,11 +139,11 @@ class LocalFederation:
 
     def _start_supernode(self, index: int) -> subprocess.Popen:
         config = self.config
-        node_config: dict = {"store-path": config.stores[index],
+        node_config: dict = {"store-path": config.stores[index].resolve(),
                              "coordinator-public-key": self.credentials.verify_key,
                              "min-events": config.min_events, **config.node_config}
         if config.vocabulary is not None:
-            node_config["vocabulary-path"] = config.vocabulary
+            node_config["vocabulary-path"] = config.vocabulary.resolve()
         security = ["--insecure"] if config.insecure else [
             "--root-certificates", str(self.credentials.ca_cert),
             "--auth-supernode-private-key", str(self.credentials.supernode_key(index))]

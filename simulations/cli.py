@@ -156,7 +156,9 @@ def federation(
     from attune.simulations.devices import store_path, write_devices
     from attune.simulations.evaluation import leave_one_out
 
-    log = synthetic(num_users=supernodes, seed=0)
+    if supernodes < 1 or rounds < 1:
+        raise AttuneError("--supernodes and --rounds must be at least 1")
+    log = synthetic(num_users=max(supernodes, 10), seed=0)  # enough users for a full catalog
     vocabulary = write_devices(log, leave_one_out(log), out / "devices")
     stores = tuple(store_path(out / "devices", user) for user in range(supernodes))
     config = FederationConfig(directory=out / "federation", stores=stores, app=app.resolve(),
