@@ -13,7 +13,7 @@ import torch
 
 from attune.shared import seeding
 from attune.shared.errors import ConfigError
-from attune.shared.user_level import noised_mean
+from attune.shared.user_level import add_noise_to_mean, noised_mean
 
 Update = dict[str, torch.Tensor]
 
@@ -164,10 +164,22 @@ def aggregate(
     if not updates:
         raise ValueError("no updates to aggregate")
     if config.user_level_dp:
-        noise = seeding.generator(config.noise_seed, seeding.USER_LEVEL_NOISE + server_round)
-        return noised_mean([u for u, _ in updates], config.update_clip, config.user_noise_multiplier, noise)
+        return noised_mean([u for u, _ in updates], config.update_clip, config.user_noise_multiplier,
+                           _noise_generator(config, server_round))
     if config.rule == "trimmed-mean":
         return trimmed_mean([u for u, _ in updates], config.trim_fraction)
     if config.rule == "median":
         return coordinate_median([u for u, _ in updates])
     return weighted_mean(updates)
+
+
+def _noise_generator(config: AggregationConfig, server_round: int) -> torch.Generator:
+    return seeding.generator(config.noise_seed, seeding.USER_LEVEL_NOISE + server_round)
+
+
+def noise_secure_mean(config: AggregationConfig, server_round: int, mean: Update, count: int) -> Update:
+    """User-level DP for a mean that secure aggregation produced (the same noise as ``aggregate``)."""
+    if not config.user_level_dp:
+        return mean
+    return add_noise_to_mean(mean, count, config.update_clip, config.user_noise_multiplier,
+                             _noise_generator(config, server_round))

@@ -23,8 +23,10 @@ class ServerConfig:
     User-level DP on the aggregate is on when ``train.update_clip > 0`` and either
     ``user_noise_multiplier`` or ``user_target_epsilon`` is set (the latter calibrates the
     multiplier for ``rounds`` rounds and is also the budget the run stops at). ``aggregation``
-    picks ``mean`` (example-weighted), ``trimmed-mean`` or ``median``. ``signing_key`` (an Ed25519
-    PEM file) signs every model sent; ``resume`` continues from the last good checkpoint.
+    picks ``mean`` (example-weighted), ``trimmed-mean`` or ``median``; ``secure_aggregation`` runs
+    training through SecAgg+, where the coordinator sees only the (unweighted) mean.
+    ``signing_key`` (an Ed25519 PEM file) signs every model sent; ``resume`` continues from the
+    last good checkpoint.
     """
 
     rounds: int = 3
@@ -43,6 +45,7 @@ class ServerConfig:
     user_delta: float = 1e-5
     noise_seed: int | None = None  # seeds the aggregate's noise: simulations only
     signing_key: Path | None = None
+    secure_aggregation: bool = False
     resume: bool = False
     seed: int = 0
     out_dir: Path | None = None
@@ -62,6 +65,8 @@ class ServerConfig:
             raise ConfigError(f"user_target_epsilon must be > 0, got {self.user_target_epsilon}")
         if self.user_level_dp and self.train.update_clip <= 0:
             raise ConfigError("user-level DP needs train.update_clip > 0 (devices clip their updates)")
+        if self.secure_aggregation and self.aggregation != "mean":
+            raise ConfigError("secure aggregation yields only the mean: use aggregation='mean'")
         if self.round_timeout < 0:
             raise ConfigError(f"round_timeout must be >= 0, got {self.round_timeout}")
         if self.resume and self.out_dir is None:

@@ -20,6 +20,7 @@ from attune.server.aggregation import AggregationConfig
 from attune.server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from attune.server.config import ServerConfig
 from attune.server.privacy import UserLevelAccountant
+from attune.server.secure_aggregation import SecureAggregation, SecureAggregationConfig
 from attune.server.strategy import UpdateFedAvg
 from attune.shared.accounting import calibrate_noise
 from attune.shared.config import TrainConfig
@@ -105,6 +106,9 @@ def run(grid: Grid, config: ServerConfig, on_round: RoundCallback | None = None)
             first = resumed.round + 1
             log.info("resuming after round %d", resumed.round)
     signing_key = load_private_key(config.signing_key) if config.signing_key is not None else None
+    secure = None
+    if config.secure_aggregation:
+        secure = SecureAggregation(SecureAggregationConfig(timeout=config.round_timeout or None))
     history: list[RoundRecord] = []
     for server_round in range(first, config.rounds + 1):
         record = to_config_record(config.model, train)
@@ -118,10 +122,18 @@ def run(grid: Grid, config: ServerConfig, on_round: RoundCallback | None = None)
         if accountant is not None and not accountant.admits(len(messages), population):
             break
         timeout = config.round_timeout or None  # devices that do not answer in time are left out
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if secure is not None:
+            nodes = [msg.metadata.dst_node_id for msg in messages]
+            mean, rows, failed = secure.mean_update(grid, server_round, arrays, ConfigRecord(dict(record)),
+                                                    nodes)
+            new_arrays, train_metrics = strategy.apply_secure_mean(server_round, mean, rows, failed)
+            answered = len(rows) + failed
+        else:
+            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            answered = len(replies)
         train_metrics = train_metrics or MetricRecord()
-        train_metrics["devices-missing"] = len(messages) - len(replies)
+        train_metrics["devices-missing"] = len(messages) - answered
         if accountant is not None:
             accountant.record(len(messages), population)
             train_metrics["user-epsilon"] = accountant.epsilon()

@@ -10,7 +10,7 @@ counted and logged; the round goes on with the rest.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,9 +19,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from attune.server.aggregation import AggregationConfig, aggregate, server_step
+from attune.server.aggregation import AggregationConfig, aggregate, noise_secure_mean, server_step
 from attune.shared.errors import ModelMismatchError
-from attune.shared.model import ModelConfig
+from attune.shared.model import MODEL_VERSION, ModelConfig
 from attune.shared.records import arrays_to_numpy, state_to_arrays
 from attune.shared.user_level import update_norm
 from attune.shared.wire import check_global_state
@@ -90,8 +90,6 @@ class UpdateFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self.current is None:
-            raise RuntimeError("aggregate_train called before configure_train")
         stats = RoundStats()
         accepted = []
         metric_rows = []
@@ -102,6 +100,36 @@ class UpdateFedAvg(FedAvg):
             result = self.accept(msg, stats)
             if result is not None:
                 accepted.append(result)
+        mean = aggregate(self.aggregation, server_round, accepted) if accepted else None
+        return self._apply(mean, stats, metric_rows)
+
+    def apply_secure_mean(
+        self, server_round: int, mean: dict[str, np.ndarray] | None, rows: list[Mapping], failed: int
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Finish a round whose updates were summed under secure aggregation: only their mean is
+        known, so it is validated (names, shapes, finite values) and, with user-level DP, noised."""
+        stats = RoundStats(failed=failed)
+        trained = sum(1 for row in rows if int(row.get("trained", 0)) == 1)
+        stats.skipped = len(rows) - trained
+        checked = None
+        if mean is not None and trained > 0:
+            try:
+                checked = check_global_state(
+                    {k: np.asarray(v, dtype=np.float32) for k, v in mean.items()}, self.model, MODEL_VERSION)
+                stats.trained = trained
+            except ModelMismatchError as error:
+                stats.rejected, stats.rejections = trained, [str(error)]
+                log.warning("rejected the securely aggregated mean: %s", error)
+        if checked is None:
+            return self._apply(None, stats, rows)
+        return self._apply(noise_secure_mean(self.aggregation, server_round, checked, trained), stats, rows)
+
+    def _apply(
+        self, mean: dict[str, torch.Tensor] | None, stats: RoundStats, rows: list[Mapping]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Apply the round's mean update with the server optimizer; the round's metrics."""
+        if self.current is None:
+            raise RuntimeError("aggregation called before configure_train")
         self.last_stats = stats
         metrics = MetricRecord(
             {
@@ -109,13 +137,13 @@ class UpdateFedAvg(FedAvg):
                 "devices-skipped": stats.skipped,
                 "devices-rejected": stats.rejected,
                 "devices-failed": stats.failed,
-                **_privacy_metrics(metric_rows),
+                **_privacy_metrics(rows),
             }
         )
-        if not accepted:
+        if mean is None:
             return None, metrics
-        new_state = self.server.step(self.current, aggregate(self.aggregation, server_round, accepted))
-        losses = [(float(m["loss"]), float(m["num-examples"])) for m in metric_rows if "loss" in m]
+        new_state = self.server.step(self.current, mean)
+        losses = [(float(m["loss"]), float(m["num-examples"])) for m in rows if "loss" in m]
         if losses:
             metrics["loss"] = sum(value * w for value, w in losses) / sum(w for _, w in losses)
         return state_to_arrays(new_state), metrics
@@ -138,7 +166,7 @@ def _reply_key(msg: Message) -> tuple:
     return (0, *(float(metrics.get(k, 0.0)) for k in ("num-examples", "loss", "epsilon", "steps")))
 
 
-def _privacy_metrics(rows: list[MetricRecord]) -> dict[str, float]:
+def _privacy_metrics(rows: list[Mapping]) -> dict[str, float]:
     """Max and mean epsilon over the devices that replied, and the max device's accounting."""
     eps = [(float(m["epsilon"]), m) for m in rows if "epsilon" in m]
     if not eps:

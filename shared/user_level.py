@@ -35,6 +35,19 @@ def clip_update(update: Update, max_norm: float) -> tuple[Update, float]:
     return {name: (t.double() * factor).to(t.dtype) for name, t in update.items()}, norm
 
 
+def add_noise_to_mean(
+    mean: Update, count: int, max_norm: float, noise_multiplier: float, generator: torch.Generator
+) -> Update:
+    """The mean of ``count`` clipped updates plus ``N(0, (noise_multiplier * max_norm)^2) / count``:
+    noise on the *sum*, so it works on a mean that secure aggregation produced as well."""
+    std = noise_multiplier * max_norm
+    out = {}
+    for name, value in mean.items():
+        noise = torch.normal(0.0, std, size=tuple(value.shape), generator=generator, dtype=torch.float64)
+        out[name] = torch.as_tensor(value).double() + noise / count
+    return out
+
+
 def noised_mean(
     updates: Sequence[Update], max_norm: float, noise_multiplier: float, generator: torch.Generator
 ) -> Update:
@@ -45,10 +58,5 @@ def noised_mean(
     """
     if not updates:
         raise ValueError("no updates to aggregate")
-    std = noise_multiplier * max_norm
-    out = {}
-    for name in updates[0]:
-        total = sum(u[name].double() for u in updates)
-        noise = torch.normal(0.0, std, size=total.shape, generator=generator, dtype=torch.float64)  # type: ignore[union-attr]
-        out[name] = (total + noise) / len(updates)
-    return out
+    mean = {name: sum(u[name].double() for u in updates) / len(updates) for name in updates[0]}
+    return add_noise_to_mean(mean, len(updates), max_norm, noise_multiplier, generator)  # type: ignore[arg-type]

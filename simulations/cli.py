@@ -148,6 +148,8 @@ def federation(
     insecure: bool = typer.Option(False, "--insecure", help="no TLS and no SuperNode authentication "
                                   "(local experiments only)"),
     app: Path = typer.Option(Path("."), help="the Attune project directory (its pyproject.toml)"),
+    secure_aggregation: bool = typer.Option(False, "--secure-aggregation",
+                                            help="SecAgg+: the coordinator sees only the mean update"),
 ) -> None:
     """A Deployment Engine federation on this machine: SuperLink + SuperNodes on synthetic device
     stores, `flwr run` of the Attune app with DP, then every process is stopped."""
@@ -170,7 +172,8 @@ def federation(
             "num-server-rounds": rounds, "min-clients": supernodes, "num-items": log.num_items,
             "dim": 8, "use-context": False, "fraction-evaluate": 0.0, "sample-rate": 1.0,
             "noise-multiplier": 2.0, "update-clip": 1.0, "user-noise-multiplier": 0.8,
-            "out-dir": (out / "run").resolve(), "signing-key": running.credentials.signing_key})
+            "out-dir": (out / "run").resolve(), "signing-key": running.credentials.signing_key,
+            "secure-aggregation": secure_aggregation})
     if code != 0:
         raise AttuneError(f"flwr run exited with {code}; see {config.directory / 'logs'}")
     table = Table(title="federation rounds")

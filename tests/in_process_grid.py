@@ -1,18 +1,20 @@
-"""A Flower ``Grid`` that delivers messages to ClientApp handlers in this process.
+"""A Flower ``Grid`` that delivers messages to the real Attune ClientApp in this process.
 
-Lets tests drive the real coordinator loop (sampling, signing, validation, aggregation,
-accounting, checkpoints) in seconds, without Ray or a SuperLink. Nodes in ``offline`` drop
-every message, as a device that went away mid-round would.
+Lets tests drive the real coordinator loop (sampling, signing, validation, secure aggregation,
+accounting, checkpoints) in seconds, without Ray or a SuperLink. Each node keeps its own
+``Context`` across messages, as a SuperNode does. Nodes in ``offline`` drop every message; a node
+in ``drop_after`` goes silent after that many messages (a device that leaves mid-round).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
-from flwr.app import Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
-from attune.client.flower_app import handle_evaluate, handle_train
+from attune.client.flower_app import make_client_app
 from attune.client.settings import DeviceSettings
 
 
@@ -20,7 +22,12 @@ class InProcessGrid(Grid):
     def __init__(self, devices: dict[int, DeviceSettings]) -> None:
         self.devices = devices
         self.offline: set[int] = set()
+        self.drop_after: dict[int, int] = {}
         self.delivered: list[Message] = []
+        self._counts = dict.fromkeys(devices, 0)
+        self._contexts = {node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(),
+                                        run_config={}) for node in devices}
+        self._app = make_client_app(lambda context: self.devices[context.node_id])
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.devices)
@@ -35,11 +42,12 @@ class InProcessGrid(Grid):
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            if node in self.offline:
+            if node in self.offline or self._counts[node] >= self.drop_after.get(node, 10**9):
                 continue
+            self._counts[node] += 1
             self.delivered.append(msg)
-            handler = handle_train if msg.metadata.message_type == "train" else handle_evaluate
-            replies.append(handler(msg, self.devices[node]))
+            received = copy.deepcopy(msg)  # as if serialized: nodes never share one content object
+            replies.append(self._app(received, self._contexts[node]))
         return replies
 
     def push_messages(self, messages):  # pragma: no cover - send_and_receive is all the loop uses

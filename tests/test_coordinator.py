@@ -124,3 +124,41 @@ def test_resume_after_an_interruption_continues_round_counter_ledger_and_model(d
     rounds = [json.loads(line)["round"] for line in lines]
     assert rounds == [1, 2, 3, 4]
     assert torch.is_tensor(final.state["item_bias.weight"])
+
+
+def _final_state(directory):
+    return latest_checkpoint(directory / "run" / "checkpoints").state
+
+
+@pytest.mark.parametrize("dropped", [None, 4])
+def test_secure_aggregation_equals_plain_aggregation_within_quantization(devices, tmp_path, dropped):
+    """SecAgg+ (the coordinator sees only the mean) gives the plain path's model, with the same
+    user-level noise, to within quantization error, also when a device leaves mid-protocol."""
+    twin = tmp_path / "twin"
+    shutil.copytree(devices, twin)
+    config = {"rounds": 1, "clients_per_round": 0, "min_clients": DEVICES}
+    plain_grid = _grid(twin)
+    secure_grid = _grid(devices)
+    if dropped is not None:
+        plain_grid.offline = {dropped}  # never answers
+        secure_grid.drop_after = {dropped: 2}  # shares its keys, then vanishes before its vector
+    plain = run(plain_grid, _config(twin, **config))
+    secure = run(secure_grid, _config(devices, secure_aggregation=True, **config))
+    expected = DEVICES - (dropped is not None)
+    assert plain[0].train["devices-trained"] == secure[0].train["devices-trained"] == expected
+    assert secure[0].train["user-epsilon"] == pytest.approx(plain[0].train["user-epsilon"])
+    stages = {m.metadata.dst_node_id: 0 for m in secure_grid.delivered}
+    for msg in secure_grid.delivered:
+        stages[msg.metadata.dst_node_id] += 1
+    assert max(stages.values()) == 4  # setup, share keys, masked vector, unmask: SecAgg+ ran
+    for name, value in _final_state(twin).items():
+        np.testing.assert_allclose(_final_state(devices)[name].numpy(), value.numpy(), atol=2e-5)
+
+
+def test_the_run_stops_at_its_user_level_budget(devices):
+    budget = {"user_target_epsilon": 3.0, "user_noise_multiplier": 0.0, "clients_per_round": 0}
+    done = run(_grid(devices), _config(devices, rounds=2, **budget))
+    assert len(done) == 2 and done[-1].train["user-epsilon"] == pytest.approx(3.0, rel=0.02)
+    assert done[-1].train["user-epsilon"] <= 3.0 * (1 + 1e-9)
+    more = run(_grid(devices), _config(devices, rounds=4, resume=True, **budget))
+    assert more == []  # a third round would go over the budget: nothing more is spent
