@@ -37,6 +37,7 @@ from attune.shared.model import Personalization
 from attune.shared.seeding import device_seed
 from attune.simulations.datasets import EventLog
 from attune.simulations.evaluation import Split
+from attune.simulations.report import beyond_accuracy
 
 _TYPE_WEIGHTS = torch.tensor([EVENT_WEIGHTS[t] for t in EVENT_TYPES])
 
@@ -88,13 +89,19 @@ def rank_vectors(model: Personalization, state: FastState, datasets: list[LocalD
     return vectors
 
 
-def evaluate(model: Personalization, users: torch.Tensor, trained: torch.Tensor,
-             split: Split) -> tuple[float, float]:
+def queries(model: Personalization, users: torch.Tensor, trained: torch.Tensor,
+            split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each user's query at their held-out time: with their own vector, and global-only."""
     hours, days = _hours_weekdays(split.test_times)
-    query = users * trained.unsqueeze(1)
+    context = torch.zeros(len(hours), model.config.dim)
     if model.config.use_context:
         clicks = torch.full_like(hours, EVENT_TYPES.index(RANKED_EVENT_TYPE))
-        query = query + model.context_encoder(context_matrix(hours, days, clicks))
+        with torch.no_grad():
+            context = model.context_encoder(context_matrix(hours, days, clicks))
+    return users * trained.unsqueeze(1) + context, context
+
+
+def evaluate(model: Personalization, query: torch.Tensor, split: Split) -> tuple[float, float]:
     with torch.no_grad():
         scores = model.score(query, torch.from_numpy(split.candidates)).numpy()
     hit, ndcg = hit_and_ndcg(scores)
@@ -109,7 +116,8 @@ def simulate_fast(
     budget: float | None = None,
     rank_fit: bool = True,
     on_round: Callable[[RoundRecord], None] | None = None,
-) -> list[RoundRecord]:
+) -> dict[str, object]:
+    """Run the simulation; returns the final model's metrics beyond HR/NDCG (``report``)."""
     torch.set_num_threads(1)
     model = Personalization(server.model, generator=torch.Generator().manual_seed(server.seed))
     current = model.global_state()
@@ -168,7 +176,8 @@ def simulate_fast(
                 server_round, current, step.state_dict(),
                 accountant.ledger.state_dict() if accountant is not None else None))
         users = rank_vectors(model, state, datasets, seeds) if rank_fit else state.users
-        hr, ndcg = evaluate(model, users, state.trained, split)
+        personal, global_only = queries(model, users, state.trained, split)
+        hr, ndcg = evaluate(model, personal, split)
         total = sum(n for _, n in losses) or 1
         done = RoundRecord(round=server_round,
                            train={"loss": sum(v * n for v, n in losses) / total,
@@ -181,4 +190,8 @@ def simulate_fast(
         history.append(done)
         if on_round is not None:
             on_round(done)
-    return history
+    if not history:
+        return {}
+    weights = model.global_state()
+    return beyond_accuracy(log, split, weights["item_embedding.weight"].numpy(),
+                           weights["item_bias.weight"][:, 0].numpy(), personal.numpy(), global_only.numpy())

@@ -110,13 +110,15 @@ def simulate(
         from attune.simulations.fast import simulate_fast
 
         budget = server.target_epsilon if train.private else None
-        simulate_fast(log, split, server, config.min_events, budget, on_round=record)
+        report = simulate_fast(log, split, server, config.min_events, budget, on_round=record)
     else:
         _run_flower(log, split, server, train, config, record)
+        report = None  # user vectors stay on the simulated devices: only HR/NDCG are reported
     if len(history) != server.rounds:
         raise RuntimeError(f"simulation finished {len(history)} of {server.rounds} rounds")
     results = build_results(log, split, server, train, history)
     results["backend"] = config.backend
+    results["beyond_accuracy"] = report
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curve(results, out / "curve.png")

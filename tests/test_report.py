@@ -1,0 +1,60 @@
+"""Beyond-accuracy metrics against a plain-Python reference, and in the fast backend's results."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from attune.simulations.datasets import synthetic
+from attune.simulations.evaluation import leave_one_out
+from attune.simulations.report import beyond_accuracy
+from attune.simulations.runner import DataSource, SimulationConfig, server_config, simulate
+
+
+def test_beyond_accuracy_matches_a_plain_reference():
+    log = synthetic(num_users=30, seed=2)
+    split = leave_one_out(log, seed=2)
+    rng = np.random.default_rng(0)
+    table, bias = rng.normal(size=(log.num_items, 4)), rng.normal(size=log.num_items) * 0.1
+    personal, global_only = rng.normal(size=(30, 4)), np.zeros((30, 4))
+    report = beyond_accuracy(log, split, table, bias, personal, global_only)
+
+    users, items = log.users[split.train], log.items[split.train]
+    train_pairs = {(int(u), int(i)) for u, i in zip(users, items, strict=True)}
+    shown, ild, novelty = set(), [], []
+    reach = {i: len({u for u, j in train_pairs if j == i}) for i in range(log.num_items)}
+    for user in range(30):
+        scores = {i: float(table[i] @ personal[user] + bias[i]) for i in range(log.num_items)
+                  if (user, i) not in train_pairs}
+        top = sorted(scores, key=lambda i: -scores[i])[:10]
+        shown.update(top)
+        unit = [table[i] / np.linalg.norm(table[i]) for i in top]
+        ild.append(1 - np.mean([float(a @ b) for a, b in itertools.permutations(unit, 2)]))
+        novelty.append(np.mean([-math.log2((reach[i] + 1) / 31) for i in top]))
+    assert report["catalog_coverage@10"] == pytest.approx(len(shown) / log.num_items)
+    assert report["intra_list_diversity@10"] == pytest.approx(np.mean(ild))
+    assert report["novelty@10"] == pytest.approx(np.mean(novelty))
+
+    def rank(query, user):
+        cands = split.candidates[user]
+        s = table[cands] @ query + bias[cands]
+        return sum(s[1:] > s[0]) + 0.5 * sum(s[1:] == s[0])
+
+    gains = [rank(global_only[u], u) - rank(personal[u], u) for u in range(30)]
+    assert report["personalization_rank_gain_mean"] == pytest.approx(np.mean(gains))
+    assert report["share_users_helped"] == pytest.approx(np.mean([g > 0 for g in gains]))
+    hits = [rank(personal[u], u) < 10 for u in range(30)]
+    assert report["hr@10_personal"] == pytest.approx(np.mean(hits))
+    assert report["worst_decile_hr@10"] == min(report["hr@10_by_activity_decile"])
+
+
+def test_fast_backend_results_carry_the_metrics(tmp_path):
+    server = server_config(rounds=1, clients_per_round=0, local_epochs=1.0, user_epochs=1.0,
+                           epsilon=8.0, delta=1e-5, noise_multiplier=None, max_grad_norm=1.0,
+                           sample_rate=1.0, lr=1.0, user_lr=0.5, server_lr=10.0, dim=8, no_dp=False, seed=1)
+    results = simulate(SimulationConfig(DataSource("synthetic", synthetic_users=40), server, tmp_path,
+                                        backend="fast"))
+    metrics = results["beyond_accuracy"]
+    assert metrics["hr@10_personal"] == pytest.approx(results["final"]["hr@10"], abs=1e-6)
+    assert 0 < metrics["catalog_coverage@10"] <= 1 and len(metrics["hr@10_by_activity_decile"]) == 10
