@@ -52,3 +52,23 @@ def popularity_baseline(log: EventLog, split: Split) -> dict[str, float]:
     counts = np.bincount(log.items[split.train], minlength=log.num_items).astype(np.float64)
     hit, ndcg = hit_and_ndcg(counts[split.candidates])
     return {"hr@10": float(hit.mean()), "ndcg@10": float(ndcg.mean())}
+
+
+def skew_data_sizes(log: EventLog, split: Split, skew: float, seed: int) -> Split:
+    """Heterogeneous devices: user ``u`` keeps only its most recent ``ceil(n_u * r_u)`` training
+    events, ``r_u = (k_u / num_users) ** skew`` for a seeded random rank ``k_u`` in 1..num_users.
+    ``skew = 0`` keeps everything; larger values leave most devices with little data."""
+    if skew < 0:
+        raise ValueError(f"data skew must be >= 0, got {skew}")
+    if skew == 0:
+        return split
+    ranks = np.random.default_rng(seed).permutation(log.num_users) + 1
+    keep_share = (ranks / log.num_users) ** skew
+    order = np.lexsort((-np.arange(len(log)), -log.timestamps, log.users))  # newest first per user
+    order = order[split.train[order]]
+    train = np.zeros(len(log), dtype=bool)
+    bounds = np.searchsorted(log.users[order], np.arange(log.num_users + 1))
+    for user in range(log.num_users):
+        rows = order[bounds[user] : bounds[user + 1]]
+        train[rows[: int(np.ceil(len(rows) * keep_share[user]))]] = True
+    return Split(train=train, candidates=split.candidates, test_times=split.test_times)

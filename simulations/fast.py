@@ -116,6 +116,7 @@ def simulate_fast(
     budget: float | None = None,
     rank_fit: bool = True,
     on_round: Callable[[RoundRecord], None] | None = None,
+    availability: float = 1.0,
 ) -> dict[str, object]:
     """Run the simulation; returns the final model's metrics beyond HR/NDCG (``report``)."""
     torch.set_num_threads(1)
@@ -140,7 +141,10 @@ def simulate_fast(
         if accountant is not None and not accountant.admits(len(cohort), log.num_users):
             break
         accepted, losses, trained_now = [], [], []
-        for user in cohort.tolist():
+        online = np.ones(len(cohort), dtype=bool)
+        if availability < 1:  # each sampled device is online this round or not
+            online = rng.random(len(cohort)) < availability
+        for user in cohort[online].tolist():
             data = datasets[user]
             ledger = state.ledgers[user]
             if len(data) < min_events:

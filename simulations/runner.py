@@ -25,7 +25,7 @@ from attune.shared.seeding import device_seed
 from attune.shared.signing import generate_keypair
 from attune.simulations.datasets import EventLog, load_csv, load_movielens, synthetic
 from attune.simulations.devices import store_path, write_devices
-from attune.simulations.evaluation import Split, leave_one_out, popularity_baseline
+from attune.simulations.evaluation import Split, leave_one_out, popularity_baseline, skew_data_sizes
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,18 @@ class SimulationConfig:
     out: Path
     min_events: int = 5
     backend: str = "flower"
+    availability: float = 1.0  # share of sampled devices online in a round (fast backend)
+    data_skew: float = 0.0  # 0: every device keeps all its events; see skew_data_sizes
 
     def __post_init__(self) -> None:
         if self.backend not in ("flower", "fast"):
             raise ConfigError(f"unknown backend {self.backend!r}: use flower or fast")
+        if not 0 < self.availability <= 1:
+            raise ConfigError(f"availability must be in (0, 1], got {self.availability}")
+        if self.availability < 1 and self.backend != "fast":
+            raise ConfigError("--availability is simulated by the fast backend only")
+        if self.data_skew < 0:
+            raise ConfigError(f"data skew must be >= 0, got {self.data_skew}")
 
 
 def _settings_resolver(directory: Path, vocabulary: Path, privacy: PrivacyConfig, seed: int,
@@ -92,7 +100,7 @@ def simulate(
     """Run the simulation and return (and write) the results document."""
     server = config.server
     log = log if log is not None else config.source.load(server.seed)
-    split = leave_one_out(log, seed=server.seed)
+    split = skew_data_sizes(log, leave_one_out(log, seed=server.seed), config.data_skew, server.seed)
     model = replace(server.model, num_items=log.num_items)
     out = config.out
     if (out / "rounds.jsonl").exists():
@@ -110,7 +118,8 @@ def simulate(
         from attune.simulations.fast import simulate_fast
 
         budget = server.target_epsilon if train.private else None
-        report = simulate_fast(log, split, server, config.min_events, budget, on_round=record)
+        report = simulate_fast(log, split, server, config.min_events, budget, on_round=record,
+                               availability=config.availability)
     else:
         _run_flower(log, split, server, train, config, record)
         report = None  # user vectors stay on the simulated devices: only HR/NDCG are reported
@@ -119,6 +128,7 @@ def simulate(
     results = build_results(log, split, server, train, history)
     results["backend"] = config.backend
     results["beyond_accuracy"] = report
+    results["heterogeneity"] = {"availability": config.availability, "data_skew": config.data_skew}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curve(results, out / "curve.png")

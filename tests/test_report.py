@@ -58,3 +58,20 @@ def test_fast_backend_results_carry_the_metrics(tmp_path):
     metrics = results["beyond_accuracy"]
     assert metrics["hr@10_personal"] == pytest.approx(results["final"]["hr@10"], abs=1e-6)
     assert 0 < metrics["catalog_coverage@10"] <= 1 and len(metrics["hr@10_by_activity_decile"]) == 10
+
+
+def test_skewed_data_sizes_keep_each_users_newest_events():
+    from attune.simulations.evaluation import skew_data_sizes
+
+    log = synthetic(num_users=50, seed=3)
+    split = leave_one_out(log, seed=3)
+    skewed = skew_data_sizes(log, split, skew=2.0, seed=3)
+    assert not (skewed.train & ~split.train).any()  # only ever drops training events
+    before = np.bincount(log.users[split.train], minlength=50)
+    after = np.bincount(log.users[skewed.train], minlength=50)
+    assert (after >= 1).all() and after.sum() < 0.5 * before.sum()
+    for user in range(50):
+        kept = log.timestamps[skewed.train & (log.users == user)]
+        dropped = log.timestamps[split.train & ~skewed.train & (log.users == user)]
+        assert not len(dropped) or kept.min() >= dropped.max()  # the newest are kept
+    assert skew_data_sizes(log, split, skew=0.0, seed=3) is split
