@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +30,7 @@ from attune.shared.model import ModelConfig, Personalization
 warnings.filterwarnings("ignore")
 BATCH, DIM, NEGATIVES = 256, 32, 4
 ROUND = 10  # steps per local round (lazy noise is drawn in full once per round)
+TRIALS = 15
 
 
 def make_batch(items: int, g: torch.Generator) -> Batch:
@@ -44,6 +46,16 @@ def timed(step, repeats: int) -> float:
     for _ in range(repeats):
         step()
     return (time.process_time() - start) / repeats * 1000
+
+
+def interleaved(steps: dict, repeats: int, trials: int = TRIALS) -> dict[str, float]:
+    """Median ms per step of each mode over ``trials`` rounds that time every mode in turn, so a
+    slow spell of this shared machine hits all modes alike."""
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(trials):
+        for name, step in steps.items():
+            samples[name].append(timed(step, repeats))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def plain_step(model: Personalization, batch: Batch):
@@ -139,7 +151,8 @@ def _print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="CPU time per step (batch 256, dim 32), ratio to plain in the same run")
+    table = Table(title="CPU time per step (batch 256, dim 32; median of interleaved trials), "
+                        "ratio to plain in the same run")
     columns = ("items", "plain", "plain, sparse grads", "Attune DP", "lazy noise", "eager noise",
                "Opacus ghost", "Opacus hooks")
     for column in columns:
@@ -160,11 +173,14 @@ def main() -> None:
         base = Personalization(ModelConfig(num_items=items, dim=DIM), generator=g)
         batch = make_batch(items, g)
         repeats = 40 if items < 100_000 else 20
-        row = {"items": items, "batch": BATCH, "dim": DIM}
-        row["plain_ms"] = timed(plain_step(copy.deepcopy(base), batch), repeats)
-        row["plain_sparse_ms"] = timed(plain_sparse_step(copy.deepcopy(base), batch), repeats)
-        row["attune_dp_lazy_ms"] = timed(attune_step(copy.deepcopy(base), batch, lazy=True), repeats)
-        row["attune_dp_eager_ms"] = timed(attune_step(copy.deepcopy(base), batch, lazy=False), repeats)
+        row = {"items": items, "batch": BATCH, "dim": DIM, "trials": TRIALS}
+        medians = interleaved({
+            "plain_ms": plain_step(copy.deepcopy(base), batch),
+            "plain_sparse_ms": plain_sparse_step(copy.deepcopy(base), batch),
+            "attune_dp_lazy_ms": attune_step(copy.deepcopy(base), batch, lazy=True),
+            "attune_dp_eager_ms": attune_step(copy.deepcopy(base), batch, lazy=False),
+        }, repeats)
+        row.update(medians)
         # what local training does: lazy noise from LAZY_NOISE_MIN_COORDINATES up
         row["lazy_noise_used"] = items * (DIM + 1) >= LAZY_NOISE_MIN_COORDINATES
         row["attune_dp_ms"] = row["attune_dp_lazy_ms" if row["lazy_noise_used"] else "attune_dp_eager_ms"]

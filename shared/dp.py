@@ -16,8 +16,9 @@ per-logit loss gradients ``g = dL/dz`` (``[batch, m]``):
 - user vector: ``v_b = sum_m g_bm * item_vector_bm``, norm ``||v_b||^2``;
 - context encoder (``query = user + W x``): ``v_b x_b^T``, norm ``||v_b||^2 ||x_b||^2``.
 
-The clipped sum is then one ordinary backward pass of ``sum_b clip_b * loss_b``
-(the "ghost clipping" identity of Li et al. 2022), so a DP step costs about one plain step.
+The clipped sum is the gradient of ``sum_b clip_b * loss_b`` (the "ghost clipping" identity
+of Li et al. 2022), and it too has a closed form in ``g`` (``clipped_backward``), so a DP step
+needs no autograd pass at all and costs about one plain step.
 """
 
 from __future__ import annotations
@@ -45,14 +46,21 @@ class StepStats:
     clipped: int
 
 
+def query_gradients(vectors: torch.Tensor, logit_grads: torch.Tensor) -> torch.Tensor:
+    """``v_b = sum_m g_bm * item_vector_bm``: each example's gradient w.r.t. its query, ``[b, d]``."""
+    return torch.bmm(logit_grads.unsqueeze(1), vectors.detach()).squeeze(1)
+
+
 def per_example_norms(
     model: Personalization,
     batch: Batch,
     query: torch.Tensor,
     vectors: torch.Tensor,
     logit_grads: torch.Tensor,
+    query_grads: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """L2 norm of each example's gradient over the model's trainable parameters, ``[b]``."""
+    """L2 norm of each example's gradient over the model's trainable parameters, ``[b]``
+    (``query_grads``: ``query_gradients(vectors, logit_grads)`` if already computed)."""
     squared = torch.zeros(len(batch), dtype=logit_grads.dtype)
     items = batch.items
     trains_items = model.item_embedding.weight.requires_grad
@@ -67,7 +75,9 @@ def per_example_norms(
     trains_user = model.user_vector.weight.requires_grad
     trains_context = batch.context is not None and model.context_encoder.weight.requires_grad
     if trains_user or trains_context:
-        v = torch.bmm(logit_grads.unsqueeze(1), vectors.detach()).squeeze(1).pow(2).sum(dim=1)
+        if query_grads is None:
+            query_grads = query_gradients(vectors, logit_grads)
+        v = query_grads.pow(2).sum(dim=1)
         if trains_user:
             squared = squared + v
         if trains_context:
@@ -85,31 +95,55 @@ def clipped_backward(
 ) -> StepStats:
     """Put the sum of per-example clipped gradients into ``.grad`` of every trainable parameter.
 
+    No autograd pass: with the per-logit gradients ``g`` scaled by each example's clip factor,
+    every parameter's gradient has a closed form (item rows: ``g_bm * query_b`` added at
+    ``items_bm``; bias rows: ``g_bm``; user vector: ``sum_b v_b`` with ``v_b = sum_m g_bm
+    item_vector_bm``; context encoder: ``sum_b v_b x_b^T``). Item tables whose embedding is
+    ``sparse`` get a sparse gradient (the rows of the batch only), as autograd would give.
     An empty batch leaves zero gradients, so the optimizer still adds noise (as Opacus does).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    if len(batch) == 0:
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        return StepStats(examples=0, loss_sum=0.0, clipped=0)
-    query = model.person(len(batch), batch.context)
-    vectors = model.item_embedding(batch.items)
-    logits = model.score_with(query, vectors, model.item_bias(batch.items))
-    losses = per_example_loss(logits, batch, loss)
-    logit_grads = logit_gradients(logits, batch, loss)
-    norms = per_example_norms(model, batch, query, vectors, logit_grads)
-    factors = clip_factors(norms, max_grad_norm)
     for p in params:
         p.grad = None
-    (losses * factors).sum().backward()
+    examples = len(batch)
+    with torch.no_grad():
+        if examples:
+            query = model.person(examples, batch.context)
+            vectors = model.item_embedding(batch.items)
+            logits = model.score_with(query, vectors, model.item_bias(batch.items))
+            losses = per_example_loss(logits, batch, loss)
+            logit_grads = logit_gradients(logits, batch, loss)
+            query_grads = query_gradients(vectors, logit_grads)
+            norms = per_example_norms(model, batch, query, vectors, logit_grads, query_grads)
+            factors = clip_factors(norms, max_grad_norm).unsqueeze(1)
+            _write_gradients(model, batch, query, logit_grads * factors, query_grads * factors)
     for p in params:
-        if p.grad is None:  # a parameter the batch did not reach (e.g. context off)
+        if p.grad is None:  # a parameter the batch did not reach (or an empty batch)
             p.grad = torch.zeros_like(p)
-    return StepStats(
-        examples=len(batch),
-        loss_sum=float(losses.detach().sum()),
-        clipped=int((factors < 1.0).sum()),
-    )
+    if not examples:
+        return StepStats(examples=0, loss_sum=0.0, clipped=0)
+    return StepStats(examples=examples, loss_sum=float(losses.sum()), clipped=int((factors < 1.0).sum()))
+
+
+def _write_gradients(model: Personalization, batch: Batch, query: torch.Tensor, scaled: torch.Tensor,
+                     scaled_query_grads: torch.Tensor) -> None:
+    """``.grad`` of ``sum_b clip_b * loss_b`` from the clipped per-logit gradients ``scaled`` and
+    per-query gradients ``scaled_query_grads``."""
+    rows = batch.items.reshape(-1)
+    for module, values in (
+        (model.item_embedding, lambda: (scaled.unsqueeze(2) * query.unsqueeze(1)).flatten(0, 1)),
+        (model.item_bias, lambda: scaled.reshape(-1, 1)),
+    ):
+        weight = module.weight
+        if weight.requires_grad:
+            if module.sparse:
+                weight.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values(), weight.shape)
+            else:
+                weight.grad = torch.zeros_like(weight).index_add_(0, rows, values())
+    if model.user_vector.weight.requires_grad:
+        model.user_vector.weight.grad = scaled_query_grads.sum(dim=0, keepdim=True)
+    if batch.context is not None and model.context_encoder.weight.requires_grad:
+        model.context_encoder.weight.grad = scaled_query_grads.T @ batch.context
 
 
 class SingleStepDPOptimizer(DPOptimizerFastGradientClipping):
