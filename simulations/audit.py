@@ -95,7 +95,8 @@ def audit(
     included = rng.random(log.num_users) < 0.5
     scores = np.zeros(log.num_users)
     epsilon = 0.0
-    for user, data in enumerate(datasets):
+    for user in range(len(datasets)):
+        data = datasets[user]
         if included[user]:
             context = None
             if data.context is not None:

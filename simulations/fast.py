@@ -1,11 +1,13 @@
 """In-process simulation backend: the same local training and aggregation code, no message passing.
 
-Device state is compact (one tensor of user vectors, one ledger per device). Used for quick
+Device state is compact: every device's events in flat arrays, and user vectors and rounds
+trained in tensors (``DeviceData``, ``FastState``). Used for quick
 research loops; the Flower backend (``runner.simulate``) remains the reference.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +26,7 @@ from attune.server.coordinator import (
 )
 from attune.server.privacy import UserLevelAccountant
 from attune.shared import seeding
-from attune.shared.accounting import PrivacyLedger
+from attune.shared.accounting import PrivacyLedger, epsilon_of
 from attune.shared.events import (
     EVENT_TYPES,
     EVENT_WEIGHTS,
@@ -47,44 +49,62 @@ def _hours_weekdays(timestamps: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]
     return (seconds // 3600) % 24, ((seconds // 86400) + 3) % 7  # 1970-01-01 was a Thursday
 
 
-def device_datasets(log: EventLog, split: Split, use_context: bool) -> list[LocalData]:
+@dataclass(frozen=True)
+class DeviceData:
+    """Every device's training events in flat arrays (device ``u`` owns rows
+    ``offsets[u]:offsets[u + 1]``, in its store's order): no Python object per device."""
+
+    items: torch.Tensor  # long [events]
+    weights: torch.Tensor  # float [events]
+    context: torch.Tensor | None  # float [events, features]
+    offsets: torch.Tensor  # long [devices + 1]
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0]) - 1
+
+    def __getitem__(self, user: int) -> LocalData:
+        """One device's events as the device builds them from its store (views, no copies)."""
+        rows = slice(int(self.offsets[user]), int(self.offsets[user + 1]))
+        return LocalData(items=self.items[rows], weights=self.weights[rows],
+                         context=self.context[rows] if self.context is not None else None)
+
+    def sizes(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+def device_datasets(log: EventLog, split: Split, use_context: bool) -> DeviceData:
     """Each user's training events as the device would build them from its store."""
-    weights = torch.from_numpy(log.weights)
-    kinds = nearest_event_types(weights)  # as simulations.devices stores them
-    hours, days = _hours_weekdays(log.timestamps)
-    context = context_matrix(hours, days, kinds) if use_context else None
     order = np.lexsort((np.arange(len(log)), log.timestamps, log.users))  # the store's order
-    order = order[split.train[order]]
-    bounds = np.searchsorted(log.users[order], np.arange(log.num_users + 1))
-    datasets = []
-    for user in range(log.num_users):
-        rows = torch.from_numpy(order[bounds[user] : bounds[user + 1]])
-        datasets.append(LocalData(
-            items=torch.from_numpy(log.items)[rows],
-            weights=_TYPE_WEIGHTS[kinds[rows]],
-            context=context[rows] if context is not None else None,
-        ))
-    return datasets
+    order = torch.from_numpy(order[split.train[order]])
+    kinds = nearest_event_types(torch.from_numpy(log.weights)[order])  # as simulations.devices stores them
+    context = None
+    if use_context:
+        hours, days = _hours_weekdays(log.timestamps[order.numpy()])
+        context = context_matrix(hours, days, kinds)
+    bounds = np.searchsorted(log.users[order.numpy()], np.arange(log.num_users + 1))
+    return DeviceData(items=torch.from_numpy(log.items)[order], weights=_TYPE_WEIGHTS[kinds],
+                      context=context, offsets=torch.from_numpy(bounds.astype(np.int64)))
 
 
 @dataclass
 class FastState:
-    """Every device's state: DP user vector, whether it has trained, rounds trained, ledger."""
+    """Every device's state in a few tensors: DP user vector, whether it has trained, and rounds
+    trained (with one training config per run, a device's privacy history is ``rounds`` times
+    the same round, so its epsilon is ``epsilon_of([(sigma, q, rounds * steps)])``)."""
 
     users: torch.Tensor  # [num_users, dim]
     trained: torch.Tensor  # bool [num_users]
-    rounds: list[int]
-    ledgers: list[PrivacyLedger]
+    rounds: torch.Tensor  # int32 [num_users]
 
 
-def rank_vectors(model: Personalization, state: FastState, datasets: list[LocalData],
+def rank_vectors(model: Personalization, state: FastState, datasets: DeviceData,
                  seeds: list[int]) -> torch.Tensor:
     """Each trained device's ranking-only user vector, fitted as ``Personalizer.refresh_ranking``."""
     vectors = state.users.clone()
     for user in state.trained.nonzero().squeeze(1).tolist():
         with torch.no_grad():
             model.user_vector.weight.copy_(state.users[user])
-        generator = seeding.generator(seeds[user], seeding.RANK + state.rounds[user])
+        generator = seeding.generator(seeds[user], seeding.RANK + int(state.rounds[user]))
         vectors[user] = fit_rank_vector(model, datasets[user], generator=generator)
     return vectors
 
@@ -127,9 +147,14 @@ def simulate_fast(
     seeds = [device_seed(server.seed, user) for user in range(log.num_users)]
     state = FastState(users=torch.zeros(log.num_users, server.model.dim),
                       trained=torch.zeros(log.num_users, dtype=torch.bool),
-                      rounds=[0] * log.num_users,
-                      ledgers=[PrivacyLedger() for _ in range(log.num_users)])
+                      rounds=torch.zeros(log.num_users, dtype=torch.int32))
     step = server_step(server.server_optimizer, server.server_lr)
+
+    @functools.cache
+    def spent(rounds: int) -> float:
+        """A device's epsilon after ``rounds`` rounds (what its ledger would say)."""
+        return epsilon_of([(train.noise_multiplier, train.sample_rate, rounds * train.steps_per_round)],
+                          server.delta)
     z = user_noise_multiplier(server, log.num_users) if server.user_level_dp else 0.0
     aggregation = aggregation_config(server, z)
     accountant = UserLevelAccountant(z, server.user_delta, server.user_target_epsilon) if z > 0 else None
@@ -146,12 +171,9 @@ def simulate_fast(
             online = rng.random(len(cohort)) < availability
         for user in cohort[online].tolist():
             data = datasets[user]
-            ledger = state.ledgers[user]
             if len(data) < min_events:
                 continue
-            if train.private and budget is not None and ledger.epsilon_after(
-                server.delta, noise_multiplier=train.noise_multiplier,
-                sample_rate=train.sample_rate, steps=train.steps_per_round) > budget:
+            if train.private and budget is not None and spent(int(state.rounds[user]) + 1) > budget:
                 continue
             # exactly what Personalizer.train does on a device
             model.load_global_state(current)
@@ -161,8 +183,8 @@ def simulate_fast(
                 else:
                     init = seeding.generator(seeds[user], seeding.USER_INIT)
                     model.user_vector.weight.normal_(0.0, server.model.dim**-0.5, generator=init)
-            generator = seeding.generator(seeds[user], seeding.TRAIN + state.rounds[user])
-            result = train_round(model, data, train, ledger, generator)
+            generator = seeding.generator(seeds[user], seeding.TRAIN + int(state.rounds[user]))
+            result = train_round(model, data, train, PrivacyLedger(), generator)
             state.users[user] = model.user_vector.weight.detach()[0]
             state.trained[user] = True
             state.rounds[user] += 1
@@ -174,7 +196,7 @@ def simulate_fast(
         if accountant is not None:
             accountant.record(len(cohort), log.num_users)
         model.load_global_state(current)
-        eps = [state.ledgers[u].epsilon(server.delta) for u in trained_now] if train.private else []
+        eps = [spent(int(state.rounds[u])) for u in trained_now] if train.private else []
         if server.out_dir is not None:
             save_checkpoint(server.out_dir / "checkpoints", Checkpoint(
                 server_round, current, step.state_dict(),
@@ -186,7 +208,7 @@ def simulate_fast(
         done = RoundRecord(round=server_round,
                            train={"loss": sum(v * n for v, n in losses) / total,
                                   "epsilon-max": max(eps, default=0.0),
-                                  "steps-max": float(max(ledger.steps for ledger in state.ledgers)),
+                                  "steps-max": float(int(state.rounds.max()) * train.steps_per_round),
                                   "sample-rate-max": train.sample_rate,
                                   "devices-trained": float(len(accepted)),
                                   **({"user-epsilon": accountant.epsilon()} if accountant else {})},
