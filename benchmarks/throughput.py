@@ -116,7 +116,8 @@ def main() -> None:
         "client_updates_per_second": rates,
         "fast_vs_stock": rates["fast"] / rates["stock_opacus_per_client"],
         "plain_vs_fast": rates["plain"] / rates["fast"],
-        "fast_vs_flower": rates["fast"] / rates["flower_simulation"] if "flower_simulation" in rates else None,
+        "fast_vs_flower": (rates["fast"] / rates["flower_simulation"]) if "flower_simulation" in rates
+        else None,
     }
     for name, rate in rates.items():
         print(f"{name:>26}: {rate:8.1f} client updates/s")
