@@ -28,13 +28,13 @@ DEFAULTS = {
 }
 
 
-def _run(options: dict, source, out: Path, backend: str = "flower", **heterogeneity: float) -> dict:
+def _run(options: dict, source, out: Path, backend: str = "flower", **simulation: object) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from attune.simulations.runner import SimulationConfig, server_config, simulate
 
     server = server_config(**options)
-    config = SimulationConfig(source=source, server=server, out=out, backend=backend, **heterogeneity)
+    config = SimulationConfig(source=source, server=server, out=out, backend=backend, **simulation)
     log = source.load(server.seed)  # bad input fails here, before any progress is drawn
     with Progress(TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(),
                   TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
@@ -97,6 +97,8 @@ def simulate(
     seed: int = typer.Option(0),
     backend: str = typer.Option("flower", help="flower (Flower simulation engine) or fast (in-process)"),
     availability: float = typer.Option(1.0, help="share of sampled devices online each round (fast)"),
+    algorithm: str = typer.Option("partial-local", help="partial-local, global, finetune or ditto "
+                                  "(all but partial-local: --backend fast)"),
     data_skew: float = typer.Option(0.0, help="0 = every device keeps all its events; 1, 2, ... = "
                                     "most devices keep few"),
     out: Path = typer.Option(Path("runs/simulate")),
@@ -113,7 +115,7 @@ def simulate(
                    no_dp=no_dp, seed=seed, negatives=negatives, context=context, joint_user=joint_user,
                    server_optimizer=server_optimizer, aggregation=aggregation,
                    update_clip=update_clip, user_epsilon=user_epsilon)
-    _run(options, source, out, backend, availability=availability, data_skew=data_skew)
+    _run(options, source, out, backend, availability=availability, data_skew=data_skew, algorithm=algorithm)
 
 
 @cli.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ from attune.shared.events import (
 from attune.shared.metrics import hit_and_ndcg
 from attune.shared.model import Personalization
 from attune.shared.seeding import device_seed
+from attune.shared.user_level import clip_update
+from attune.simulations.algorithms import Algorithm, algorithm, fit_ditto
 from attune.simulations.datasets import EventLog
 from attune.simulations.evaluation import Split
 from attune.simulations.report import beyond_accuracy
@@ -97,18 +99,6 @@ class FastState:
     rounds: torch.Tensor  # int32 [num_users]
 
 
-def rank_vectors(model: Personalization, state: FastState, datasets: DeviceData,
-                 seeds: list[int]) -> torch.Tensor:
-    """Each trained device's ranking-only user vector, fitted as ``Personalizer.refresh_ranking``."""
-    vectors = state.users.clone()
-    for user in state.trained.nonzero().squeeze(1).tolist():
-        with torch.no_grad():
-            model.user_vector.weight.copy_(state.users[user])
-        generator = seeding.generator(seeds[user], seeding.RANK + int(state.rounds[user]))
-        vectors[user] = fit_rank_vector(model, datasets[user], generator=generator)
-    return vectors
-
-
 def queries(model: Personalization, users: torch.Tensor, trained: torch.Tensor,
             split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """Each user's query at their held-out time: with their own vector, and global-only."""
@@ -121,11 +111,40 @@ def queries(model: Personalization, users: torch.Tensor, trained: torch.Tensor,
     return users * trained.unsqueeze(1) + context, context
 
 
-def evaluate(model: Personalization, query: torch.Tensor, split: Split) -> tuple[float, float]:
+def evaluate(model: Personalization, query: torch.Tensor, split: Split,
+             bias: torch.Tensor | None = None) -> tuple[float, float]:
+    """Mean HR@10 / NDCG@10; ``bias`` ``[users, items]`` replaces the global item biases."""
+    candidates = torch.from_numpy(split.candidates)
     with torch.no_grad():
-        scores = model.score(query, torch.from_numpy(split.candidates)).numpy()
-    hit, ndcg = hit_and_ndcg(scores)
+        scores = model.score(query, candidates)
+        if bias is not None:
+            scores = scores - model.item_bias(candidates)[..., 0] + torch.gather(bias, 1, candidates)
+    hit, ndcg = hit_and_ndcg(scores.numpy())
     return float(hit.mean()), float(ndcg.mean())
+
+
+def personal_models(alg: Algorithm, model: Personalization, state: FastState, shared: torch.Tensor,
+                    datasets: DeviceData, seeds: list[int], min_events: int, ditto_strength: float,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What each device ranks with: its vector ``[users, dim]``, whether it has one, and (Ditto)
+    its own item biases ``[users, items]``."""
+    users, trained = state.users.clone(), state.trained.clone()
+    if alg.shared_query:
+        users[:], trained[:] = shared, True
+    if alg.local_fit == "none":
+        return users, trained, None
+    bias = model.item_bias.weight.detach()[:, 0].repeat(len(users), 1) if alg.local_fit == "ditto" else None
+    fitting = state.trained if not alg.shared_query else datasets.sizes() >= min_events
+    for user in fitting.nonzero().squeeze(1).tolist():
+        with torch.no_grad():
+            model.user_vector.weight.copy_(users[user])
+        generator = seeding.generator(seeds[user], seeding.RANK + int(state.rounds[user]))
+        if alg.local_fit == "ditto":
+            users[user], bias[user] = fit_ditto(model, datasets[user], users[user], strength=ditto_strength,
+                                                generator=generator)
+        else:  # "rank" (from the DP vector) or "finetune" (from the shared vector)
+            users[user] = fit_rank_vector(model, datasets[user], generator=generator)
+    return users, trained, bias
 
 
 def simulate_fast(
@@ -137,11 +156,17 @@ def simulate_fast(
     rank_fit: bool = True,
     on_round: Callable[[RoundRecord], None] | None = None,
     availability: float = 1.0,
+    algorithm_name: str = "partial-local",
+    ditto_strength: float = 1.0,
 ) -> dict[str, object]:
     """Run the simulation; returns the final model's metrics beyond HR/NDCG (``report``)."""
     torch.set_num_threads(1)
+    alg = algorithm(algorithm_name)
+    if alg.shared_query:  # no local phase: the query vector trains with the item side and federates
+        server = replace(server, train=replace(server.train, user_epochs=0.0, joint_user=True))
     model = Personalization(server.model, generator=torch.Generator().manual_seed(server.seed))
     current = model.global_state()
+    shared = torch.zeros(server.model.dim)
     train = planned_train_config(server, log.num_users)
     datasets = device_datasets(log, split, server.model.use_context)
     seeds = [device_seed(server.seed, user) for user in range(log.num_users)]
@@ -178,21 +203,31 @@ def simulate_fast(
             # exactly what Personalizer.train does on a device
             model.load_global_state(current)
             with torch.no_grad():
-                if state.trained[user]:
+                if alg.shared_query:
+                    model.user_vector.weight.copy_(shared)
+                elif state.trained[user]:
                     model.user_vector.weight.copy_(state.users[user])
                 else:
                     init = seeding.generator(seeds[user], seeding.USER_INIT)
                     model.user_vector.weight.normal_(0.0, server.model.dim**-0.5, generator=init)
             generator = seeding.generator(seeds[user], seeding.TRAIN + int(state.rounds[user]))
             result = train_round(model, data, train, PrivacyLedger(), generator)
+            update = result.update
+            if alg.shared_query:  # the query vector's change is part of what is sent
+                update = {**update, "user_vector.weight": model.user_vector.weight.detach() - shared}
+                if train.update_clip > 0:
+                    update, _ = clip_update(update, train.update_clip)
             state.users[user] = model.user_vector.weight.detach()[0]
             state.trained[user] = True
             state.rounds[user] += 1
             trained_now.append(user)
-            accepted.append((result.update, float(result.examples)))
+            accepted.append((update, float(result.examples)))
             losses.append((result.mean_loss, result.examples))
         if accepted:
-            current = step.step(current, aggregate(aggregation, server_round, accepted))
+            mean = aggregate(aggregation, server_round, accepted)
+            if alg.shared_query:  # every example moves it: the plain mean, as the context encoder
+                shared = shared + mean.pop("user_vector.weight")[0].float()
+            current = step.step(current, mean)
         if accountant is not None:
             accountant.record(len(cohort), log.num_users)
         model.load_global_state(current)
@@ -201,9 +236,15 @@ def simulate_fast(
             save_checkpoint(server.out_dir / "checkpoints", Checkpoint(
                 server_round, current, step.state_dict(),
                 accountant.ledger.state_dict() if accountant is not None else None))
-        users = rank_vectors(model, state, datasets, seeds) if rank_fit else state.users
-        personal, global_only = queries(model, users, state.trained, split)
-        hr, ndcg = evaluate(model, personal, split)
+        if rank_fit or alg.local_fit != "rank":
+            users, trained, bias = personal_models(alg, model, state, shared, datasets, seeds, min_events,
+                                                   ditto_strength)
+        else:
+            users, trained, bias = state.users, state.trained, None
+        personal, global_only = queries(model, users, trained, split)
+        if alg.shared_query:  # the global model of these algorithms includes the shared vector
+            global_only = global_only + shared
+        hr, ndcg = evaluate(model, personal, split, bias)
         total = sum(n for _, n in losses) or 1
         done = RoundRecord(round=server_round,
                            train={"loss": sum(v * n for v, n in losses) / total,
@@ -219,5 +260,7 @@ def simulate_fast(
     if not history:
         return {}
     weights = model.global_state()
-    return beyond_accuracy(log, split, weights["item_embedding.weight"].numpy(),
-                           weights["item_bias.weight"][:, 0].numpy(), personal.numpy(), global_only.numpy())
+    item_bias = weights["item_bias.weight"][:, 0] if bias is None else bias
+    return {"algorithm": alg.name, **beyond_accuracy(
+        log, split, weights["item_embedding.weight"].numpy(), item_bias.numpy(), personal.numpy(),
+        global_only.numpy(), global_bias=weights["item_bias.weight"][:, 0].numpy())}

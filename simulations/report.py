@@ -28,14 +28,18 @@ def beyond_accuracy(
     bias: np.ndarray,
     personal: np.ndarray,
     global_only: np.ndarray,
+    global_bias: np.ndarray | None = None,
 ) -> dict[str, object]:
-    """``table`` ``[items, dim]`` and ``bias`` ``[items]`` are the global item side; ``personal``
-    and ``global_only`` are each user's query vector ``[users, dim]`` with and without their own
-    vector."""
+    """``table`` ``[items, dim]`` is the global item side; ``bias`` the item biases ``[items]``,
+    or each user's own ``[users, items]`` (Ditto), with ``global_bias`` ``[items]`` then;
+    ``personal`` and ``global_only`` are each user's query vector ``[users, dim]`` with and
+    without their own vector."""
     candidates = split.candidates
-    vectors, offsets = table[candidates], bias[candidates]
-    scores = np.einsum("ucd,ud->uc", vectors, personal) + offsets
-    scores_global = np.einsum("ucd,ud->uc", vectors, global_only) + offsets
+    user_bias = np.broadcast_to(bias, (log.num_users, log.num_items))
+    global_bias = bias if global_bias is None else global_bias
+    vectors = table[candidates]
+    scores = np.einsum("ucd,ud->uc", vectors, personal) + np.take_along_axis(user_bias, candidates, axis=1)
+    scores_global = np.einsum("ucd,ud->uc", vectors, global_only) + global_bias[candidates]
     hit, _ = hit_and_ndcg(scores)
     hit_global, _ = hit_and_ndcg(scores_global)
     gain = rank_of_first(scores_global) - rank_of_first(scores)
@@ -51,7 +55,7 @@ def beyond_accuracy(
     shown, spread, novelty = np.zeros(log.num_items, dtype=bool), [], []
     for start in range(0, log.num_users, _CHUNK):
         block = slice(start, start + _CHUNK)
-        full = personal[block] @ table.T + bias
+        full = personal[block] @ table.T + user_bias[block]
         full[seen[block]] = -np.inf
         top = np.argpartition(-full, CUTOFF, axis=1)[:, :CUTOFF]
         shown[top.ravel()] = True

@@ -65,6 +65,7 @@ class SimulationConfig:
     min_events: int = 5
     backend: str = "flower"
     availability: float = 1.0  # share of sampled devices online in a round (fast backend)
+    algorithm: str = "partial-local"  # see attune.simulations.algorithms (others: fast backend)
     data_skew: float = 0.0  # 0: every device keeps all its events; see skew_data_sizes
 
     def __post_init__(self) -> None:
@@ -74,6 +75,9 @@ class SimulationConfig:
             raise ConfigError(f"availability must be in (0, 1], got {self.availability}")
         if self.availability < 1 and self.backend != "fast":
             raise ConfigError("--availability is simulated by the fast backend only")
+        if self.algorithm != "partial-local" and self.backend != "fast":
+            raise ConfigError(f"--algorithm {self.algorithm} is simulated by the fast backend only; "
+                              "devices and the Flower backend run partial-local")
         if self.data_skew < 0:
             raise ConfigError(f"data skew must be >= 0, got {self.data_skew}")
 
@@ -119,7 +123,7 @@ def simulate(
 
         budget = server.target_epsilon if train.private else None
         report = simulate_fast(log, split, server, config.min_events, budget, on_round=record,
-                               availability=config.availability)
+                               availability=config.availability, algorithm_name=config.algorithm)
     else:
         _run_flower(log, split, server, train, config, record)
         report = None  # user vectors stay on the simulated devices: only HR/NDCG are reported
@@ -128,6 +132,7 @@ def simulate(
     results = build_results(log, split, server, train, history)
     results["backend"] = config.backend
     results["beyond_accuracy"] = report
+    results["algorithm"] = config.algorithm
     results["heterogeneity"] = {"availability": config.availability, "data_skew": config.data_skew}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -20,3 +20,30 @@ def test_fast_backend_private_run_reports_recomputable_epsilon(tmp_path):
                             privacy["delta"])
     assert recomputed == pytest.approx(privacy["epsilon_max"], abs=1e-5)
     assert len(results["rounds"]) == 2 and (tmp_path / "curve.png").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["global", "finetune", "partial-local", "ditto"])
+def test_each_algorithm_trains_privately_and_reports(tmp_path, algorithm):
+    server = server_config(rounds=2, clients_per_round=0, local_epochs=1.0, user_epochs=1.0,
+                           epsilon=8.0, delta=1e-5, noise_multiplier=None, max_grad_norm=1.0,
+                           sample_rate=1.0, lr=1.0, user_lr=0.5, server_lr=10.0, dim=8,
+                           no_dp=False, seed=1)
+    results = simulate(SimulationConfig(DataSource("synthetic", synthetic_users=40), server, tmp_path,
+                                        backend="fast", algorithm=algorithm))
+    metrics = results["beyond_accuracy"]
+    assert results["algorithm"] == metrics["algorithm"] == algorithm
+    assert 0 < results["privacy"]["epsilon_max"] <= 8.0 + 1e-6  # every algorithm is accounted
+    if algorithm == "global":  # one shared model: personalization changes nobody's ranking
+        assert metrics["share_users_helped"] == metrics["share_users_hurt"] == 0.0
+    else:
+        assert metrics["share_users_helped"] > 0
+
+
+def test_other_algorithms_need_the_fast_backend(tmp_path):
+    from attune.shared.errors import ConfigError
+
+    server = server_config(rounds=1, clients_per_round=0, local_epochs=1.0, user_epochs=1.0,
+                           epsilon=8.0, delta=1e-5, noise_multiplier=None, max_grad_norm=1.0,
+                           sample_rate=1.0, lr=1.0, user_lr=0.5, server_lr=10.0, dim=8, no_dp=False, seed=1)
+    with pytest.raises(ConfigError, match="fast backend only"):
+        SimulationConfig(DataSource("synthetic"), server, tmp_path, backend="flower", algorithm="ditto")
