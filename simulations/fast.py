@@ -158,6 +158,7 @@ def simulate_fast(
     availability: float = 1.0,
     algorithm_name: str = "partial-local",
     ditto_strength: float = 1.0,
+    evaluate_every_round: bool = True,
 ) -> dict[str, object]:
     """Run the simulation; returns the final model's metrics beyond HR/NDCG (``report``)."""
     torch.set_num_threads(1)
@@ -236,15 +237,17 @@ def simulate_fast(
             save_checkpoint(server.out_dir / "checkpoints", Checkpoint(
                 server_round, current, step.state_dict(),
                 accountant.ledger.state_dict() if accountant is not None else None))
-        if rank_fit or alg.local_fit != "rank":
-            users, trained, bias = personal_models(alg, model, state, shared, datasets, seeds, min_events,
-                                                   ditto_strength)
-        else:
-            users, trained, bias = state.users, state.trained, None
-        personal, global_only = queries(model, users, trained, split)
-        if alg.shared_query:  # the global model of these algorithms includes the shared vector
-            global_only = global_only + shared
-        hr, ndcg = evaluate(model, personal, split, bias)
+        hr = ndcg = float("nan")
+        if evaluate_every_round or server_round == server.rounds:
+            if rank_fit or alg.local_fit != "rank":
+                users, trained, bias = personal_models(alg, model, state, shared, datasets, seeds,
+                                                       min_events, ditto_strength)
+            else:
+                users, trained, bias = state.users, state.trained, None
+            personal, global_only = queries(model, users, trained, split)
+            if alg.shared_query:  # the global model of these algorithms includes the shared vector
+                global_only = global_only + shared
+            hr, ndcg = evaluate(model, personal, split, bias)
         total = sum(n for _, n in losses) or 1
         done = RoundRecord(round=server_round,
                            train={"loss": sum(v * n for v, n in losses) / total,
@@ -257,7 +260,7 @@ def simulate_fast(
         history.append(done)
         if on_round is not None:
             on_round(done)
-    if not history:
+    if len(history) < server.rounds:  # stopped early (budget): the report needs the final round
         return {}
     weights = model.global_state()
     item_bias = weights["item_bias.weight"][:, 0] if bias is None else bias

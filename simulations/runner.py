@@ -66,6 +66,7 @@ class SimulationConfig:
     backend: str = "flower"
     availability: float = 1.0  # share of sampled devices online in a round (fast backend)
     algorithm: str = "partial-local"  # see attune.simulations.algorithms (others: fast backend)
+    evaluate_every_round: bool = True  # False: only the final round (fast backend; sweeps)
     data_skew: float = 0.0  # 0: every device keeps all its events; see skew_data_sizes
 
     def __post_init__(self) -> None:
@@ -123,7 +124,8 @@ def simulate(
 
         budget = server.target_epsilon if train.private else None
         report = simulate_fast(log, split, server, config.min_events, budget, on_round=record,
-                               availability=config.availability, algorithm_name=config.algorithm)
+                               availability=config.availability, algorithm_name=config.algorithm,
+                               evaluate_every_round=config.evaluate_every_round)
     else:
         _run_flower(log, split, server, train, config, record)
         report = None  # user vectors stay on the simulated devices: only HR/NDCG are reported
