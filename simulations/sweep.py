@@ -20,7 +20,7 @@ import numpy as np
 from attune.simulations.runner import DataSource, SimulationConfig, server_config, simulate
 
 METRICS = ("hr@10", "ndcg@10", "worst_decile_hr@10", "catalog_coverage@10", "intra_list_diversity@10",
-           "novelty@10", "epsilon_max")
+           "novelty@10", "epsilon_max", "popular_hr@10")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ def _cell(config: SweepConfig, algorithm: str, epsilon: float | None, seed: int)
     return {"algorithm": algorithm, "epsilon": epsilon, "seed": seed,
             "hr@10": results["final"]["hr@10"], "ndcg@10": results["final"]["ndcg@10"],
             "epsilon_max": results["privacy"]["epsilon_max"] or 0.0,
+            "popular_hr@10": results["baseline"]["popular"]["hr@10"],
             **{k: metrics[k] for k in METRICS if k in metrics}}
 
 
@@ -97,6 +98,9 @@ def plot(rows: Sequence[dict], path: Path) -> None:
         xs = [i for i, e in enumerate(ticks) if e in mine]
         axis.errorbar(xs, [mine[ticks[i]]["hr@10_mean"] for i in xs],
                       yerr=[mine[ticks[i]]["hr@10_std"] for i in xs], marker="o", capsize=3, label=algorithm)
+    popular = [r["popular_hr@10_mean"] for r in rows if not math.isnan(r.get("popular_hr@10_mean", math.nan))]
+    if popular:
+        axis.axhline(float(np.mean(popular)), ls="--", c="grey", label="most popular")
     axis.set_xticks(range(len(ticks)), [str(t) for t in ticks])
     axis.set_xlabel("per-device event-level epsilon (delta 1e-5)")
     axis.set_ylabel("HR@10")
