@@ -137,7 +137,9 @@ def _write_gradients(model: Personalization, batch: Batch, query: torch.Tensor, 
         weight = module.weight
         if weight.requires_grad:
             if module.sparse:
-                weight.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values(), weight.shape)
+                # rows are item indices of the batch, in range by construction: no invariant check
+                weight.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values(), weight.shape,
+                                                      check_invariants=False)
             else:
                 weight.grad = torch.zeros_like(weight).index_add_(0, rows, values())
     if model.user_vector.weight.requires_grad:
