@@ -27,7 +27,7 @@ def train_centralized(log: EventLog, split: Split, dim: int, epochs: int, seed: 
     g = torch.Generator().manual_seed(seed)
     model = Personalization(ModelConfig(num_items=log.num_items, dim=dim, use_context=False), g)
     users = torch.nn.Embedding(log.num_users, dim)
-    torch.nn.init.normal_(users.weight, 0, dim**-0.5)
+    torch.nn.init.normal_(users.weight, 0, dim**-0.5, generator=g)
     params = [model.item_embedding.weight, model.item_bias.weight, users.weight]
     opt = torch.optim.Adam(params, lr=3e-3)
     u = torch.from_numpy(log.users[split.train])
@@ -46,7 +46,9 @@ def train_centralized(log: EventLog, split: Split, dim: int, epochs: int, seed: 
     return model, users
 
 
-def main() -> None:
+def trained_on_movielens() -> tuple[argparse.Namespace, EventLog, Split, Personalization, torch.nn.Embedding]:
+    """Parse ``--data --epochs --dim --seed``, load MovieLens and train centrally (shared by the
+    benchmarks that need the centrally trained model)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/ml-100k"))
     parser.add_argument("--epochs", type=int, default=20)
@@ -57,6 +59,11 @@ def main() -> None:
     log = load_movielens(args.data)
     split = leave_one_out(log, seed=args.seed)
     model, users = train_centralized(log, split, args.dim, args.epochs, args.seed)
+    return args, log, split, model, users
+
+
+def main() -> None:
+    args, log, split, model, users = trained_on_movielens()
     with torch.no_grad():
         cand = torch.from_numpy(split.candidates)
         scores = model.score(users.weight, cand).numpy()

@@ -11,34 +11,22 @@ benchmarks/results/diversity.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from centralized_movielens import train_centralized
+from centralized_movielens import trained_on_movielens
 
 from attune.client.ranking import mmr_order
 from attune.shared.metrics import CUTOFF, intra_list_diversity
-from attune.simulations.datasets import load_movielens
-from attune.simulations.evaluation import leave_one_out
 
 LEVELS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, default=Path("../shared/datasets/ml-100k"))
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    log = load_movielens(args.data)
-    split = leave_one_out(log, seed=args.seed)
-    model, users = train_centralized(log, split, args.dim, args.epochs, args.seed)
+    args, log, split, model, users = trained_on_movielens()
     table = model.item_embedding.weight.detach()
     candidates = torch.from_numpy(split.candidates)
     with torch.no_grad():
