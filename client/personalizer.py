@@ -345,8 +345,9 @@ class Personalizer:
     def train(self, config: TrainConfig | None = None) -> TrainOutcome:
         """One local round against the current global model. Persists user vector and ledger.
 
-        Refused (nothing trained) when the round would exceed the epsilon budget or when the
-        config is non-private but the device does not allow it; skipped with too few events.
+        Refused (nothing trained or kept) without the person's consent (also when it is withdrawn
+        during the round), while paused, when the round would exceed the epsilon budget, or when
+        the config is non-private but the device does not allow it; skipped with too few events.
         """
         config = config or TrainConfig()
         if not isinstance(config, TrainConfig):
