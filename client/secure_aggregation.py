@@ -2,7 +2,7 @@
 ``NumPyClient`` that runs the same local round as the Message API handler.
 
 In flwr 1.42 SecAgg+ is reachable only through the legacy fit protocol, so this adapter speaks it;
-the training, signature checks and consent checks are ``attune.client.flower_app``'s. Each device
+the training, signature checks and consent checks are ``attune.client.device_round``'s. Each device
 weighs 1 in the secure sum (the coordinator learns only the mean of the updates that took part),
 which is also what user-level DP needs. A device that does not train this round sends zeros with
 weight 0, so it adds nothing to the sum and the protocol still completes.
@@ -18,6 +18,7 @@ from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
+from attune.client.device_round import open_device, train_on_device
 from attune.client.settings import DeviceSettings
 from attune.shared.errors import AttuneError
 
@@ -30,8 +31,6 @@ class SecureDevice(NumPyClient):
         self.settings = settings
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
-        from attune.client.flower_app import open_device, train_on_device
-
         names = str(config[PARAM_NAMES_KEY]).split(",")
         arrays = dict(zip(names, parameters, strict=True))
         nothing = [np.zeros_like(a) for a in parameters]
