@@ -147,7 +147,9 @@ def synthetic(
         logits = 3.0 * items @ tastes[user] / np.sqrt(dim) + np.log(popularity)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
-        picks = rng.choice(num_items, size=min(count, num_items), replace=False, p=probs)
+        # numpy draws without replacement in order of likelihood: shuffle so that time order
+        # (and so the held-out latest event) is independent of how much the person likes an item
+        picks = rng.permutation(rng.choice(num_items, size=min(count, num_items), replace=False, p=probs))
         stamps = np.sort(start + rng.uniform(0, 90 * 86400, size=picks.shape[0]))
         users += [str(user)] * picks.shape[0]
         chosen += [str(i) for i in picks]
