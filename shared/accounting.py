@@ -56,8 +56,14 @@ def epsilon_of(history: History, delta: float) -> float:
     return float(eps)
 
 
-def calibrate_noise(*, epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Smallest noise multiplier (Opacus's search) so that ``steps`` steps stay within epsilon."""
+def calibrate_noise(
+    *, epsilon: float, delta: float, sample_rate: float, steps: int, also: History = ()
+) -> float:
+    """Smallest noise multiplier so that ``steps`` steps, composed with the entries ``also``
+    (other mechanisms the same events go through), stay within epsilon. Without ``also`` this
+    is Opacus's own search."""
+    if also:
+        return _calibrate_with(epsilon, delta, sample_rate, steps, list(also))
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():
@@ -67,6 +73,21 @@ def calibrate_noise(*, epsilon: float, delta: float, sample_rate: float, steps: 
                 target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps
             )
         )
+
+
+def _calibrate_with(epsilon: float, delta: float, sample_rate: float, steps: int, also: History) -> float:
+    if epsilon_of(also, delta) >= epsilon:
+        raise ValueError(f"the other mechanisms alone spend epsilon >= {epsilon}: no budget to train")
+    low, high = 0.0, 1.0
+    while epsilon_of([(high, sample_rate, steps), *also], delta) > epsilon:
+        low, high = high, 2 * high
+    while high - low > 1e-3 * high:  # bisection; ``high`` always stays within the budget
+        middle = (low + high) / 2
+        if epsilon_of([(middle, sample_rate, steps), *also], delta) > epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 class PrivacyLedger:

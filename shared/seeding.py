@@ -15,6 +15,7 @@ MODEL_INIT = 0
 USER_INIT = 1
 TRAIN = 2  # + the device's count of rounds trained so far
 RANK = 10_000  # + the device's count of rounds trained so far
+SEGMENT = 15_000  # + the device's count of rounds trained so far (its private choice of segment)
 USER_LEVEL_NOISE = 20_000  # + the server round (coordinator's noise on the aggregate)
 
 

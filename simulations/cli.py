@@ -97,8 +97,11 @@ def simulate(
     seed: int = typer.Option(0),
     backend: str = typer.Option("flower", help="flower (Flower simulation engine) or fast (in-process)"),
     availability: float = typer.Option(1.0, help="share of sampled devices online each round (fast)"),
-    algorithm: str = typer.Option("partial-local", help="partial-local, global, finetune or ditto "
+    algorithm: str = typer.Option("partial-local", help="partial-local, global, finetune, ditto or ifca "
                                   "(all but partial-local: --backend fast)"),
+    segments: int = typer.Option(2, help="ifca: number of segment models"),
+    choice_share: float = typer.Option(0.2, help="ifca: share of each device's budget spent on its "
+                                       "private choices of segment"),
     data_skew: float = typer.Option(0.0, help="0 = every device keeps all its events; 1, 2, ... = "
                                     "most devices keep few"),
     out: Path = typer.Option(Path("runs/simulate")),
@@ -115,7 +118,10 @@ def simulate(
                    no_dp=no_dp, seed=seed, negatives=negatives, context=context, joint_user=joint_user,
                    server_optimizer=server_optimizer, aggregation=aggregation,
                    update_clip=update_clip, user_epsilon=user_epsilon)
-    _run(options, source, out, backend, availability=availability, data_skew=data_skew, algorithm=algorithm)
+    from attune.simulations.algorithms import SegmentConfig
+
+    _run(options, source, out, backend, availability=availability, data_skew=data_skew, algorithm=algorithm,
+         segments=SegmentConfig(count=segments, choice_share=choice_share))
 
 
 @cli.command()
@@ -139,7 +145,7 @@ def _list(text: str, parse) -> tuple:
 def sweep(
     dataset: str = typer.Option("synthetic", help="synthetic, movielens or csv"),
     data: Path | None = typer.Option(None, help="ml-100k folder (u.data) or CSV file"),
-    algorithms: str = typer.Option("global,finetune,partial-local,ditto"),
+    algorithms: str = typer.Option("global,finetune,partial-local,ditto,ifca"),
     epsilons: str = typer.Option("1,2,4,8,none", help="per-device epsilons; none = no DP"),
     seeds: str = typer.Option("0,1"),
     rounds: int = typer.Option(DEFAULTS["rounds"]),

@@ -15,15 +15,10 @@ import numpy as np
 import torch
 
 from attune.client.training import LocalData, fit_rank_vector, train_round
-from attune.server.aggregation import aggregate, server_step
+from attune.server.aggregation import AggregationConfig, aggregate, server_step
 from attune.server.checkpoint import Checkpoint, save_checkpoint
 from attune.server.config import ServerConfig
-from attune.server.coordinator import (
-    RoundRecord,
-    aggregation_config,
-    planned_train_config,
-    user_noise_multiplier,
-)
+from attune.server.coordinator import RoundRecord, aggregation_config, user_noise_multiplier
 from attune.server.privacy import UserLevelAccountant
 from attune.shared import seeding
 from attune.shared.accounting import PrivacyLedger, epsilon_of
@@ -37,8 +32,18 @@ from attune.shared.events import (
 from attune.shared.metrics import hit_and_ndcg
 from attune.shared.model import Personalization
 from attune.shared.seeding import device_seed
+from attune.shared.selection import choices
 from attune.shared.user_level import clip_update
-from attune.simulations.algorithms import Algorithm, algorithm, fit_ditto
+from attune.simulations.algorithms import (
+    Algorithm,
+    SegmentConfig,
+    algorithm,
+    choice_epsilon,
+    choose_segment,
+    fit_ditto,
+    segment_scores,
+    train_config,
+)
 from attune.simulations.datasets import EventLog
 from attune.simulations.evaluation import Split
 from attune.simulations.report import beyond_accuracy
@@ -97,6 +102,7 @@ class FastState:
     users: torch.Tensor  # [num_users, dim]
     trained: torch.Tensor  # bool [num_users]
     rounds: torch.Tensor  # int32 [num_users]
+    segment: torch.Tensor  # long [num_users]: the segment model each device ranks with (IFCA)
 
 
 def queries(model: Personalization, users: torch.Tensor, trained: torch.Tensor,
@@ -111,23 +117,24 @@ def queries(model: Personalization, users: torch.Tensor, trained: torch.Tensor,
     return users * trained.unsqueeze(1) + context, context
 
 
-def evaluate(model: Personalization, query: torch.Tensor, split: Split,
-             bias: torch.Tensor | None = None) -> tuple[float, float]:
-    """Mean HR@10 / NDCG@10; ``bias`` ``[users, items]`` replaces the global item biases."""
+def candidate_scores(model: Personalization, query: torch.Tensor, split: Split,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores of each user's candidates ``[users, candidates]``; ``bias`` ``[users, items]``
+    replaces the global item biases."""
     candidates = torch.from_numpy(split.candidates)
     with torch.no_grad():
         scores = model.score(query, candidates)
         if bias is not None:
             scores = scores - model.item_bias(candidates)[..., 0] + torch.gather(bias, 1, candidates)
-    hit, ndcg = hit_and_ndcg(scores.numpy())
-    return float(hit.mean()), float(ndcg.mean())
+    return scores
 
 
 def personal_models(alg: Algorithm, model: Personalization, state: FastState, shared: torch.Tensor,
                     datasets: DeviceData, seeds: list[int], min_events: int, ditto_strength: float,
+                    among: torch.Tensor | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What each device ranks with: its vector ``[users, dim]``, whether it has one, and (Ditto)
-    its own item biases ``[users, items]``."""
+    its own item biases ``[users, items]``. Only devices in the mask ``among`` are fitted."""
     users, trained = state.users.clone(), state.trained.clone()
     if alg.shared_query:
         users[:], trained[:] = shared, True
@@ -135,6 +142,8 @@ def personal_models(alg: Algorithm, model: Personalization, state: FastState, sh
         return users, trained, None
     bias = model.item_bias.weight.detach()[:, 0].repeat(len(users), 1) if alg.local_fit == "ditto" else None
     fitting = state.trained if not alg.shared_query else datasets.sizes() >= min_events
+    if among is not None:
+        fitting = fitting & among
     for user in fitting.nonzero().squeeze(1).tolist():
         with torch.no_grad():
             model.user_vector.weight.copy_(users[user])
@@ -159,28 +168,33 @@ def simulate_fast(
     algorithm_name: str = "partial-local",
     ditto_strength: float = 1.0,
     evaluate_every_round: bool = True,
+    segments: SegmentConfig = SegmentConfig(),
 ) -> dict[str, object]:
     """Run the simulation; returns the final model's metrics beyond HR/NDCG (``report``)."""
     torch.set_num_threads(1)
     alg = algorithm(algorithm_name)
-    if alg.shared_query:  # no local phase: the query vector trains with the item side and federates
-        server = replace(server, train=replace(server.train, user_epochs=0.0, joint_user=True))
+    count = segments.count if alg.segments else 1
     model = Personalization(server.model, generator=torch.Generator().manual_seed(server.seed))
-    current = model.global_state()
+    currents = [model.global_state() for _ in range(count)]  # IFCA: the same start for every segment
     shared = torch.zeros(server.model.dim)
-    train = planned_train_config(server, log.num_users)
+    train = train_config(alg, server, log.num_users, segments)
+    picking = choice_epsilon(segments, server, log.num_users)
     datasets = device_datasets(log, split, server.model.use_context)
     seeds = [device_seed(server.seed, user) for user in range(log.num_users)]
     state = FastState(users=torch.zeros(log.num_users, server.model.dim),
                       trained=torch.zeros(log.num_users, dtype=torch.bool),
-                      rounds=torch.zeros(log.num_users, dtype=torch.int32))
-    step = server_step(server.server_optimizer, server.server_lr)
+                      rounds=torch.zeros(log.num_users, dtype=torch.int32),
+                      segment=torch.zeros(log.num_users, dtype=torch.long))
+    steps = [server_step(server.server_optimizer, server.server_lr) for _ in range(count)]
 
     @functools.cache
     def spent(rounds: int) -> float:
         """A device's epsilon after ``rounds`` rounds (what its ledger would say)."""
-        return epsilon_of([(train.noise_multiplier, train.sample_rate, rounds * train.steps_per_round)],
-                          server.delta)
+        return epsilon_of(history_of(rounds), server.delta)
+
+    def history_of(rounds: int) -> list[tuple[float, float, int]]:
+        picked = choices(picking, rounds) if alg.segments else []
+        return [(train.noise_multiplier, train.sample_rate, rounds * train.steps_per_round), *picked]
     z = user_noise_multiplier(server, log.num_users) if server.user_level_dp else 0.0
     aggregation = aggregation_config(server, z)
     accountant = UserLevelAccountant(z, server.user_delta, server.user_target_epsilon) if z > 0 else None
@@ -202,15 +216,20 @@ def simulate_fast(
             if train.private and budget is not None and spent(int(state.rounds[user]) + 1) > budget:
                 continue
             # exactly what Personalizer.train does on a device
-            model.load_global_state(current)
+            if alg.shared_query:
+                vector = shared
+            elif state.trained[user]:
+                vector = state.users[user]
+            else:
+                init = seeding.generator(seeds[user], seeding.USER_INIT)
+                vector = torch.empty(server.model.dim).normal_(0.0, server.model.dim**-0.5, generator=init)
+            segment = 0
+            if count > 1:
+                pick = seeding.generator(seeds[user], seeding.SEGMENT + int(state.rounds[user]))
+                segment = choose_segment(model, currents, data, vector, picking, pick)
+            model.load_global_state(currents[segment])
             with torch.no_grad():
-                if alg.shared_query:
-                    model.user_vector.weight.copy_(shared)
-                elif state.trained[user]:
-                    model.user_vector.weight.copy_(state.users[user])
-                else:
-                    init = seeding.generator(seeds[user], seeding.USER_INIT)
-                    model.user_vector.weight.normal_(0.0, server.model.dim**-0.5, generator=init)
+                model.user_vector.weight.copy_(vector)
             generator = seeding.generator(seeds[user], seeding.TRAIN + int(state.rounds[user]))
             result = train_round(model, data, train, PrivacyLedger(), generator)
             update = result.update
@@ -221,33 +240,33 @@ def simulate_fast(
             state.users[user] = model.user_vector.weight.detach()[0]
             state.trained[user] = True
             state.rounds[user] += 1
+            state.segment[user] = segment
             trained_now.append(user)
-            accepted.append((update, float(result.examples)))
+            accepted.append((segment, update, float(result.examples)))
             losses.append((result.mean_loss, result.examples))
-        if accepted:
-            mean = aggregate(aggregation, server_round, accepted)
+        for segment in range(count):
+            updates = [(update, n) for k, update, n in accepted if k == segment]
+            if not updates:
+                continue
+            mean = aggregate(_segment_aggregation(aggregation, segment), server_round, updates)
             if alg.shared_query:  # every example moves it: the plain mean, as the context encoder
                 shared = shared + mean.pop("user_vector.weight")[0].float()
-            current = step.step(current, mean)
+            currents[segment] = steps[segment].step(currents[segment], mean)
         if accountant is not None:
             accountant.record(len(cohort), log.num_users)
-        model.load_global_state(current)
         eps = [spent(int(state.rounds[u])) for u in trained_now] if train.private else []
         if server.out_dir is not None:
-            save_checkpoint(server.out_dir / "checkpoints", Checkpoint(
-                server_round, current, step.state_dict(),
-                accountant.ledger.state_dict() if accountant is not None else None))
+            for segment in range(count):
+                folder = "checkpoints" if count == 1 else f"checkpoints/segment-{segment}"
+                save_checkpoint(server.out_dir / folder, Checkpoint(
+                    server_round, currents[segment], steps[segment].state_dict(),
+                    accountant.ledger.state_dict() if accountant is not None else None))
         hr = ndcg = float("nan")
         if evaluate_every_round or server_round == server.rounds:
-            if rank_fit or alg.local_fit != "rank":
-                users, trained, bias = personal_models(alg, model, state, shared, datasets, seeds,
-                                                       min_events, ditto_strength)
-            else:
-                users, trained, bias = state.users, state.trained, None
-            personal, global_only = queries(model, users, trained, split)
-            if alg.shared_query:  # the global model of these algorithms includes the shared vector
-                global_only = global_only + shared
-            hr, ndcg = evaluate(model, personal, split, bias)
+            ranking = _rank_with(alg, model, state, shared, currents, datasets, seeds, min_events,
+                                 ditto_strength, rank_fit, split)
+            hits, gains = hit_and_ndcg(ranking.scores.numpy())
+            hr, ndcg = float(hits.mean()), float(gains.mean())
         total = sum(n for _, n in losses) or 1
         done = RoundRecord(round=server_round,
                            train={"loss": sum(v * n for v, n in losses) / total,
@@ -262,8 +281,62 @@ def simulate_fast(
             on_round(done)
     if len(history) < server.rounds:  # stopped early (budget): the report needs the final round
         return {}
-    weights = model.global_state()
-    item_bias = weights["item_bias.weight"][:, 0] if bias is None else bias
-    return {"algorithm": alg.name, **beyond_accuracy(
-        log, split, weights["item_embedding.weight"].numpy(), item_bias.numpy(), personal.numpy(),
-        global_only.numpy(), global_bias=weights["item_bias.weight"][:, 0].numpy())}
+    tables = torch.stack([c["item_embedding.weight"] for c in currents]).numpy()
+    segment = ranking.segment.numpy()
+    global_bias = torch.stack([c["item_bias.weight"][:, 0] for c in currents])[ranking.segment]
+    item_bias = global_bias if ranking.bias is None else ranking.bias
+    return {"algorithm": alg.name, **({"segments": np.bincount(segment, minlength=count).tolist()}
+                                      if alg.segments else {}),
+            **beyond_accuracy(log, split, tables, item_bias.numpy(), ranking.personal.numpy(),
+                              ranking.global_only.numpy(), global_bias=global_bias.numpy(),
+                              segments=segment)}
+
+
+def _segment_aggregation(config: AggregationConfig, segment: int) -> AggregationConfig:
+    """Each segment's aggregate gets its own noise (a seeded simulation would repeat it otherwise)."""
+    if segment == 0 or config.noise_seed is None:
+        return config
+    return replace(config, noise_seed=config.noise_seed + 7_919 * segment)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """How every device ranks at the end of a round: scores of its 100 candidates, its segment,
+    query vectors with and without its own vector, and (Ditto) its own item biases."""
+
+    scores: torch.Tensor  # [users, candidates]
+    segment: torch.Tensor  # long [users]
+    personal: torch.Tensor  # [users, dim]
+    global_only: torch.Tensor  # [users, dim]
+    bias: torch.Tensor | None  # [users, items]
+
+
+def _rank_with(alg: Algorithm, model: Personalization, state: FastState, shared: torch.Tensor,
+               currents: list[dict[str, torch.Tensor]], datasets: DeviceData, seeds: list[int],
+               min_events: int, ditto_strength: float, rank_fit: bool, split: Split) -> Ranking:
+    """Each device ranks with the segment model that fits its own events best (on the device,
+    so no DP), its personal vector fitted to that model, and (Ditto) its own biases."""
+    segment = torch.zeros(len(datasets), dtype=torch.long)
+    if len(currents) > 1:
+        for user in range(len(datasets)):
+            segment[user] = int(segment_scores(model, currents, datasets[user], state.users[user]).argmax())
+    scores = torch.empty(split.candidates.shape, dtype=torch.float32)
+    personal = torch.empty_like(state.users)
+    global_only = torch.empty_like(state.users)
+    bias = None
+    for k, weights in enumerate(currents):
+        among = segment == k
+        model.load_global_state(weights)
+        if rank_fit or alg.local_fit != "rank":
+            users, trained, own_bias = personal_models(alg, model, state, shared, datasets, seeds,
+                                                       min_events, ditto_strength, among)
+        else:
+            users, trained, own_bias = state.users, state.trained, None
+        query, plain = queries(model, users, trained, split)
+        if alg.shared_query:  # the global model of these algorithms includes the shared vector
+            plain = plain + shared
+        scores[among] = candidate_scores(model, query, split, own_bias)[among]
+        personal[among], global_only[among] = query[among], plain[among]
+        if own_bias is not None:
+            bias = own_bias if bias is None else torch.where(among.unsqueeze(1), own_bias, bias)
+    return Ranking(scores, segment, personal, global_only, bias)

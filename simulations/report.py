@@ -29,17 +29,23 @@ def beyond_accuracy(
     personal: np.ndarray,
     global_only: np.ndarray,
     global_bias: np.ndarray | None = None,
+    segments: np.ndarray | None = None,
 ) -> dict[str, object]:
-    """``table`` ``[items, dim]`` is the global item side; ``bias`` the item biases ``[items]``,
-    or each user's own ``[users, items]`` (Ditto), with ``global_bias`` ``[items]`` then;
-    ``personal`` and ``global_only`` are each user's query vector ``[users, dim]`` with and
-    without their own vector."""
+    """``table`` ``[items, dim]`` is the global item side, or one per segment
+    ``[segments, items, dim]`` with each user's segment in ``segments`` ``[users]`` (IFCA);
+    ``bias`` the item biases ``[items]``, or each user's own ``[users, items]``, and
+    ``global_bias`` likewise (default: ``bias``); ``personal`` and ``global_only`` are each
+    user's query vector ``[users, dim]`` with and without their own vector."""
     candidates = split.candidates
-    user_bias = np.broadcast_to(bias, (log.num_users, log.num_items))
-    global_bias = bias if global_bias is None else global_bias
-    vectors = table[candidates]
+    shape = (log.num_users, log.num_items)
+    tables = table if table.ndim == 3 else table[None]
+    segment = np.zeros(log.num_users, dtype=np.int64) if segments is None else segments
+    user_bias = np.broadcast_to(bias, shape)
+    global_bias = np.broadcast_to(bias if global_bias is None else global_bias, shape)
+    vectors = tables[segment[:, None], candidates]
     scores = np.einsum("ucd,ud->uc", vectors, personal) + np.take_along_axis(user_bias, candidates, axis=1)
-    scores_global = np.einsum("ucd,ud->uc", vectors, global_only) + global_bias[candidates]
+    scores_global = (np.einsum("ucd,ud->uc", vectors, global_only)
+                     + np.take_along_axis(global_bias, candidates, axis=1))
     hit, _ = hit_and_ndcg(scores)
     hit_global, _ = hit_and_ndcg(scores_global)
     gain = rank_of_first(scores_global) - rank_of_first(scores)
@@ -55,11 +61,15 @@ def beyond_accuracy(
     shown, spread, novelty = np.zeros(log.num_items, dtype=bool), [], []
     for start in range(0, log.num_users, _CHUNK):
         block = slice(start, start + _CHUNK)
-        full = personal[block] @ table.T + user_bias[block]
+        full = np.empty((len(personal[block]), log.num_items))
+        for k, items in enumerate(tables):
+            mine = segment[block] == k
+            full[mine] = personal[block][mine] @ items.T
+        full += user_bias[block]
         full[seen[block]] = -np.inf
         top = np.argpartition(-full, CUTOFF, axis=1)[:, :CUTOFF]
         shown[top.ravel()] = True
-        spread += [intra_list_diversity(table[row]) for row in top]
+        spread += [intra_list_diversity(tables[k][row]) for k, row in zip(segment[block], top, strict=True)]
         novelty.append(novelty_of[top].mean(axis=1))
     return {
         "hr@10_personal": float(hit.mean()),

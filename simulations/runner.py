@@ -10,19 +10,21 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from attune.client.personalizer import PrivacyConfig
 from attune.client.settings import DeviceSettings
 from attune.server.config import ServerConfig
-from attune.server.coordinator import RoundRecord, planned_train_config
+from attune.server.coordinator import RoundRecord
 from attune.shared.accounting import ACCOUNTANT_NAME
 from attune.shared.config import TrainConfig
 from attune.shared.errors import ConfigError, DataError
 from attune.shared.model import ModelConfig
 from attune.shared.seeding import device_seed
+from attune.shared.selection import choices
 from attune.shared.signing import generate_keypair
+from attune.simulations.algorithms import SegmentConfig, algorithm, choice_epsilon, train_config
 from attune.simulations.datasets import EventLog, load_csv, load_movielens, synthetic
 from attune.simulations.devices import store_path, write_devices
 from attune.simulations.evaluation import Split, leave_one_out, popularity_baseline, skew_data_sizes
@@ -68,6 +70,7 @@ class SimulationConfig:
     algorithm: str = "partial-local"  # see attune.simulations.algorithms (others: fast backend)
     evaluate_every_round: bool = True  # False: only the final round (fast backend; sweeps)
     data_skew: float = 0.0  # 0: every device keeps all its events; see skew_data_sizes
+    segments: SegmentConfig = field(default_factory=SegmentConfig)  # IFCA only
 
     def __post_init__(self) -> None:
         if self.backend not in ("flower", "fast"):
@@ -111,7 +114,7 @@ def simulate(
     if (out / "rounds.jsonl").exists():
         (out / "rounds.jsonl").unlink()
     server = replace(server, model=model, out_dir=out, min_clients=log.num_users)
-    train = planned_train_config(server, log.num_users)
+    train = train_config(algorithm(config.algorithm), server, log.num_users, config.segments)
     history: list[RoundRecord] = []
 
     def record(done: RoundRecord) -> None:
@@ -125,13 +128,16 @@ def simulate(
         budget = server.target_epsilon if train.private else None
         report = simulate_fast(log, split, server, config.min_events, budget, on_round=record,
                                availability=config.availability, algorithm_name=config.algorithm,
-                               evaluate_every_round=config.evaluate_every_round)
+                               evaluate_every_round=config.evaluate_every_round,
+                               segments=config.segments)
     else:
         _run_flower(log, split, server, train, config, record)
         report = None  # user vectors stay on the simulated devices: only HR/NDCG are reported
     if len(history) != server.rounds:
         raise RuntimeError(f"simulation finished {len(history)} of {server.rounds} rounds")
-    results = build_results(log, split, server, train, history)
+    segmented = algorithm(config.algorithm).segments
+    picking = choice_epsilon(config.segments, server, log.num_users) if segmented else None
+    results = build_results(log, split, server, train, history, picking)
     results["backend"] = config.backend
     results["beyond_accuracy"] = report
     results["algorithm"] = config.algorithm
@@ -176,7 +182,9 @@ def _r(value: float) -> float:
 
 
 def build_results(log: EventLog, split, server: ServerConfig, train: TrainConfig,
-                  history: list[RoundRecord]) -> dict:
+                  history: list[RoundRecord], choice_epsilon: float | None = None) -> dict:
+    """The results document; ``privacy.history_max`` is the ledger of the device that spent the
+    most (training steps, and its segment choices under IFCA), so its epsilon is recomputable."""
     rounds = [
         {
             "round": h.round,
@@ -191,6 +199,10 @@ def build_results(log: EventLog, split, server: ServerConfig, train: TrainConfig
     top = max(history, key=lambda h: h.train.get("epsilon-max", 0.0))
     last = history[-1]
     private = train.private
+    steps_max = int(top.train.get("steps-max", 0))
+    rate = _r(top.train.get("sample-rate-max", train.sample_rate))
+    picked = choices(choice_epsilon, steps_max // train.steps_per_round) if choice_epsilon else []
+    ledger = [(train.noise_multiplier, rate, steps_max), *picked]
     return {
         "label": "DP (event-level)" if private else "NON-PRIVATE: no differential privacy",
         "private": private,
@@ -207,8 +219,10 @@ def build_results(log: EventLog, split, server: ServerConfig, train: TrainConfig
             "epsilon_max": _r(top.train.get("epsilon-max", 0.0)) if private else None,
             "noise_multiplier": train.noise_multiplier if private else 0.0,
             "max_grad_norm": train.max_grad_norm,
-            "sample_rate": _r(top.train.get("sample-rate-max", train.sample_rate)),
-            "steps_max": int(top.train.get("steps-max", 0)),
+            "sample_rate": rate,
+            "steps_max": steps_max,
+            "choice_epsilon": choice_epsilon,
+            "history_max": [list(entry) for entry in ledger] if private else [],
             "accountant": ACCOUNTANT_NAME,
         },
         "config": {

@@ -22,7 +22,7 @@ def test_fast_backend_private_run_reports_recomputable_epsilon(tmp_path):
     assert len(results["rounds"]) == 2 and (tmp_path / "curve.png").exists()
 
 
-@pytest.mark.parametrize("algorithm", ["global", "finetune", "partial-local", "ditto"])
+@pytest.mark.parametrize("algorithm", ["global", "finetune", "partial-local", "ditto", "ifca"])
 def test_each_algorithm_trains_privately_and_reports(tmp_path, algorithm):
     server = server_config(rounds=2, clients_per_round=0, local_epochs=1.0, user_epochs=1.0,
                            epsilon=8.0, delta=1e-5, noise_multiplier=None, max_grad_norm=1.0,
@@ -32,7 +32,14 @@ def test_each_algorithm_trains_privately_and_reports(tmp_path, algorithm):
                                         backend="fast", algorithm=algorithm))
     metrics = results["beyond_accuracy"]
     assert results["algorithm"] == metrics["algorithm"] == algorithm
-    assert 0 < results["privacy"]["epsilon_max"] <= 8.0 + 1e-6  # every algorithm is accounted
+    privacy = results["privacy"]
+    assert 0 < privacy["epsilon_max"] <= 8.0 + 1e-6  # every algorithm is accounted
+    recomputed = epsilon_of([tuple(entry) for entry in privacy["history_max"]], privacy["delta"])
+    assert recomputed == pytest.approx(privacy["epsilon_max"], abs=1e-5)
+    if algorithm == "ifca":  # training and two private segment choices, within the budget
+        assert privacy["history_max"][1] == [2.0 / privacy["choice_epsilon"], 1.0, 2]
+        assert privacy["epsilon_max"] == pytest.approx(8.0, abs=0.05)
+        assert sum(metrics["segments"]) == 40
     if algorithm == "global":  # one shared model: personalization changes nobody's ranking
         assert metrics["share_users_helped"] == metrics["share_users_hurt"] == 0.0
     else:
