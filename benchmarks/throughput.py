@@ -10,7 +10,9 @@ over 10 rounds):
 - stock: what a Flower user writes from Flower's Opacus example: per client and round a fresh
   model, optimizer, DataLoader and ``PrivacyEngine().make_private`` (per-sample hooks), then the
   same number of steps (timed on the first 100 devices);
-- plain: the fast backend's loop without DP (the same local steps, no clipping or noise).
+- plain: the fast backend's loop without DP (the same local steps, no clipping or noise);
+- pfl: with ``--pfl-python`` (an interpreter with ``pfl`` installed), benchmarks/pfl_throughput.py
+  in a subprocess: pfl-research's simulation of the same local steps (user-level DP only).
 
 Prints a table and writes benchmarks/results/throughput.json.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import tempfile
 import time
 import warnings
@@ -103,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/ml-100k"))
     parser.add_argument("--skip-flower", action="store_true", help="skip the Ray run (about 2 min)")
+    parser.add_argument("--pfl-python", type=Path, help="a Python with pfl installed: also time pfl-research")
     args = parser.parse_args()
     torch.set_num_threads(1)
     log = load_movielens(args.data)
@@ -111,6 +115,12 @@ def main() -> None:
              "stock_opacus_per_client": stock_rate(log, split)}
     if not args.skip_flower:
         rates["flower_simulation"] = flower_rate(args.data)
+    if args.pfl_python is not None:
+        here = Path(__file__).parent
+        subprocess.run([str(args.pfl_python), str(here / "pfl_throughput.py"), "--data", str(args.data)],
+                       check=True, capture_output=True)
+        rates["pfl_research"] = json.loads((here / "results" / "pfl_throughput.json").read_text())[
+            "pfl_updates_per_s"]
     result = {
         "dataset": "movielens-100k", "devices": log.num_users, "steps_per_round": TRAIN.steps_per_round,
         "client_updates_per_second": rates,
@@ -118,6 +128,7 @@ def main() -> None:
         "plain_vs_fast": rates["plain"] / rates["fast"],
         "fast_vs_flower": (rates["fast"] / rates["flower_simulation"]) if "flower_simulation" in rates
         else None,
+        "fast_vs_pfl": (rates["fast"] / rates["pfl_research"]) if "pfl_research" in rates else None,
     }
     for name, rate in rates.items():
         print(f"{name:>26}: {rate:8.1f} client updates/s")
