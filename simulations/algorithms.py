@@ -116,10 +116,13 @@ def _participations(server: ServerConfig, num_devices: int) -> int:
     return max(1, -(-server.rounds * per_round // num_devices))
 
 
-def choice_epsilon(segments: SegmentConfig, server: ServerConfig, num_devices: int) -> float:
+def choice_epsilon(segments: SegmentConfig, server: ServerConfig, num_devices: int) -> float | None:
     """Epsilon of one choice: ``choice_share`` of the zCDP budget that (target epsilon, delta)
     allows, ``rho = (sqrt(eps + log 1/delta) - sqrt(log 1/delta))^2`` (Bun and Steinke 2016),
-    split over the rounds a device trains, each choice costing ``epsilon^2 / 8``."""
+    split over the rounds a device trains, each choice costing ``epsilon^2 / 8``. ``None``
+    without DP: the device then simply takes the best-fitting segment."""
+    if not server.train.private:
+        return None
     target = server.target_epsilon if server.target_epsilon is not None else 8.0
     log_delta = math.log(1 / server.delta)
     rho = (math.sqrt(target + log_delta) - math.sqrt(log_delta)) ** 2
@@ -134,12 +137,13 @@ def train_config(alg: Algorithm, server: ServerConfig, num_devices: int,
     if alg.shared_query:
         server = replace(server, train=replace(server.train, user_epochs=0.0, joint_user=True))
     train = planned_train_config(server, num_devices)
-    if not (alg.segments and train.private and server.target_epsilon is not None):
+    picking = choice_epsilon(segments, server, num_devices) if alg.segments else None
+    if picking is None or server.target_epsilon is None:
         return train
     participations = _participations(server, num_devices)
     sigma = calibrate_noise(epsilon=server.target_epsilon, delta=server.delta,
                             sample_rate=train.sample_rate, steps=participations * train.steps_per_round,
-                            also=choices(choice_epsilon(segments, server, num_devices), participations))
+                            also=choices(picking, participations))
     return replace(train, noise_multiplier=sigma)
 
 
@@ -162,7 +166,10 @@ def segment_scores(model: Personalization, states: list[dict[str, torch.Tensor]]
 
 
 def choose_segment(model: Personalization, states: list[dict[str, torch.Tensor]], data: LocalData,
-                   vector: torch.Tensor, epsilon: float, generator: torch.Generator) -> int:
-    """The device's private choice of segment (exponential mechanism, sensitivity the loss bound)."""
+                   vector: torch.Tensor, epsilon: float | None, generator: torch.Generator) -> int:
+    """The device's private choice of segment (exponential mechanism, sensitivity the loss bound);
+    without DP (``epsilon`` None) the best-fitting one."""
     scores = segment_scores(model, states, data, vector)
+    if epsilon is None:
+        return int(scores.argmax())
     return private_choice(scores, sensitivity=SEGMENT_LOSS_BOUND, epsilon=epsilon, generator=generator)

@@ -102,7 +102,6 @@ class FastState:
     users: torch.Tensor  # [num_users, dim]
     trained: torch.Tensor  # bool [num_users]
     rounds: torch.Tensor  # int32 [num_users]
-    segment: torch.Tensor  # long [num_users]: the segment model each device ranks with (IFCA)
 
 
 def queries(model: Personalization, users: torch.Tensor, trained: torch.Tensor,
@@ -183,8 +182,7 @@ def simulate_fast(
     seeds = [device_seed(server.seed, user) for user in range(log.num_users)]
     state = FastState(users=torch.zeros(log.num_users, server.model.dim),
                       trained=torch.zeros(log.num_users, dtype=torch.bool),
-                      rounds=torch.zeros(log.num_users, dtype=torch.int32),
-                      segment=torch.zeros(log.num_users, dtype=torch.long))
+                      rounds=torch.zeros(log.num_users, dtype=torch.int32))
     steps = [server_step(server.server_optimizer, server.server_lr) for _ in range(count)]
 
     @functools.cache
@@ -193,7 +191,7 @@ def simulate_fast(
         return epsilon_of(history_of(rounds), server.delta)
 
     def history_of(rounds: int) -> list[tuple[float, float, int]]:
-        picked = choices(picking, rounds) if alg.segments else []
+        picked = choices(picking, rounds) if alg.segments and picking else []
         return [(train.noise_multiplier, train.sample_rate, rounds * train.steps_per_round), *picked]
     z = user_noise_multiplier(server, log.num_users) if server.user_level_dp else 0.0
     aggregation = aggregation_config(server, z)
@@ -240,7 +238,6 @@ def simulate_fast(
             state.users[user] = model.user_vector.weight.detach()[0]
             state.trained[user] = True
             state.rounds[user] += 1
-            state.segment[user] = segment
             trained_now.append(user)
             accepted.append((segment, update, float(result.examples)))
             losses.append((result.mean_loss, result.examples))
@@ -283,7 +280,8 @@ def simulate_fast(
         return {}
     tables = torch.stack([c["item_embedding.weight"] for c in currents]).numpy()
     segment = ranking.segment.numpy()
-    global_bias = torch.stack([c["item_bias.weight"][:, 0] for c in currents])[ranking.segment]
+    biases = torch.stack([c["item_bias.weight"][:, 0] for c in currents])
+    global_bias = biases[0] if count == 1 else biases[ranking.segment]  # [items] or [users, items]
     item_bias = global_bias if ranking.bias is None else ranking.bias
     return {"algorithm": alg.name, **({"segments": np.bincount(segment, minlength=count).tolist()}
                                       if alg.segments else {}),

@@ -9,7 +9,7 @@ from attune.client.training import LocalData
 from attune.shared.accounting import calibrate_noise, epsilon_of
 from attune.shared.model import ModelConfig, Personalization
 from attune.shared.selection import choice_entry, choices, private_choice
-from attune.simulations.algorithms import SEGMENT_LOSS_BOUND, segment_scores
+from attune.simulations.algorithms import SEGMENT_LOSS_BOUND, choose_segment, segment_scores
 
 
 def _probabilities(scores: np.ndarray, sensitivity: float, epsilon: float) -> np.ndarray:
@@ -71,3 +71,15 @@ def test_one_event_moves_a_segment_score_by_at_most_the_bound():
     fewer = LocalData(items=items[:-1], weights=torch.ones(11), context=None)
     change = segment_scores(model, states, fewer, vector) - segment_scores(model, states, data, vector)
     assert bool((change >= 0).all()) and float(change.max()) <= SEGMENT_LOSS_BOUND + 1e-6
+
+
+def test_without_dp_a_device_joins_the_best_fitting_segment():
+    config = ModelConfig(num_items=30, dim=4, use_context=False)
+    model = Personalization(config, torch.Generator().manual_seed(0))
+    liked = model.global_state()
+    with torch.no_grad():
+        liked["item_bias.weight"][:10] += 5.0  # this segment scores items 0-9 far higher
+    data = LocalData(items=torch.arange(10), weights=torch.ones(10), context=None)
+    states = [model.global_state(), liked]
+    vector = torch.zeros(4)
+    assert choose_segment(model, states, data, vector, None, torch.Generator().manual_seed(0)) == 1
