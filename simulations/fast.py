@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from attune.client.training import LocalData, fit_rank_vector, train_round
+from attune.client.training import LocalData, RoundResult, fit_rank_vector, train_round
 from attune.server.aggregation import AggregationConfig, aggregate, server_step
 from attune.server.checkpoint import Checkpoint, save_checkpoint
 from attune.server.config import ServerConfig
@@ -44,10 +44,12 @@ from attune.simulations.algorithms import (
     segment_scores,
     train_config,
 )
+from attune.simulations.cohort import supported, train_cohort
 from attune.simulations.datasets import EventLog
 from attune.simulations.evaluation import Split
 from attune.simulations.report import beyond_accuracy
 
+COHORT_BLOCK = 256  # devices trained together (each holds a copy of the item tables)
 _TYPE_WEIGHTS = torch.tensor([EVENT_WEIGHTS[t] for t in EVENT_TYPES])
 
 
@@ -184,6 +186,8 @@ def simulate_fast(
                       trained=torch.zeros(log.num_users, dtype=torch.bool),
                       rounds=torch.zeros(log.num_users, dtype=torch.int32))
     steps = [server_step(server.server_optimizer, server.server_lr) for _ in range(count)]
+    # the cohort's rounds in batched steps when that computes what train_round does (simulations.cohort)
+    batched = count == 1 and not alg.shared_query and supported(server.model, train)
 
     @functools.cache
     def spent(rounds: int) -> float:
@@ -207,39 +211,41 @@ def simulate_fast(
         online = np.ones(len(cohort), dtype=bool)
         if availability < 1:  # each sampled device is online this round or not
             online = rng.random(len(cohort)) < availability
-        for user in cohort[online].tolist():
-            data = datasets[user]
-            if len(data) < min_events:
-                continue
-            if train.private and budget is not None and spent(int(state.rounds[user]) + 1) > budget:
-                continue
-            # exactly what Personalizer.train does on a device
-            if alg.shared_query:
-                vector = shared
-            elif state.trained[user]:
-                vector = state.users[user]
-            else:
-                init = seeding.generator(seeds[user], seeding.USER_INIT)
-                vector = torch.empty(server.model.dim).normal_(0.0, server.model.dim**-0.5, generator=init)
+        devices = [user for user in cohort[online].tolist() if len(datasets[user]) >= min_events and not (
+            train.private and budget is not None and spent(int(state.rounds[user]) + 1) > budget)]
+        # exactly what Personalizer.train does on a device: start vector, then the local round
+        starts = {user: _start_vector(alg, state, shared, seeds[user], user) for user in devices}
+        generators = {user: seeding.generator(seeds[user], seeding.TRAIN + int(state.rounds[user]))
+                      for user in devices}
+        trained: list[tuple[int, int, RoundResult, torch.Tensor]] = []  # device, segment, result, vector
+        if batched:
+            for first in range(0, len(devices), COHORT_BLOCK):
+                block = devices[first:first + COHORT_BLOCK]
+                results, vectors = train_cohort(
+                    currents[0], torch.stack([starts[u] for u in block]), [datasets[u] for u in block],
+                    train, [generators[u] for u in block])
+                trained += [(u, 0, r, v) for u, r, v in zip(block, results, vectors, strict=True)]
+        for user in devices if not batched else []:
             segment = 0
             if count > 1:
                 pick = seeding.generator(seeds[user], seeding.SEGMENT + int(state.rounds[user]))
-                segment = choose_segment(model, currents, data, vector, picking, pick)
+                segment = choose_segment(model, currents, datasets[user], starts[user], picking, pick)
             model.load_global_state(currents[segment])
             with torch.no_grad():
-                model.user_vector.weight.copy_(vector)
-            generator = seeding.generator(seeds[user], seeding.TRAIN + int(state.rounds[user]))
-            result = train_round(model, data, train, PrivacyLedger(), generator)
-            update = result.update
+                model.user_vector.weight.copy_(starts[user])
+            result = train_round(model, datasets[user], train, PrivacyLedger(), generators[user])
             if alg.shared_query:  # the query vector's change is part of what is sent
-                update = {**update, "user_vector.weight": model.user_vector.weight.detach() - shared}
+                update = {**result.update, "user_vector.weight": model.user_vector.weight.detach() - shared}
                 if train.update_clip > 0:
                     update, _ = clip_update(update, train.update_clip)
-            state.users[user] = model.user_vector.weight.detach()[0]
+                result = replace(result, update=update)
+            trained.append((user, segment, result, model.user_vector.weight.detach()[0].clone()))
+        for user, segment, result, vector in trained:
+            state.users[user] = vector
             state.trained[user] = True
             state.rounds[user] += 1
             trained_now.append(user)
-            accepted.append((segment, update, float(result.examples)))
+            accepted.append((segment, result.update, float(result.examples)))
             losses.append((result.mean_loss, result.examples))
         for segment in range(count):
             updates = [(update, n) for k, update, n in accepted if k == segment]
@@ -288,6 +294,17 @@ def simulate_fast(
             **beyond_accuracy(log, split, tables, item_bias.numpy(), ranking.personal.numpy(),
                               ranking.global_only.numpy(), global_bias=global_bias.numpy(),
                               segments=segment)}
+
+
+def _start_vector(alg: Algorithm, state: FastState, shared: torch.Tensor, seed: int,
+                  user: int) -> torch.Tensor:
+    """The user vector a device starts its round from: the shared one, its own, or a seeded draw."""
+    if alg.shared_query:
+        return shared
+    if state.trained[user]:
+        return state.users[user]
+    init = seeding.generator(seed, seeding.USER_INIT)
+    return torch.empty(state.users.shape[1]).normal_(0.0, state.users.shape[1] ** -0.5, generator=init)
 
 
 def _segment_aggregation(config: AggregationConfig, segment: int) -> AggregationConfig:

@@ -8,11 +8,14 @@ from attune.simulations.runner import DataSource, SimulationConfig, server_confi
 
 
 @pytest.mark.slow
-def test_fast_and_flower_backends_agree_after_two_rounds(tmp_path):
+@pytest.mark.parametrize("context", [True, False], ids=["device-by-device", "batched-cohort"])
+def test_fast_and_flower_backends_agree_after_two_rounds(tmp_path, context):
+    # without context features and with the user vector frozen in the global phase, the fast
+    # backend trains the cohort in batched steps (attune.simulations.cohort)
     server = server_config(rounds=2, clients_per_round=0, local_epochs=1.0, user_epochs=1.0,
                            epsilon=8.0, delta=1e-5, noise_multiplier=None, max_grad_norm=1.0,
                            sample_rate=0.5, lr=1.0, user_lr=0.5, server_lr=10.0, dim=8,
-                           no_dp=False, seed=5)
+                           no_dp=False, seed=5, context=context, joint_user=context)
     source = DataSource("synthetic", synthetic_users=30)
     results = {}
     for backend in ("fast", "flower"):
