@@ -1,8 +1,11 @@
 """In-process simulation backend: the same local training and aggregation code, no message passing.
 
 Device state is compact: every device's events in flat arrays, and user vectors and rounds
-trained in tensors (``DeviceData``, ``FastState``). Used for quick
-research loops; the Flower backend (``runner.simulate``) remains the reference.
+trained in tensors (``DeviceData``, ``FastState``). Where ``attune.simulations.cohort`` covers
+the setup, a round's devices train together in batched steps that compute what each device's
+``train_round`` would (tested number for number); otherwise device by device with
+``train_round`` itself. Used for quick research loops; the Flower backend
+(``runner.simulate``) remains the reference.
 """
 
 from __future__ import annotations
