@@ -22,7 +22,8 @@ import torch
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.optimizers import DPOptimizer
 
-from attune.client.training import LAZY_NOISE_MIN_COORDINATES
+from attune.client.training import lazy_noise
+from attune.shared.config import TrainConfig
 from attune.shared.dp import clipped_backward, make_dp_optimizer, sparse_tables
 from attune.shared.loss import Batch, per_example_loss
 from attune.shared.model import ModelConfig, Personalization
@@ -181,8 +182,8 @@ def main() -> None:
             "attune_dp_eager_ms": attune_step(copy.deepcopy(base), batch, lazy=False),
         }, repeats)
         row.update(medians)
-        # what local training does: lazy noise from LAZY_NOISE_MIN_COORDINATES up
-        row["lazy_noise_used"] = items * (DIM + 1) >= LAZY_NOISE_MIN_COORDINATES
+        # what local training does (lazy noise for large tables)
+        row["lazy_noise_used"] = lazy_noise(ModelConfig(num_items=items, dim=DIM), TrainConfig())
         row["attune_dp_ms"] = row["attune_dp_lazy_ms" if row["lazy_noise_used"] else "attune_dp_eager_ms"]
         row["opacus_ghost_ms"] = timed(ghost_step(copy.deepcopy(base), batch), max(repeats // 4, 3))
         if items <= 10_000:

@@ -18,7 +18,7 @@ import torch
 from attune.shared.accounting import PrivacyLedger
 from attune.shared.config import TrainConfig
 from attune.shared.loss import Batch, per_example_loss
-from attune.shared.model import GLOBAL_PARAMS, Personalization
+from attune.shared.model import GLOBAL_PARAMS, ModelConfig, Personalization
 from attune.shared.user_level import clip_update
 
 
@@ -43,14 +43,22 @@ class RoundResult:
     clipped_fraction: float
 
 
+def draw_examples(
+    data: LocalData, sample_rate: float, negatives: int, num_items: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Poisson-sample examples (each independently with ``sample_rate``) and draw negatives:
+    the chosen event indices ``[b]`` and item columns ``[b, 1 + negatives]`` (positive first)."""
+    chosen = (torch.rand(len(data), generator=generator) < sample_rate).nonzero().squeeze(1)
+    negative_items = torch.randint(0, num_items, (int(chosen.shape[0]), negatives), generator=generator)
+    return chosen, torch.cat([data.items[chosen].unsqueeze(1), negative_items], dim=1)
+
+
 def sample_batch(
     data: LocalData, sample_rate: float, negatives: int, num_items: int, generator: torch.Generator
 ) -> Batch:
-    """Poisson-sample examples (each independently with ``sample_rate``) and draw negatives."""
-    chosen = (torch.rand(len(data), generator=generator) < sample_rate).nonzero().squeeze(1)
+    """One Poisson batch with its negatives (``draw_examples``), labels and context."""
+    chosen, items = draw_examples(data, sample_rate, negatives, num_items, generator)
     count = int(chosen.shape[0])
-    negative_items = torch.randint(0, num_items, (count, negatives), generator=generator)
-    items = torch.cat([data.items[chosen].unsqueeze(1), negative_items], dim=1)
     labels = torch.zeros(count, negatives + 1)
     labels[:, 0] = 1.0
     context = data.context[chosen] if data.context is not None else None
@@ -71,9 +79,9 @@ def _set_trainable(model: Personalization, *, global_side: bool, user: bool = Tr
 LAZY_NOISE_MIN_COORDINATES = 100_000
 
 
-def _lazy(model: Personalization, config: TrainConfig) -> bool:
-    size = model.config.num_items * (model.config.dim + 1)
-    return config.lazy_noise and size >= LAZY_NOISE_MIN_COORDINATES
+def lazy_noise(model: ModelConfig, config: TrainConfig) -> bool:
+    """Whether the item tables' noise is drawn lazily (large tables) or every step."""
+    return config.lazy_noise and model.num_items * (model.dim + 1) >= LAZY_NOISE_MIN_COORDINATES
 
 
 def _run_phase(
@@ -94,7 +102,9 @@ def _run_phase(
     expected_batch = config.sample_rate * len(data)
     loss_sum, examples, clipped = 0.0, 0, 0
     tables = [model.item_embedding.weight, model.item_bias.weight]
-    lazy = [p for p in tables if p.requires_grad] if config.private and _lazy(model, config) else []
+    lazy = []
+    if config.private and lazy_noise(model.config, config):
+        lazy = [p for p in tables if p.requires_grad]
     if config.private:
         from attune.shared.dp import clipped_backward, make_dp_optimizer, sparse_tables  # Opacus: ~1.5 s
 

@@ -13,7 +13,7 @@ device's update equals what its own ``train_round`` returns, up to float roundin
 the clipped sum, then the sum is divided by the expected batch size.
 
 Covered: the partial-local round without context features, with the user vector frozen in the
-global phase and eager noise (tables under ``LAZY_NOISE_MIN_COORDINATES``). ``supported`` says
+global phase and eager noise (``lazy_noise`` off). ``supported`` says
 when; otherwise the fast backend runs ``train_round`` device by device.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attune.client.training import LAZY_NOISE_MIN_COORDINATES, LocalData, RoundResult
+from attune.client.training import LocalData, RoundResult, draw_examples, lazy_noise
 from attune.shared.config import TrainConfig
 from attune.shared.dp import NORM_EPS
 from attune.shared.loss import Batch, logit_gradients, per_example_loss
@@ -33,8 +33,7 @@ from attune.shared.user_level import clip_update
 
 def supported(model: ModelConfig, train: TrainConfig) -> bool:
     """Whether ``train_cohort`` computes exactly what ``train_round`` would for this setup."""
-    eager = not train.lazy_noise or model.num_items * (model.dim + 1) < LAZY_NOISE_MIN_COORDINATES
-    return not model.use_context and not train.joint_user and eager
+    return not model.use_context and not train.joint_user and not lazy_noise(model, train)
 
 
 @dataclass
@@ -48,12 +47,11 @@ class _Step:
 
 def _draw(datasets: list[LocalData], generators: list[torch.Generator], config: TrainConfig,
           num_items: int) -> _Step:
-    """Each device's Poisson batch and negatives, drawn as ``sample_batch`` draws them."""
+    """Each device's Poisson batch and negatives, drawn as its own ``sample_batch`` would."""
     items, weights, counts = [], [], []
     for data, generator in zip(datasets, generators, strict=True):
-        chosen = (torch.rand(len(data), generator=generator) < config.sample_rate).nonzero().squeeze(1)
-        negatives = torch.randint(0, num_items, (int(chosen.shape[0]), config.negatives), generator=generator)
-        items.append(torch.cat([data.items[chosen].unsqueeze(1), negatives], dim=1))
+        chosen, columns = draw_examples(data, config.sample_rate, config.negatives, num_items, generator)
+        items.append(columns)
         weights.append(data.weights[chosen])
         counts.append(int(chosen.shape[0]))
     stacked = torch.cat(items)

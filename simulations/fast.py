@@ -182,7 +182,7 @@ def simulate_fast(
     currents = [model.global_state() for _ in range(count)]  # IFCA: the same start for every segment
     shared = torch.zeros(server.model.dim)
     train = train_config(alg, server, log.num_users, segments)
-    picking = choice_epsilon(segments, server, log.num_users)
+    picking = choice_epsilon(segments, server, log.num_users) if alg.segments else None  # IFCA, DP
     datasets = device_datasets(log, split, server.model.use_context)
     seeds = [device_seed(server.seed, user) for user in range(log.num_users)]
     state = FastState(users=torch.zeros(log.num_users, server.model.dim),
@@ -198,7 +198,7 @@ def simulate_fast(
         return epsilon_of(history_of(rounds), server.delta)
 
     def history_of(rounds: int) -> list[tuple[float, float, int]]:
-        picked = choices(picking, rounds) if alg.segments and picking else []
+        picked = choices(picking, rounds) if picking is not None else []
         return [(train.noise_multiplier, train.sample_rate, rounds * train.steps_per_round), *picked]
     z = user_noise_multiplier(server, log.num_users) if server.user_level_dp else 0.0
     aggregation = aggregation_config(server, z)
@@ -228,21 +228,23 @@ def simulate_fast(
                     currents[0], torch.stack([starts[u] for u in block]), [datasets[u] for u in block],
                     train, [generators[u] for u in block])
                 trained += [(u, 0, r, v) for u, r, v in zip(block, results, vectors, strict=True)]
-        for user in devices if not batched else []:
-            segment = 0
-            if count > 1:
-                pick = seeding.generator(seeds[user], seeding.SEGMENT + int(state.rounds[user]))
-                segment = choose_segment(model, currents, datasets[user], starts[user], picking, pick)
-            model.load_global_state(currents[segment])
-            with torch.no_grad():
-                model.user_vector.weight.copy_(starts[user])
-            result = train_round(model, datasets[user], train, PrivacyLedger(), generators[user])
-            if alg.shared_query:  # the query vector's change is part of what is sent
-                update = {**result.update, "user_vector.weight": model.user_vector.weight.detach() - shared}
-                if train.update_clip > 0:
-                    update, _ = clip_update(update, train.update_clip)
-                result = replace(result, update=update)
-            trained.append((user, segment, result, model.user_vector.weight.detach()[0].clone()))
+        else:
+            for user in devices:
+                segment = 0
+                if count > 1:
+                    pick = seeding.generator(seeds[user], seeding.SEGMENT + int(state.rounds[user]))
+                    segment = choose_segment(model, currents, datasets[user], starts[user], picking, pick)
+                model.load_global_state(currents[segment])
+                with torch.no_grad():
+                    model.user_vector.weight.copy_(starts[user])
+                result = train_round(model, datasets[user], train, PrivacyLedger(), generators[user])
+                if alg.shared_query:  # the query vector's change is part of what is sent
+                    vector_change = model.user_vector.weight.detach() - shared
+                    update = {**result.update, "user_vector.weight": vector_change}
+                    if train.update_clip > 0:
+                        update, _ = clip_update(update, train.update_clip)
+                    result = replace(result, update=update)
+                trained.append((user, segment, result, model.user_vector.weight.detach()[0].clone()))
         for user, segment, result, vector in trained:
             state.users[user] = vector
             state.trained[user] = True
