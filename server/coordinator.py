@@ -43,16 +43,20 @@ class RoundRecord:
 RoundCallback = Callable[[RoundRecord], None]
 
 
+def participations(config: ServerConfig, num_devices: int) -> int:
+    """Rounds a device takes part in when cohorts are spread evenly (what noise is planned for)."""
+    per_round = min(config.clients_per_round or num_devices, num_devices)
+    return max(1, -(-config.rounds * per_round // num_devices))
+
+
 def planned_train_config(config: ServerConfig, num_devices: int) -> TrainConfig:
     """The TrainConfig devices get: noise calibrated to ``target_epsilon`` when one is given."""
     train = config.train
     if not train.private or config.target_epsilon is None:
         return train
-    per_round = config.clients_per_round or num_devices
-    participations = max(1, -(-config.rounds * min(per_round, num_devices) // num_devices))
     sigma = calibrate_noise(
         epsilon=config.target_epsilon, delta=config.delta,
-        sample_rate=train.sample_rate, steps=participations * train.steps_per_round,
+        sample_rate=train.sample_rate, steps=participations(config, num_devices) * train.steps_per_round,
     )
     return replace(train, noise_multiplier=sigma)
 

@@ -30,7 +30,7 @@ import torch
 
 from attune.client.training import LocalData, sample_batch
 from attune.server.config import ServerConfig
-from attune.server.coordinator import planned_train_config
+from attune.server.coordinator import participations, planned_train_config
 from attune.shared.accounting import calibrate_noise
 from attune.shared.config import TrainConfig
 from attune.shared.errors import ConfigError
@@ -111,22 +111,18 @@ class SegmentConfig:
             raise ConfigError(f"the choice share must be in (0, 1), got {self.choice_share}")
 
 
-def _participations(server: ServerConfig, num_devices: int) -> int:
-    per_round = min(server.clients_per_round or num_devices, num_devices)
-    return max(1, -(-server.rounds * per_round // num_devices))
-
-
 def choice_epsilon(segments: SegmentConfig, server: ServerConfig, num_devices: int) -> float | None:
     """Epsilon of one choice: ``choice_share`` of the zCDP budget that (target epsilon, delta)
     allows, ``rho = (sqrt(eps + log 1/delta) - sqrt(log 1/delta))^2`` (Bun and Steinke 2016),
-    split over the rounds a device trains, each choice costing ``epsilon^2 / 8``. ``None``
-    without DP: the device then simply takes the best-fitting segment."""
+    split over the rounds a device trains, each choice costing ``epsilon^2 / 8``. With an explicit
+    noise multiplier (no target), the share is of epsilon 8's budget. ``None`` without DP: the
+    device then simply takes the best-fitting segment."""
     if not server.train.private:
         return None
     target = server.target_epsilon if server.target_epsilon is not None else 8.0
     log_delta = math.log(1 / server.delta)
     rho = (math.sqrt(target + log_delta) - math.sqrt(log_delta)) ** 2
-    return math.sqrt(8 * segments.choice_share * rho / _participations(server, num_devices))
+    return math.sqrt(8 * segments.choice_share * rho / participations(server, num_devices))
 
 
 def train_config(alg: Algorithm, server: ServerConfig, num_devices: int,
@@ -140,10 +136,10 @@ def train_config(alg: Algorithm, server: ServerConfig, num_devices: int,
     picking = choice_epsilon(segments, server, num_devices) if alg.segments else None
     if picking is None or server.target_epsilon is None:
         return train
-    participations = _participations(server, num_devices)
+    rounds = participations(server, num_devices)
     sigma = calibrate_noise(epsilon=server.target_epsilon, delta=server.delta,
-                            sample_rate=train.sample_rate, steps=participations * train.steps_per_round,
-                            also=choices(picking, participations))
+                            sample_rate=train.sample_rate, steps=rounds * train.steps_per_round,
+                            also=choices(picking, rounds))
     return replace(train, noise_multiplier=sigma)
 
 
