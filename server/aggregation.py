@@ -1,58 +1,36 @@
-"""Aggregation math, framework-free: the mean (plain, robust, or user-level DP) of updates, applied
-by a server step.
-
-Used by the Flower strategy and by the in-process simulation backend alike.
+"""From what devices sent to the next global model, framework-free: combine the contributions (their
+sum, or a robust rule), add device-level noise, divide by the expected cohort, and take a server
+optimizer step. Every vector here is the shared side flattened (``attune.client.training.flatten``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from attune.shared import seeding
 from attune.shared.errors import ConfigError
-from attune.shared.user_level import add_noise_to_mean, noised_mean
-
-Update = dict[str, torch.Tensor]
+from attune.shared.randomness import Stream, normal
 
 
-def weighted_mean(updates: Sequence[tuple[Update, float]]) -> Update:
-    """Mean of updates weighted by example counts, accumulated in float64 in the given order."""
-    if not updates:
-        raise ValueError("no updates to aggregate")
-    total = sum(weight for _, weight in updates)
-    if total <= 0:
-        raise ValueError("update weights must sum to a positive number")
-    names = updates[0][0].keys()
-    return {
-        name: sum(update[name].double() * (weight / total) for update, weight in updates)  # type: ignore[misc]
-        for name in names
-    }
+class ServerOptimizer(Protocol):
+    """Applies a pseudo-gradient (the mean of the devices' gradient sums) to the parameters."""
 
+    def step(self, params: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor: ...
 
-# Every example moves the context encoder, so its mean update is not diluted the way a row of the
-# item table is (each row moves only on the devices that saw the item): it takes the plain mean.
-PLAIN_MEAN_PARAMS = frozenset({"context_encoder.weight"})
+    def state_dict(self) -> dict: ...
 
-
-def apply_update(current: Update, mean_update: Update, server_lr: float) -> Update:
-    """``current + server_lr * mean_update`` for the item table, ``+ mean_update`` for the rest."""
-    return {
-        name: (value.double() + (1.0 if name in PLAIN_MEAN_PARAMS else server_lr) * mean_update[name]).float()
-        for name, value in current.items()
-    }
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class ServerSGD:
-    """Plain FedAvg step: ``current + server_lr * mean`` (see ``apply_update``)."""
+    """``params - lr * gradient``."""
 
     def __init__(self, lr: float) -> None:
         self.lr = lr
 
-    def step(self, current: Update, mean_update: Update) -> Update:
-        return apply_update(current, mean_update, self.lr)
+    def step(self, params: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        return params - self.lr * gradient
 
     def state_dict(self) -> dict:
         return {"kind": "sgd"}
@@ -63,123 +41,74 @@ class ServerSGD:
 
 
 class ServerAdam:
-    """Adam on the server with the mean update as the (negative) pseudo-gradient.
+    """Adam on the coordinator (Reddi et al. 2021, "Adaptive Federated Optimization"): the released
+    sums are noisy and most item rows get signal from few devices, and per-coordinate step sizes
+    keep the noise of a round from setting the step. Post-processing of the released sums."""
 
-    Reddi et al. 2021, "Adaptive Federated Optimization" (FedAdam). Per-coordinate step sizes
-    suit the item table, whose rows are updated by few devices each, and the context encoder,
-    updated by all. Its state is part of a checkpoint.
-    """
-
-    def __init__(self, lr: float, beta1: float = 0.9, beta2: float = 0.99, eps: float = 1e-3) -> None:
+    def __init__(self, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
-        self.m: Update = {}
-        self.v: Update = {}
+        self.m: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.t = 0
 
-    def step(self, current: Update, mean_update: Update) -> Update:
-        out = {}
-        for name, value in current.items():
-            delta = mean_update[name]
-            m = self.m.get(name, torch.zeros_like(delta)) * self.beta1 + (1 - self.beta1) * delta
-            v = self.v.get(name, torch.zeros_like(delta)) * self.beta2 + (1 - self.beta2) * delta**2
-            self.m[name], self.v[name] = m, v
-            out[name] = (value.double() + self.lr * m / (v.sqrt() + self.eps)).float()
-        return out
+    def step(self, params: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        gradient = gradient.double()
+        if self.m is None or self.v is None:
+            self.m, self.v = torch.zeros_like(gradient), torch.zeros_like(gradient)
+        self.t += 1
+        self.m = self.beta1 * self.m + (1 - self.beta1) * gradient
+        self.v = self.beta2 * self.v + (1 - self.beta2) * gradient**2
+        m_hat = self.m / (1 - self.beta1**self.t)
+        v_hat = self.v / (1 - self.beta2**self.t)
+        return params - self.lr * m_hat / (v_hat.sqrt() + self.eps)
 
     def state_dict(self) -> dict:
-        return {"kind": "adam", "m": dict(self.m), "v": dict(self.v)}
+        return {"kind": "adam", "m": self.m, "v": self.v, "t": self.t}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "adam":
             raise ConfigError(f"checkpoint holds a {state.get('kind')!r} server optimizer, not adam")
-        self.m, self.v = dict(state["m"]), dict(state["v"])
+        self.m, self.v, self.t = state["m"], state["v"], int(state["t"])
 
 
-def server_step(kind: str, lr: float) -> ServerSGD | ServerAdam:
-    """The server optimizer named in the run config: ``sgd`` (FedAvg) or ``adam`` (FedAdam)."""
+def server_optimizer(kind: str, lr: float) -> ServerSGD | ServerAdam:
     if kind == "sgd":
         return ServerSGD(lr)
     if kind == "adam":
         return ServerAdam(lr)
-    raise ValueError(f"unknown server optimizer {kind!r}: use sgd or adam")
+    raise ConfigError(f"unknown server optimizer {kind!r}: use adam or sgd")
 
 
-def trimmed_mean(updates: Sequence[Update], trim_fraction: float) -> Update:
-    """Coordinate-wise mean after dropping the ``trim_fraction`` largest and smallest values
-    (Yin et al. 2018): robust to a minority of broken or hostile updates."""
-    cut = int(len(updates) * trim_fraction)
-    out = {}
-    for name in updates[0]:
-        stacked = torch.stack([u[name].double() for u in updates]).sort(dim=0).values
-        out[name] = stacked[cut : len(updates) - cut].mean(dim=0)
-    return out
+def trimmed_mean(contributions: torch.Tensor, trim_fraction: float) -> torch.Tensor:
+    """Coordinate-wise mean after dropping the ``trim_fraction`` largest and smallest values (Yin
+    et al. 2018), times the count: a sum robust to a minority of hostile devices."""
+    count = contributions.shape[0]
+    cut = int(count * trim_fraction)
+    ordered = contributions.double().sort(dim=0).values
+    return ordered[cut:count - cut].mean(dim=0) * count
 
 
-def coordinate_median(updates: Sequence[Update]) -> Update:
-    """Coordinate-wise median (the mean of the two middle values for an even count)."""
-    out = {}
-    for name in updates[0]:
-        stacked = torch.stack([u[name].double() for u in updates]).sort(dim=0).values
-        n = len(updates)
-        out[name] = (stacked[(n - 1) // 2] + stacked[n // 2]) / 2
-    return out
+def coordinate_median(contributions: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median (mean of the two middle values for an even count), times the count."""
+    count = contributions.shape[0]
+    ordered = contributions.double().sort(dim=0).values
+    return (ordered[(count - 1) // 2] + ordered[count // 2]) / 2 * count
 
 
-RULES = ("mean", "trimmed-mean", "median")
+def combine(contributions: torch.Tensor, rule: str, trim_fraction: float) -> torch.Tensor:
+    """One summed contribution from the rows of ``contributions`` by ``rule``."""
+    if rule == "sum":
+        return contributions.sum(dim=0)
+    if rule == "trimmed-mean":
+        return trimmed_mean(contributions, trim_fraction)
+    if rule == "median":
+        return coordinate_median(contributions)
+    raise ConfigError(f"unknown aggregation {rule!r}: use sum, trimmed-mean or median")
 
 
-@dataclass(frozen=True)
-class AggregationConfig:
-    """How accepted updates become one.
-
-    ``user_noise_multiplier > 0`` turns on user-level DP (needs ``update_clip > 0`` and the plain
-    ``mean`` rule, whose sensitivity is ``update_clip``): a uniform mean of the clipped updates
-    plus Gaussian noise. Otherwise ``rule`` picks the example-weighted mean or a robust rule.
-    """
-
-    rule: str = "mean"
-    trim_fraction: float = 0.1
-    update_clip: float = 0.0
-    user_noise_multiplier: float = 0.0
-    noise_seed: int | None = None  # simulations only: seeded noise is no protection
-
-    def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ConfigError(f"aggregation must be one of {', '.join(RULES)}, got {self.rule!r}")
-        if not 0 <= self.trim_fraction < 0.5:
-            raise ConfigError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
-        if self.user_noise_multiplier < 0:
-            raise ConfigError("user_noise_multiplier must be >= 0")
-        if self.user_noise_multiplier > 0 and (self.update_clip <= 0 or self.rule != "mean"):
-            raise ConfigError("user-level DP needs update_clip > 0 and the 'mean' aggregation rule")
-
-    @property
-    def user_level_dp(self) -> bool:
-        return self.user_noise_multiplier > 0
-
-
-def aggregate(
-    config: AggregationConfig, server_round: int, updates: Sequence[tuple[Update, float]]
-) -> Update:
-    """One mean update from the accepted ``(update, examples)`` pairs of a round."""
-    if not updates:
-        raise ValueError("no updates to aggregate")
-    if config.user_level_dp:
-        return noised_mean([u for u, _ in updates], config.update_clip, config.user_noise_multiplier,
-                           _noise_generator(config, server_round))
-    if config.rule == "trimmed-mean":
-        return trimmed_mean([u for u, _ in updates], config.trim_fraction)
-    if config.rule == "median":
-        return coordinate_median([u for u, _ in updates])
-    return weighted_mean(updates)
-
-
-def _noise_generator(config: AggregationConfig, server_round: int) -> torch.Generator:
-    return seeding.generator(config.noise_seed, seeding.USER_LEVEL_NOISE + server_round)
-
-
-def noise_secure_mean(config: AggregationConfig, server_round: int, mean: Update, count: int) -> Update:
-    """User-level DP for a mean that secure aggregation produced (the same noise as ``aggregate``)."""
-    if not config.user_level_dp:
-        return mean
-    return add_noise_to_mean(mean, count, config.update_clip, config.user_noise_multiplier,
-                             _noise_generator(config, server_round))
+def device_level_noise(total: torch.Tensor, bound: float, noise_multiplier: float, stream: Stream) -> torch.Tensor:
+    """DP-FedAvg on a sum of contributions each bounded by ``bound`` (L2, in the sum's units):
+    Gaussian noise of std ``noise_multiplier * bound`` on every coordinate (zero multiplier: none)."""
+    if noise_multiplier <= 0:
+        return total.double()
+    return total.double() + normal(stream, tuple(total.shape), noise_multiplier * bound)

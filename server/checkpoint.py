@@ -1,8 +1,10 @@
-"""Checkpoints: after every round, the global model, the round, the server optimizer's state and
-the user-level privacy ledger, written atomically with a SHA-256 beside each file.
+"""Checkpoints: after every round, the global model, the server optimizer's state, the run's id and
+plan, the device-level ledger and who contributed how often, written atomically with a SHA-256
+beside each file.
 
 Loading never unpickles code (``weights_only``). A checkpoint whose file or checksum is missing,
-or whose bytes do not match, is skipped with a warning and the previous one is used.
+unreadable or does not match is skipped with a warning and the previous one is used; rounds are
+ordered by number, not by file name.
 """
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ import hashlib
 import io
 import logging
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from attune.shared.errors import StoreError
+from attune.server.planning import Plan
+from attune.shared.accounting import Entry, ledger_from_json, ledger_to_json
+from attune.shared.config import RoundConfig
+from attune.shared.errors import AttuneError, StoreError
 
 log = logging.getLogger(__name__)
-_PATTERN = "global_round_*.pt"
+_NAME = re.compile(r"global_round_(\d+)\.pt")
 
 
 @dataclass
@@ -27,7 +33,10 @@ class Checkpoint:
     round: int
     state: dict[str, torch.Tensor]
     optimizer: dict = field(default_factory=dict)  # ServerSGD/ServerAdam.state_dict()
-    ledger: dict | None = None  # PrivacyLedger.state_dict() of the user-level accountant
+    run_id: str = ""
+    plan: Plan | None = None
+    device_level: list[Entry] = field(default_factory=list)  # the device-level ledger
+    participation: dict[int, int] = field(default_factory=dict)  # device -> rounds contributed
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -43,13 +52,21 @@ def _checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def _plan_dict(plan: Plan | None) -> dict | None:
+    if plan is None:
+        return None
+    return {**asdict(plan), "round": asdict(plan.round)}
+
+
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     """Write ``global_round_{r}.pt`` and its checksum (and refresh ``global_final.pt``)."""
     directory.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({"round": checkpoint.round,
                 "state": {k: t.detach().clone() for k, t in checkpoint.state.items()},
-                "optimizer": checkpoint.optimizer, "ledger": checkpoint.ledger}, buffer)
+                "optimizer": checkpoint.optimizer, "run_id": checkpoint.run_id,
+                "plan": _plan_dict(checkpoint.plan), "device_level": ledger_to_json(checkpoint.device_level),
+                "participation": {str(k): int(v) for k, v in checkpoint.participation.items()}}, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest().encode()
     path = directory / f"global_round_{checkpoint.round:04d}.pt"
@@ -60,22 +77,35 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Load one checkpoint; ``StoreError`` if it is missing, partial or does not match its checksum."""
+    """Load one checkpoint; ``StoreError`` if it is missing, partial, unreadable or does not match
+    its checksum."""
     try:
         data = path.read_bytes()
-        expected = _checksum_path(path).read_text().strip()
-    except OSError as error:
-        raise StoreError(f"checkpoint {path} is incomplete: {error}") from None
+        expected = _checksum_path(path).read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise StoreError(f"checkpoint {path} is incomplete or its checksum unreadable: {error}") from None
     if hashlib.sha256(data).hexdigest() != expected:
         raise StoreError(f"checkpoint {path} does not match its checksum (corrupt or partial)")
-    payload = torch.load(io.BytesIO(data), weights_only=True)
-    return Checkpoint(round=int(payload["round"]), state=payload["state"],
-                      optimizer=payload["optimizer"], ledger=payload["ledger"])
+    try:
+        payload = torch.load(io.BytesIO(data), weights_only=True)
+        raw_plan = payload["plan"]
+        plan = None if raw_plan is None else Plan(**{**raw_plan, "round": RoundConfig(**raw_plan["round"])})
+        return Checkpoint(round=int(payload["round"]), state=payload["state"], optimizer=payload["optimizer"],
+                          run_id=str(payload["run_id"]), plan=plan,
+                          device_level=ledger_from_json(payload["device_level"]),
+                          participation={int(k): int(v) for k, v in payload["participation"].items()})
+    except (KeyError, TypeError, ValueError, RuntimeError, AttuneError) as error:
+        raise StoreError(f"checkpoint {path} cannot be read: {error}") from None
 
 
 def latest_checkpoint(directory: Path) -> Checkpoint | None:
-    """The newest checkpoint in ``directory`` that loads and matches its checksum, if any."""
-    for path in sorted(directory.glob(_PATTERN), reverse=True):
+    """The newest checkpoint (by round number) in ``directory`` that loads and verifies, if any."""
+    numbered = []
+    for path in directory.glob("global_round_*.pt"):
+        match = _NAME.fullmatch(path.name)
+        if match:
+            numbered.append((int(match.group(1)), path))
+    for _, path in sorted(numbered, reverse=True):
         try:
             return load_checkpoint(path)
         except StoreError as error:

@@ -1,108 +1,167 @@
-"""The coordinator's run configuration, parsed once from Flower's run config."""
+"""The coordinator's run configuration: one frozen dataclass, the only source of every default.
+
+``ServerConfig.preset(mode)`` gives the defaults of a privacy mode (``PRESET_CHANGES`` plus the
+round preset of ``attune.shared.config``); ``from_run_config`` reads Flower's run config (kebab-case
+keys, starting from the preset its ``mode`` names), and the ``attune`` command builds its options
+from these same fields, so a default is written once.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from attune.shared.config import TrainConfig
+from attune.shared.config import PrivacyMode, RoundConfig, preset
 from attune.shared.errors import ConfigError
 from attune.shared.model import ModelConfig
+
+OPTIMIZERS = ("adam", "sgd")
+AGGREGATIONS = ("sum", "trimmed-mean", "median")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How the coordinator runs: rounds, cohort, server step, and what devices are asked to do.
+    """How the coordinator runs a federation.
 
-    ``clients_per_round = 0`` means every connected device. When ``train.private`` is set and
-    ``target_epsilon`` is given, the noise multiplier sent to devices is calibrated so that a
-    device taking part in every round ends at ``target_epsilon`` (devices still enforce their own
-    budget and refuse beyond it): that is the event-level guarantee.
-
-    User-level DP on the aggregate is on when ``train.update_clip > 0`` and either
-    ``user_noise_multiplier`` or ``user_target_epsilon`` is set (the latter calibrates the
-    multiplier for ``rounds`` rounds and is also the budget the run stops at). ``aggregation``
-    picks ``mean`` (example-weighted), ``trimmed-mean`` or ``median``; ``secure_aggregation`` runs
-    training through SecAgg+, where the coordinator sees only the (unweighted) mean.
-    ``signing_key`` (an Ed25519 PEM file) signs every model sent; ``resume`` continues from the
-    last good checkpoint.
+    Each round samples devices (every connected device, or each with probability
+    ``clients_per_round / connected`` from a secure source), sends the signed global model and
+    ``round`` config, sums what comes back (under SecAgg+ when ``secure_aggregation``), divides
+    by the expected cohort size and takes a server optimizer step. With ``target_epsilon`` the
+    noise of ``round`` is calibrated so that a device in every planned round ends at it.
+    ``device_level_noise`` (or ``device_level_epsilon``) adds DP-FedAvg noise for all of one
+    device's data together on top (McMahan et al. 2018).
     """
 
-    rounds: int = 3
-    clients_per_round: int = 0
-    min_clients: int = 2
-    server_lr: float = 1.0
-    server_optimizer: str = "sgd"
-    fraction_evaluate: float = 1.0
-    round_timeout: float = 0.0  # seconds to wait for replies; 0: wait for every sampled device
-    target_epsilon: float | None = None
+    rounds: int = 100
+    clients_per_round: int = 0  # expected devices per round; 0: every connected device
+    min_clients: int = 2  # devices to wait for before the first round
+    server_optimizer: str = "adam"
+    server_lr: float = 0.1
+    target_epsilon: float | None = 8.0  # per device, event-level; None: use round.noise_multiplier
     delta: float = 1e-5
-    aggregation: str = "mean"
+    user_share: float = 0.3  # of the event-level budget, spent on refreshing user vectors
+    min_survivor_fraction: float = 0.8  # distributed: of the cohort, whose shares carry the noise
+    device_level_noise: float = 0.0  # DP-FedAvg noise multiplier on the sum (0: off)
+    device_level_epsilon: float | None = None  # calibrate device_level_noise over the rounds
+    device_level_delta: float = 1e-5
+    aggregation: str = "sum"  # "trimmed-mean" and "median" need each contribution: no SecAgg
     trim_fraction: float = 0.1
-    user_noise_multiplier: float = 0.0
-    user_target_epsilon: float | None = None
-    user_delta: float = 1e-5
-    noise_seed: int | None = None  # seeds the aggregate's noise: simulations only
+    secure_aggregation: bool = True
+    round_timeout: float = 0.0  # seconds to wait for replies; 0: wait for every sampled device
+    noise_seed: int | None = None  # simulations only: seeds the coordinator's noise and sampling
     signing_key: Path | None = None
-    secure_aggregation: bool = False
     resume: bool = False
     seed: int = 0
     out_dir: Path | None = None
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(dim=16))
+    round: RoundConfig = field(default_factory=RoundConfig)
 
     def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
-        if self.clients_per_round < 0 or self.min_clients < 1:
-            raise ConfigError("clients_per_round must be >= 0 and min_clients >= 1")
-        if self.target_epsilon is not None and self.target_epsilon <= 0:
-            raise ConfigError(f"epsilon must be > 0, got {self.target_epsilon}")
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
-        if self.user_target_epsilon is not None and self.user_target_epsilon <= 0:
-            raise ConfigError(f"user_target_epsilon must be > 0, got {self.user_target_epsilon}")
-        if self.user_level_dp and self.train.update_clip <= 0:
-            raise ConfigError("user-level DP needs train.update_clip > 0 (devices clip their updates)")
-        if self.secure_aggregation and self.aggregation != "mean":
-            raise ConfigError("secure aggregation yields only the mean: use aggregation='mean'")
-        if self.round_timeout < 0:
-            raise ConfigError(f"round_timeout must be >= 0, got {self.round_timeout}")
+        for name, low in (("rounds", 1), ("clients_per_round", 0), ("min_clients", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.server_optimizer not in OPTIMIZERS:
+            raise ConfigError(f"server_optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                              f"got {self.server_optimizer!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
+        checks = [("server_lr", self.server_lr, 0.0, False), ("delta", self.delta, 0.0, False),
+                  ("device_level_delta", self.device_level_delta, 0.0, False),
+                  ("user_share", self.user_share, 0.0, True), ("trim_fraction", self.trim_fraction, 0.0, True),
+                  ("device_level_noise", self.device_level_noise, 0.0, True),
+                  ("round_timeout", self.round_timeout, 0.0, True),
+                  ("min_survivor_fraction", self.min_survivor_fraction, 0.0, False)]
+        for name, value, low, inclusive in checks:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < low or (not inclusive and value == low):
+                raise ConfigError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, "
+                                  f"got {value!r}")
+        for name in ("delta", "device_level_delta", "min_survivor_fraction"):
+            if getattr(self, name) > 1 or (name != "min_survivor_fraction" and getattr(self, name) == 1):
+                raise ConfigError(f"{name} must be below 1, got {getattr(self, name)}")
+        if self.user_share >= 1 or self.trim_fraction >= 0.5:
+            raise ConfigError("user_share must be < 1 and trim_fraction < 0.5")
+        for name in ("target_epsilon", "device_level_epsilon"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ConfigError(f"{name} must be a finite number > 0 (or unset), got {value!r}")
+        if self.target_epsilon is not None and not self.round.private:
+            raise ConfigError("target_epsilon needs a private mode; unset it for mode 'off'")
+        if self.round.privacy is PrivacyMode.DISTRIBUTED and not self.secure_aggregation:
+            raise ConfigError("distributed mode adds only a share of the noise on each device: it needs "
+                              "secure_aggregation=true, or the coordinator would see under-noised updates")
+        if self.aggregation != "sum" and self.secure_aggregation:
+            raise ConfigError(f"{self.aggregation} needs every contribution; secure aggregation yields only "
+                              "their sum")
+        if self.aggregation != "sum" and self.device_level_dp:
+            raise ConfigError("device-level DP bounds the sum's sensitivity: use aggregation='sum'")
         if self.resume and self.out_dir is None:
             raise ConfigError("resume needs out_dir (where the checkpoints are)")
-        if self.server_optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"server_optimizer must be sgd or adam, got {self.server_optimizer!r}")
 
     @property
-    def user_level_dp(self) -> bool:
-        return self.user_noise_multiplier > 0 or self.user_target_epsilon is not None
+    def device_level_dp(self) -> bool:
+        return self.device_level_noise > 0 or self.device_level_epsilon is not None
+
+    @property
+    def mode(self) -> PrivacyMode:
+        return self.round.privacy
+
+    @classmethod
+    def preset(cls, mode: PrivacyMode | str = PrivacyMode.DISTRIBUTED, **changes: object) -> ServerConfig:
+        """The defaults of ``mode`` (rounds, optimizer, model and round config), with ``changes``."""
+        base = preset(mode)  # validates the mode's name
+        base = cls(round=base, **PRESET_CHANGES[base.privacy])  # type: ignore[arg-type]
+        return replace(base, **changes)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> ServerConfig:
-        """Read ``kebab-case`` keys (``num-server-rounds``, ``local-epochs``, ...); unknown keys fail."""
-        known: dict[str, tuple[str, str]] = {"num-server-rounds": ("", "rounds")}
-        for section, klass in (("", cls), ("model", ModelConfig), ("train", TrainConfig)):
-            for f in fields(klass):
-                if f.name not in ("model", "train"):
-                    known.setdefault(f.name.replace("_", "-"), (section, f.name))
-        values: dict[str, dict[str, object]] = {"": {}, "model": {}, "train": {}}
+        """Read Flower's run config: ``kebab-case`` field names of this class, its ``model`` and its
+        ``round`` (``num-server-rounds`` is ``rounds``), starting from the preset named by
+        ``mode``. Unknown keys fail; ``0`` or ``""`` mean unset for optional values."""
+        known = run_config_keys()
+        values: dict[str, dict[str, object]] = {"": {}, "model": {}, "round": {}}
         for key, value in run_config.items():
             if key not in known:
                 raise ConfigError(f"unknown run config key {key!r}")
             section, name = known[key]
             values[section][name] = value
         top = values[""]
-        for name in ("out_dir", "signing_key"):  # paths; "" means none
+        for name in ("out_dir", "signing_key"):
             if name in top:
                 top[name] = Path(str(top[name])) if top[name] else None
-        for name in ("target_epsilon", "user_target_epsilon"):  # 0 means none
-            if top.get(name) in (0, 0.0, ""):
+        for name in ("target_epsilon", "device_level_epsilon", "noise_seed"):
+            if top.get(name) in (0, 0.0, "", -1):
                 top[name] = None
-        if "noise_seed" in top and int(top["noise_seed"]) < 0:  # type: ignore[call-overload]
-            top["noise_seed"] = None
-        return cls(
-            **top,  # type: ignore[arg-type]
-            model=ModelConfig(**values["model"]),  # type: ignore[arg-type]
-            train=TrainConfig(**values["train"]),  # type: ignore[arg-type]
-        )
+        mode = values["round"].get("mode", PrivacyMode.DISTRIBUTED.value)
+        base = cls.preset(str(mode))
+        try:
+            return replace(base, **top, model=replace(base.model, **values["model"]),  # type: ignore[arg-type]
+                           round=replace(base.round, **values["round"]))
+        except TypeError as error:
+            raise ConfigError(f"bad run config value: {error}") from None
+
+
+# What each mode changes in ServerConfig's defaults (its round config comes from shared.config).
+PRESET_CHANGES: dict[PrivacyMode, dict[str, object]] = {
+    PrivacyMode.DISTRIBUTED: {},
+    PrivacyMode.LOCAL: {"secure_aggregation": False},
+    PrivacyMode.OFF: {"target_epsilon": None, "secure_aggregation": False, "server_lr": 0.03},
+}
+
+
+def run_config_keys() -> dict[str, tuple[str, str]]:
+    """Every run config key and where it goes: ``(section, field)`` with section "", "model" or
+    "round"."""
+    known: dict[str, tuple[str, str]] = {"num-server-rounds": ("", "rounds")}
+    for section, klass in (("", ServerConfig), ("model", ModelConfig), ("round", RoundConfig)):
+        for f in fields(klass):
+            if f.name not in ("model", "round", "rounds"):
+                key = f.name.replace("_", "-")
+                if key in known:
+                    raise RuntimeError(f"run config key {key!r} is ambiguous")
+                known[key] = (section, f.name)
+    return known

@@ -1,184 +1,202 @@
-"""The coordinator's round loop: sample, sign, train, validate and aggregate, account, evaluate,
-checkpoint.
+"""The coordinator's round loop, written once for every host: sample, sign, collect, check, add
+device-level noise, take the server step, account, checkpoint.
 
-Runs on any Flower ``Grid`` (simulation or Deployment Engine); ``app.py`` is the ServerApp shell.
+A ``Transport`` carries a round to the sampled devices and brings back the sum of what they
+contributed: Flower's Message API (``attune.server.transport``), Flower's SecAgg+ workflow
+(``attune.server.secure_aggregation``), or the in-process simulation backend
+(``attune.simulations.fast``). ``app.py`` is the ServerApp shell.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
-from flwr.serverapp import Grid
 
-from attune.server.aggregation import AggregationConfig
+from attune.client.training import flatten, unflatten
+from attune.server.aggregation import ServerOptimizer, device_level_noise, server_optimizer
 from attune.server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from attune.server.config import ServerConfig
-from attune.server.privacy import UserLevelAccountant
-from attune.server.secure_aggregation import SecureAggregation, SecureAggregationConfig
-from attune.server.strategy import UpdateFedAvg
-from attune.shared.accounting import calibrate_noise
-from attune.shared.config import TrainConfig
-from attune.shared.model import MODEL_VERSION, Personalization
-from attune.shared.records import arrays_to_numpy, state_to_arrays, to_config_record
-from attune.shared.signing import load_private_key, sign_model
+from attune.server.planning import Plan, plan
+from attune.shared.accounting import Entry, epsilon_of
+from attune.shared.config import PrivacyMode
+from attune.shared.errors import StoreError
+from attune.shared.mechanism import dequantize, device_bound, planned_entries, units
+from attune.shared.model import Personalization
+from attune.shared.randomness import Stream, bernoulli
+from attune.shared.wire import RoundRequest
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Collected:
+    """What came back from one round's cohort."""
+
+    total: torch.Tensor | None  # the combined contributions (long units when private), if any
+    contributors: list[int]  # devices whose contributions are in ``total``
+    refused: int = 0  # devices that declined (consent, pause, budget, replay, their own limits)
+    rejected: int = 0  # contributions that failed the checks
+    failed: int = 0  # errors and devices that did not answer
+    aborted: str = ""  # why no sum was released (distributed: too few survivors)
+    rejections: list[str] = field(default_factory=list)
+
+
+class Transport(Protocol):
+    """Carries rounds to devices. ``collect`` returns only what the privacy mode allows the
+    coordinator to see (a secure sum under SecAgg+)."""
+
+    def devices(self) -> list[int]: ...
+
+    def collect(self, request: RoundRequest, cohort: list[int], min_survivors: int) -> Collected: ...
+
+
 @dataclass(frozen=True)
 class RoundRecord:
-    """Metrics of one finished round (evaluation metrics are absent when nobody evaluated)."""
+    """What happened in one round, as the coordinator saw it."""
 
     round: int
-    train: dict[str, float]
-    evaluate: dict[str, float]
+    sampled: int
+    contributed: int
+    refused: int
+    rejected: int
+    failed: int
+    aborted: str
+    epsilon: float  # event-level, of the device that joined most rounds (planned entries)
+    device_level_epsilon: float | None
+    rejections: tuple[str, ...] = ()
 
 
-RoundCallback = Callable[[RoundRecord], None]
+RoundCallback = Callable[[RoundRecord, dict[str, torch.Tensor]], None]
 
 
-def participations(config: ServerConfig, num_devices: int) -> int:
-    """Rounds a device takes part in when cohorts are spread evenly (what noise is planned for)."""
-    per_round = min(config.clients_per_round or num_devices, num_devices)
-    return max(1, -(-config.rounds * per_round // num_devices))
+def initial_state(config: ServerConfig) -> dict[str, torch.Tensor]:
+    return Personalization(config.model, generator=torch.Generator().manual_seed(config.seed)).global_state()
 
 
-def planned_train_config(config: ServerConfig, num_devices: int) -> TrainConfig:
-    """The TrainConfig devices get: noise calibrated to ``target_epsilon`` when one is given."""
-    train = config.train
-    if not train.private or config.target_epsilon is None:
-        return train
-    sigma = calibrate_noise(
-        epsilon=config.target_epsilon, delta=config.delta,
-        sample_rate=train.sample_rate, steps=participations(config, num_devices) * train.steps_per_round,
-    )
-    return replace(train, noise_multiplier=sigma)
+def _stream(config: ServerConfig, *labels: int | str) -> Stream:
+    """The coordinator's randomness: seeded only in simulations (``noise_seed``)."""
+    if config.noise_seed is None:
+        return Stream.secure()
+    return Stream.seeded_from(config.noise_seed, "coordinator", *labels)
 
 
-def aggregation_config(config: ServerConfig, noise_multiplier: float) -> AggregationConfig:
-    return AggregationConfig(rule=config.aggregation, trim_fraction=config.trim_fraction,
-                             update_clip=config.train.update_clip, user_noise_multiplier=noise_multiplier,
-                             noise_seed=config.noise_seed)
+def sample(devices: list[int], rate: float, stream: Stream) -> list[int]:
+    """Poisson sampling: every device independently with probability ``rate`` (all at rate 1)."""
+    if rate >= 1:
+        return list(devices)
+    chosen = bernoulli(stream, len(devices), rate)
+    return [device for device, keep in zip(devices, chosen.tolist(), strict=True) if keep]
 
 
-def user_noise_multiplier(config: ServerConfig, num_devices: int) -> float:
-    """The aggregate's noise multiplier: as configured, or calibrated to ``user_target_epsilon``
-    over ``rounds`` rounds at this cohort size."""
-    if config.user_target_epsilon is None:
-        return config.user_noise_multiplier
-    cohort = min(config.clients_per_round or num_devices, num_devices)
-    return calibrate_noise(epsilon=config.user_target_epsilon, delta=config.user_delta,
-                           sample_rate=cohort / num_devices, steps=config.rounds)
+@dataclass
+class RunState:
+    """Everything a checkpoint restores."""
+
+    run_id: str
+    round: int
+    params: torch.Tensor  # flattened float64
+    optimizer: ServerOptimizer
+    plan: Plan
+    device_level: list[Entry]
+    participation: Counter  # device id -> rounds its contribution was in a released sum
 
 
-def run(grid: Grid, config: ServerConfig, on_round: RoundCallback | None = None) -> list[RoundRecord]:
-    """Run rounds up to ``config.rounds`` (from the last checkpoint when resuming); checkpoint
-    after each one."""
-    arrays = initial_arrays(config)
-    nodes = _wait_for_nodes(grid, max(config.min_clients, config.clients_per_round))
-    train = planned_train_config(config, len(nodes))
-    z = user_noise_multiplier(config, len(nodes)) if config.user_level_dp else 0.0
-    log.info("devices: %d; noise multiplier sent: %.4f; user-level noise multiplier: %.4f",
-             len(nodes), train.noise_multiplier, z)
-    fraction = 1.0 if config.clients_per_round == 0 else config.clients_per_round / len(nodes)
-    strategy = UpdateFedAvg(
-        config.model,
-        server_lr=config.server_lr,
-        server_optimizer=config.server_optimizer,
-        aggregation=aggregation_config(config, z),
-        fraction_train=min(fraction, 1.0),
-        fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=min(config.min_clients, config.clients_per_round or len(nodes)),
-        min_evaluate_nodes=1 if config.fraction_evaluate > 0 else 0,
-        min_available_nodes=config.min_clients,
-    )
-    accountant = UserLevelAccountant(z, config.user_delta, config.user_target_epsilon) if z > 0 else None
-    first = 1
-    if config.resume and config.out_dir is not None:
-        resumed = latest_checkpoint(config.out_dir / "checkpoints")
-        if resumed is not None:
-            arrays = state_to_arrays(resumed.state)
-            strategy.server.load_state_dict(resumed.optimizer)
-            if accountant is not None and resumed.ledger is not None:
-                accountant.ledger.load_state_dict(resumed.ledger)
-            first = resumed.round + 1
-            log.info("resuming after round %d", resumed.round)
-    signing_key = load_private_key(config.signing_key) if config.signing_key is not None else None
-    secure = None
-    if config.secure_aggregation:
-        secure = SecureAggregation(SecureAggregationConfig(timeout=config.round_timeout or None))
+def _resume(config: ServerConfig, fresh: RunState) -> RunState:
+    assert config.out_dir is not None
+    found = latest_checkpoint(config.out_dir / "checkpoints")
+    if found is None:
+        raise StoreError(f"resume=true but no checkpoint in {config.out_dir / 'checkpoints'} verifies: "
+                         "refusing to restart from round 1 with an empty ledger")
+    fresh.optimizer.load_state_dict(found.optimizer)
+    return RunState(run_id=found.run_id, round=found.round, params=flatten(found.state),
+                    optimizer=fresh.optimizer, plan=fresh.plan if found.plan is None else found.plan,
+                    device_level=found.device_level, participation=Counter(found.participation))
+
+
+def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | None = None,
+        population: int | None = None) -> list[RoundRecord]:
+    """Run rounds up to ``config.rounds`` (from the last checkpoint when resuming)."""
+    devices = _wait_for_devices(transport, config.min_clients)
+    run_plan = plan(config, population or len(devices))
+    state = RunState(run_id=secrets.token_hex(8), round=0, params=flatten(initial_state(config)),
+                     optimizer=server_optimizer(config.server_optimizer, config.server_lr), plan=run_plan,
+                     device_level=[], participation=Counter())
+    if config.resume:
+        state = _resume(config, state)
+        log.info("resuming run %s after round %d", state.run_id, state.round)
+    run_plan = state.plan
+    log.info("devices: %d; noise multiplier %.4f (user vector %.4f); device-level %.4f; planned rounds "
+             "per device %d", run_plan.population, run_plan.round.noise_multiplier,
+             run_plan.round.user_noise_multiplier, run_plan.device_level_noise, run_plan.participations)
     history: list[RoundRecord] = []
-    for server_round in range(first, config.rounds + 1):
-        record = to_config_record(config.model, train)
-        if accountant is not None:
-            record["user-epsilon"], record["user-delta"] = accountant.epsilon(), config.user_delta
-        if signing_key is not None:
-            record["model-signature"] = sign_model(signing_key, arrays_to_numpy(arrays), MODEL_VERSION,
-                                                   server_round)
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(record)), grid))
-        population = len(list(grid.get_node_ids()))
-        if accountant is not None and not accountant.admits(len(messages), population):
-            break
-        timeout = config.round_timeout or None  # devices that do not answer in time are left out
-        if secure is not None:
-            nodes = [msg.metadata.dst_node_id for msg in messages]
-            mean, rows, failed = secure.mean_update(grid, server_round, arrays, ConfigRecord(dict(record)),
-                                                    nodes)
-            new_arrays, train_metrics = strategy.apply_secure_mean(server_round, mean, rows, failed)
-            answered = len(rows) + failed
-        else:
-            replies = list(grid.send_and_receive(messages, timeout=timeout))
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-            answered = len(replies)
-        train_metrics = train_metrics or MetricRecord()
-        train_metrics["devices-missing"] = len(messages) - answered
-        if accountant is not None:
-            accountant.record(len(messages), population)
-            train_metrics["user-epsilon"] = accountant.epsilon()
-            train_metrics["user-noise-multiplier"] = z
-        if new_arrays is not None:
-            arrays = new_arrays
-        eval_metrics = None
-        if config.fraction_evaluate > 0:
-            if signing_key is not None:
-                record["model-signature"] = sign_model(signing_key, arrays_to_numpy(arrays),
-                                                       MODEL_VERSION, server_round)
-            eval_replies = grid.send_and_receive(
-                strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(record)), grid),
-                timeout=timeout,
-            )
-            eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
-        done = RoundRecord(
-            round=server_round,
-            train={k: float(v) for k, v in (train_metrics or {}).items()},  # type: ignore[arg-type]
-            evaluate={k: float(v) for k, v in (eval_metrics or {}).items()},  # type: ignore[arg-type]
-        )
-        history.append(done)
+    for server_round in range(state.round + 1, config.rounds + 1):
+        cohort = sample(transport.devices(), run_plan.sample_rate, _stream(config, "sample", server_round))
+        if run_plan.device_level_noise > 0 and config.device_level_epsilon is not None:
+            after = epsilon_of([*state.device_level, run_plan.device_level_entry()], config.device_level_delta)
+            if after > config.device_level_epsilon * (1 + 1e-9):
+                log.warning("stopping: the next round would bring device-level epsilon to %.3f, over %.3f",
+                            after, config.device_level_epsilon)
+                break
+        record = _round(transport, config, state, cohort, server_round)
+        history.append(record)
         if config.out_dir is not None:
-            state = {k: torch.from_numpy(v) for k, v in arrays_to_numpy(arrays).items()}
             save_checkpoint(config.out_dir / "checkpoints", Checkpoint(
-                server_round, state, strategy.server.state_dict(),
-                accountant.ledger.state_dict() if accountant is not None else None))
+                round=server_round, state=_state_dict(state, config), optimizer=state.optimizer.state_dict(),
+                run_id=state.run_id, plan=run_plan, device_level=state.device_level,
+                participation=dict(state.participation)))
             with (config.out_dir / "rounds.jsonl").open("a") as handle:
-                handle.write(json.dumps(asdict(done)) + "\n")
+                handle.write(json.dumps(asdict(record)) + "\n")
         if on_round is not None:
-            on_round(done)
+            on_round(record, _state_dict(state, config))
     return history
 
 
-def _wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
-    while len(nodes := list(grid.get_node_ids())) < minimum:
-        log.info("waiting for devices: %d connected, %d needed", len(nodes), minimum)
+def _state_dict(state: RunState, config: ServerConfig) -> dict[str, torch.Tensor]:
+    return {name: value.float().clone() for name, value in unflatten(state.params, config.model).items()}
+
+
+def _round(transport: Transport, config: ServerConfig, state: RunState, cohort: list[int],
+           server_round: int) -> RoundRecord:
+    run_plan = state.plan
+    request = RoundRequest(run_id=state.run_id, round=server_round, model=config.model, config=run_plan.round,
+                           state=_state_dict(state, config))
+    survivors = run_plan.round.min_survivors if run_plan.round.privacy is PrivacyMode.DISTRIBUTED else 1
+    collected = transport.collect(request, cohort, survivors) if cohort else Collected(None, [])
+    if collected.total is not None and len(collected.contributors) < survivors:  # never release it
+        collected = Collected(None, [], collected.refused, collected.rejected, collected.failed,
+                              f"{len(collected.contributors)} survivors, fewer than {survivors}", collected.rejections)
+    if collected.total is not None:
+        gradient = dequantize(collected.total, run_plan.round) if run_plan.round.private else collected.total.double()
+        bound = device_bound(run_plan.round) / units(run_plan.round) if run_plan.round.private \
+            else run_plan.round.device_norm * run_plan.round.clip
+        gradient = device_level_noise(gradient, bound, run_plan.device_level_noise,
+                                      _stream(config, "device-level", server_round))
+        state.params = state.optimizer.step(state.params, gradient / run_plan.expected_cohort)
+        state.participation.update(collected.contributors)
+    if run_plan.device_level_noise > 0 and cohort:
+        state.device_level.append(run_plan.device_level_entry())
+    state.round = server_round
+    most = max(state.participation.values(), default=0)
+    return RoundRecord(
+        round=server_round, sampled=len(cohort), contributed=len(collected.contributors),
+        refused=collected.refused, rejected=collected.rejected, failed=collected.failed,
+        aborted=collected.aborted,
+        epsilon=epsilon_of(planned_entries(config.model, run_plan.round, most), config.delta),
+        device_level_epsilon=epsilon_of(state.device_level, config.device_level_delta)
+        if run_plan.device_level_noise > 0 else None,
+        rejections=tuple(collected.rejections[:20]))
+
+
+def _wait_for_devices(transport: Transport, minimum: int) -> list[int]:
+    while len(devices := transport.devices()) < minimum:
+        log.info("waiting for devices: %d connected, %d needed", len(devices), minimum)
         time.sleep(1)
-    return nodes
-
-
-def initial_arrays(config: ServerConfig) -> ArrayRecord:
-    generator = torch.Generator().manual_seed(config.seed)
-    return state_to_arrays(Personalization(config.model, generator=generator).global_state())
+    return devices

@@ -1,6 +1,6 @@
 """Code shared by devices, coordinator and simulations: model, DP step, accounting, events."""
 
-from attune.shared.config import TrainConfig
+from attune.shared.config import PrivacyMode, RoundConfig
 from attune.shared.events import Event, EventContext
 from attune.shared.model import GLOBAL_PARAMS, LOCAL_PARAMS, ModelConfig, Personalization
 from attune.shared.vocabulary import Vocabulary
@@ -12,6 +12,7 @@ __all__ = [
     "EventContext",
     "ModelConfig",
     "Personalization",
-    "TrainConfig",
+    "PrivacyMode",
+    "RoundConfig",
     "Vocabulary",
 ]

@@ -1,141 +1,153 @@
-"""Privacy accounting: a thin, serializable shell around Opacus's RDP accountant.
+"""Privacy accounting: Renyi DP of every mechanism a ledger records, composed and converted to
+(epsilon, delta) with Opacus's RDP analysis.
 
-The ledger's state is Opacus's own ``RDPAccountant.state_dict()`` (a history of
-``(noise_multiplier, sample_rate, steps)``). Epsilon is Opacus's RDP-to-(epsilon, delta)
-conversion of that history. The per-step RDP curve of each ``(sample_rate, noise_multiplier)``
-pair is cached in-process: RDP composes additively, so ``steps * rdp(q, sigma, 1)`` is exactly
-what ``compute_rdp(q, sigma, steps)`` returns, at a fraction of the cost (Opacus's
-``get_epsilon`` costs about 0.2-0.5 s of CPU per call).
+A ledger is a list of ``Entry``s, each a mechanism applied ``count`` times to the same data:
 
-Opacus is imported only when a number is needed (it takes ~1.5 s to import, and a device opens
-its store and ranks in a fresh process for every Flower message).
+- ``gaussian``: the (sampled) Gaussian mechanism with noise multiplier ``z`` (noise std over L2
+  sensitivity) and Poisson sampling rate ``q``: Opacus's ``compute_rdp`` (Mironov, Talwar and
+  Zhang 2019). ``q = 1`` is the plain Gaussian mechanism, ``alpha / (2 z^2)``.
+- ``discrete-gaussian-sum``: a sum of integer data plus discrete Gaussian noise shares from
+  several devices (Kairouz, Liu and Steinke 2021, "The Distributed Discrete Gaussian Mechanism",
+  Proposition 14 with the ``tau`` of their Theorem 1): ``min(alpha / (2 z^2) + tau * d,
+  alpha / 2 * (1 / z + sqrt(d) * tau)^2)`` where ``z`` is the honest noise std over the L2
+  sensitivity, ``d`` the dimension and ``tau = 10 * sum_{k<n} exp(-2 pi^2 s^2 k / (k + 1))`` for
+  ``n`` shares of std ``s`` each. With ``tau = 0`` (one share) it is the discrete Gaussian,
+  ``alpha / (2 z^2)`` (Canonne, Kamath and Steinke 2020).
+- ``zcdp``: a ``rho``-zCDP mechanism, ``alpha * rho`` (the exponential mechanism, Cesar and
+  Rogers 2021).
+
+Orders are the integers 2..256, where Opacus's and dp-accounting's RDP conversions agree, so any
+epsilon this module prints recomputes with dp-accounting (``tests/test_accounting.py``).
+Opacus is imported only when a number is needed (~1.5 s; a device process starts per message).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from opacus.accountants import RDPAccountant
+from attune.shared.errors import ConfigError
 
-ACCOUNTANT_NAME = "opacus.rdp"
-MECHANISM = "rdp"  # RDPAccountant.mechanism()
-History = list[tuple[float, float, int]]
+ACCOUNTANT_NAME = "rdp (opacus.accountants.analysis.rdp, integer orders 2-256)"
+ORDERS: tuple[float, ...] = tuple(float(a) for a in range(2, 257))
+MECHANISMS = ("gaussian", "discrete-gaussian-sum", "zcdp")
 
 
-def _orders() -> list[float]:
-    from opacus.accountants import RDPAccountant
+@dataclass(frozen=True)
+class Entry:
+    """One mechanism, applied ``count`` times. See the module docstring for each kind."""
 
-    return list(RDPAccountant.DEFAULT_ALPHAS)
+    mechanism: str
+    count: int = 1
+    z: float = 0.0  # noise multiplier (gaussian, discrete-gaussian-sum)
+    q: float = 1.0  # Poisson sampling rate (gaussian)
+    tau: float = 0.0  # discrete-gaussian-sum: the inflation of summing several shares
+    dim: int = 0  # discrete-gaussian-sum: dimension of the summed vector
+    rho: float = 0.0  # zcdp
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in MECHANISMS:
+            raise ConfigError(f"unknown mechanism {self.mechanism!r}: use one of {', '.join(MECHANISMS)}")
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
+            raise ConfigError(f"count must be an integer >= 0, got {self.count!r}")
+        for name in ("z", "q", "tau", "rho"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if self.mechanism != "zcdp" and self.z <= 0:
+            raise ConfigError(f"a {self.mechanism} entry needs z > 0, got {self.z}")
+        if not 0 < self.q <= 1 or (self.mechanism != "gaussian" and self.q != 1):
+            raise ConfigError(f"q must be in (0, 1] (and 1 unless gaussian), got {self.q}")
+        if self.tau < 0 or self.rho < 0 or self.dim < 0:
+            raise ConfigError("tau, rho and dim must be >= 0")
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: object) -> Entry:
+        if not isinstance(raw, dict) or set(raw) - set(cls.__dataclass_fields__):
+            raise ConfigError(f"not a ledger entry: {raw!r}")
+        return cls(**raw)
+
+    def times(self, count: int) -> Entry:
+        return Entry(**{**asdict(self), "count": count})
+
+
+Ledger = Sequence[Entry]
+
+
+def distributed_tau(share_std: float, shares: int) -> float:
+    """``tau`` of Kairouz, Liu and Steinke 2021 (Theorem 1) for ``shares`` discrete Gaussian
+    shares of std ``share_std`` each (0 for a single share)."""
+    return 10.0 * sum(math.exp(-2.0 * math.pi**2 * share_std**2 * k / (k + 1)) for k in range(1, shares))
 
 
 @lru_cache(maxsize=4096)
-def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
-    from opacus.accountants.analysis import rdp as rdp_analysis
+def _curve(entry: Entry) -> tuple[float, ...]:
+    """RDP of one application of ``entry`` at every order in ``ORDERS``."""
+    alphas = np.asarray(ORDERS)
+    if entry.mechanism == "zcdp":
+        return tuple(alphas * entry.rho)
+    if entry.mechanism == "discrete-gaussian-sum":
+        first = alphas / (2 * entry.z**2) + entry.tau * entry.dim
+        second = alphas / 2 * (1 / entry.z + math.sqrt(entry.dim) * entry.tau) ** 2
+        return tuple(np.minimum(first, second))
+    from opacus.accountants.analysis import rdp as rdp_analysis  # ~1.5 s to import
 
-    curve = rdp_analysis.compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=_orders()
-    )
-    return np.asarray(curve, dtype=np.float64)
+    return tuple(rdp_analysis.compute_rdp(q=entry.q, noise_multiplier=entry.z, steps=1, orders=list(ORDERS)))
 
 
-def epsilon_of(history: History, delta: float) -> float:
-    """Epsilon at ``delta`` of an Opacus RDP history (0 for an empty history)."""
-    if not history:
+def rdp_of(ledger: Ledger) -> np.ndarray:
+    """The composed RDP curve of a ledger (RDP adds up under composition)."""
+    total = np.zeros(len(ORDERS))
+    for entry in ledger:
+        if entry.count:
+            total += entry.count * np.asarray(_curve(entry.times(1)))
+    return total
+
+
+def epsilon_of(ledger: Ledger, delta: float) -> float:
+    """Epsilon at ``delta`` of everything in the ledger (0 for an empty one)."""
+    if not any(entry.count for entry in ledger):
         return 0.0
     from opacus.accountants.analysis import rdp as rdp_analysis
 
-    rdp = sum(steps * _rdp_per_step(q, sigma) for sigma, q, steps in history)
     with warnings.catch_warnings():  # Opacus warns when the best order is at the range's edge
         warnings.simplefilter("ignore", UserWarning)
-        eps, _ = rdp_analysis.get_privacy_spent(orders=_orders(), rdp=rdp, delta=delta)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=list(ORDERS), rdp=rdp_of(ledger), delta=delta)
     return float(eps)
 
 
-def calibrate_noise(
-    *, epsilon: float, delta: float, sample_rate: float, steps: int, also: History = ()
-) -> float:
-    """Smallest noise multiplier so that ``steps`` steps, composed with the entries ``also``
-    (other mechanisms the same events go through), stay within epsilon. Without ``also`` this
-    is Opacus's own search."""
-    if also:
-        return _calibrate_with(epsilon, delta, sample_rate, steps, list(also))
-    from opacus.accountants.utils import get_noise_multiplier
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return float(
-            get_noise_multiplier(
-                target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps
-            )
-        )
-
-
-def _calibrate_with(epsilon: float, delta: float, sample_rate: float, steps: int, also: History) -> float:
-    if epsilon_of(also, delta) >= epsilon:
-        raise ValueError(f"the other mechanisms alone spend epsilon >= {epsilon}: no budget to train")
+def calibrate(plan: Callable[[float], Ledger], epsilon: float, delta: float) -> float:
+    """The smallest scale ``s`` (to 0.1%) with ``epsilon_of(plan(s)) <= epsilon``; ``plan``
+    must spend less as ``s`` grows (``s`` scales every noise multiplier of the plan)."""
+    if not epsilon > 0 or not 0 < delta < 1:
+        raise ConfigError(f"calibration needs epsilon > 0 and delta in (0, 1), got {epsilon}, {delta}")
     low, high = 0.0, 1.0
-    while epsilon_of([(high, sample_rate, steps), *also], delta) > epsilon:
+    while epsilon_of(plan(high), delta) > epsilon:
         low, high = high, 2 * high
+        if high > 1e7:
+            raise ConfigError(f"no noise reaches epsilon {epsilon}: a part of the plan spends it alone")
     while high - low > 1e-3 * high:  # bisection; ``high`` always stays within the budget
         middle = (low + high) / 2
-        if epsilon_of([(middle, sample_rate, steps), *also], delta) > epsilon:
+        if epsilon_of(plan(middle), delta) > epsilon:
             low = middle
         else:
             high = middle
     return high
 
 
-class PrivacyLedger:
-    """Opacus's RDP accountant whose state persists (``state_dict``/``load_state_dict``)."""
+def ledger_to_json(ledger: Ledger) -> list[dict[str, object]]:
+    return [entry.as_dict() for entry in ledger]
 
-    def __init__(self) -> None:
-        self._accountant: RDPAccountant | None = None
-        self._history: History = []
 
-    @property
-    def accountant(self) -> RDPAccountant:
-        """The Opacus accountant itself (created on first use; its optimizer hook logs steps)."""
-        if self._accountant is None:
-            from opacus.accountants import RDPAccountant
-
-            self._accountant = RDPAccountant()
-            self._accountant.history = self._history
-        return self._accountant
-
-    @property
-    def history(self) -> History:
-        source = self._accountant.history if self._accountant is not None else self._history
-        return [(float(s), float(q), int(n)) for s, q, n in source]
-
-    @property
-    def steps(self) -> int:
-        return sum(steps for _, _, steps in self.history)
-
-    def epsilon(self, delta: float) -> float:
-        return epsilon_of(self.history, delta)
-
-    def epsilon_after(
-        self, delta: float, *, noise_multiplier: float, sample_rate: float, steps: int
-    ) -> float:
-        """Epsilon if ``steps`` more steps were taken: used to refuse training beyond budget."""
-        return epsilon_of([*self.history, (noise_multiplier, sample_rate, steps)], delta)
-
-    def record(self, *, noise_multiplier: float, sample_rate: float) -> None:
-        """Log one step taken (what the optimizer hook does)."""
-        self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Exactly ``RDPAccountant.state_dict()``: ``{"history": [...], "mechanism": "rdp"}``."""
-        return {"history": [list(h) for h in self.history], "mechanism": MECHANISM}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("mechanism") != MECHANISM or "history" not in state:
-            raise ValueError(f"not an RDP accountant state: {sorted(state)}")
-        self._history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
-        if self._accountant is not None:
-            self._accountant.history = self._history
+def ledger_from_json(raw: object) -> list[Entry]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"a ledger is a list of entries, got {type(raw).__name__}")
+    return [Entry.from_dict(item) for item in raw]

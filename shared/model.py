@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from attune.shared.errors import ConfigError
+
 MODEL_VERSION = 1
 
 # Which parameters federate. Declared once; client, server and simulations all read these.
@@ -39,10 +41,12 @@ class ModelConfig:
     use_context: bool = True
 
     def __post_init__(self) -> None:
-        if self.num_items < 2:
-            raise ValueError(f"num_items must be at least 2, got {self.num_items}")
-        if self.dim < 1:
-            raise ValueError(f"dim must be positive, got {self.dim}")
+        for name, low in (("num_items", 2), ("dim", 1), ("num_event_types", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.use_context, bool):
+            raise ConfigError(f"use_context must be True or False, got {self.use_context!r}")
 
     @property
     def context_features(self) -> int:

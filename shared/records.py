@@ -1,63 +1,29 @@
-"""Adapters between Attune's typed objects and Flower records (``flwr.app``).
+"""Adapters between Attune's wire types and Flower records (``flwr.app``).
 
 The only module of ``attune.shared`` that imports Flower; the apps call it at their edges.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from attune.shared.config import TrainConfig
 from attune.shared.errors import ModelMismatchError
-from attune.shared.model import MODEL_VERSION, ModelConfig
+from attune.shared.signing import SIGNATURE_KEY
+from attune.shared.wire import CONTRIBUTION, RoundRequest
+
+ARRAYS = "arrays"
+CONFIG = "config"
 
 
-def _key(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def to_config_record(*configs: object, **extra: int | float | str | bool) -> ConfigRecord:
-    """Flatten frozen dataclasses into one ConfigRecord (``local_epochs`` -> ``local-epochs``)."""
-    record = ConfigRecord()
-    for config in configs:
-        for f in fields(config):  # type: ignore[arg-type]
-            record[_key(f.name)] = getattr(config, f.name)
-    for name, value in extra.items():
-        record[_key(name)] = value
-    record["model-version"] = MODEL_VERSION
-    return record
-
-
-def _from_record(cls: type, record: ConfigRecord) -> object:
-    kwargs = {}
-    for f in fields(cls):
-        key = _key(f.name)
-        if key not in record:
-            raise ModelMismatchError(f"config record lacks {key!r}")
-        kwargs[f.name] = record[key]
-    return cls(**kwargs)
-
-
-def model_config_from(record: ConfigRecord) -> ModelConfig:
-    return _from_record(ModelConfig, record)  # type: ignore[return-value]
-
-
-def train_config_from(record: ConfigRecord) -> TrainConfig:
-    return _from_record(TrainConfig, record)  # type: ignore[return-value]
-
-
-def model_version_from(record: ConfigRecord) -> int:
-    if "model-version" not in record:
-        raise ModelMismatchError("config record lacks 'model-version'")
-    return int(record["model-version"])  # type: ignore[arg-type]
-
-
-def state_to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({name: Array(t.detach().cpu().numpy()) for name, t in state.items()})
+def request_content(request: RoundRequest, signature: str | None) -> RecordDict:
+    """The train message's content: the global side and the (signed) config entries."""
+    config = ConfigRecord(dict(request.items()))
+    if signature is not None:
+        config[SIGNATURE_KEY] = signature
+    arrays = ArrayRecord({name: Array(value) for name, value in request.arrays().items()})
+    return RecordDict({ARRAYS: arrays, CONFIG: config})
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -69,3 +35,25 @@ def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
         except Exception as error:  # noqa: BLE001 - any decoding failure means a bad payload
             raise ModelMismatchError(f"array {name!r} cannot be decoded: {error}") from None
     return out
+
+
+def received(content: RecordDict) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """The arrays and config entries of a train message, as sent (checked after verifying)."""
+    if ARRAYS not in content.array_records or CONFIG not in content.config_records:
+        raise ModelMismatchError("the round message lacks its arrays or config")
+    return arrays_to_numpy(content.array_records[ARRAYS]), dict(content.config_records[CONFIG])
+
+
+def contribution_content(vector: torch.Tensor) -> RecordDict:
+    """A device's reply: its contribution vector and nothing else."""
+    return RecordDict({CONTRIBUTION: ArrayRecord({CONTRIBUTION: Array(vector.detach().cpu().numpy())})})
+
+
+def contribution_of(content: RecordDict) -> np.ndarray | None:
+    """The contribution in a reply (``None``: the device sent none), before any check."""
+    if CONTRIBUTION not in content.array_records:
+        return None
+    arrays = arrays_to_numpy(content.array_records[CONTRIBUTION])
+    if set(arrays) != {CONTRIBUTION}:
+        raise ModelMismatchError(f"a reply holds arrays {sorted(arrays)}; only {CONTRIBUTION!r} is expected")
+    return arrays[CONTRIBUTION]

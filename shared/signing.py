@@ -1,11 +1,14 @@
-"""Signed global models (Ed25519): devices adopt only models the coordinator signed.
+"""Signed rounds (Ed25519): a device acts only on what the coordinator signed.
 
-The signature covers the model version, the server round and every array (name, dtype, shape,
-bytes) in name order, so a tampered value, a swapped array or a replayed old model all fail.
+The signature covers everything a device acts on or shows: every array of the global model
+(name, dtype, shape, bytes), and every config entry (the run id, the round, the model version,
+the model's shape and the whole round config: noise, clipping, survivors), in a canonical byte
+string. A tampered value, a changed noise multiplier, or a model from another run or round fails.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,10 +20,30 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from attune.shared.errors import ConfigError, SignatureError
 
+SIGNATURE_KEY = "signature"
+Scalar = int | float | str | bool
 
-def signed_bytes(arrays: Mapping[str, np.ndarray], version: int, server_round: int) -> bytes:
-    """The canonical byte string a signature covers."""
-    parts = [b"attune-model", struct.pack("<qq", version, server_round)]
+
+def _value_bytes(value: Scalar) -> bytes:
+    if isinstance(value, bool):
+        return b"b" + (b"1" if value else b"0")
+    if isinstance(value, int):
+        return b"i" + str(value).encode()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise SignatureError(f"config value {value!r} cannot be signed")
+        return b"f" + struct.pack("<d", value)
+    if isinstance(value, str):
+        return b"s" + value.encode()
+    raise SignatureError(f"config value of type {type(value).__name__} cannot be signed")
+
+
+def signed_bytes(arrays: Mapping[str, np.ndarray], config: Mapping[str, Scalar]) -> bytes:
+    """The canonical byte string a signature covers (``config`` without the signature itself)."""
+    parts = [b"attune-round-v2"]
+    for key in sorted(k for k in config if k != SIGNATURE_KEY):
+        entry = key.encode() + b"=" + _value_bytes(config[key])
+        parts += [struct.pack("<q", len(entry)), entry]
     for name in sorted(arrays):
         value = np.ascontiguousarray(arrays[name])
         header = f"{name}|{value.dtype.str}|{','.join(map(str, value.shape))}".encode()
@@ -28,21 +51,21 @@ def signed_bytes(arrays: Mapping[str, np.ndarray], version: int, server_round: i
     return b"".join(parts)
 
 
-def sign_model(key: Ed25519PrivateKey, arrays: Mapping[str, np.ndarray], version: int,
-               server_round: int) -> str:
-    return key.sign(signed_bytes(arrays, version, server_round)).hex()
+def sign(key: Ed25519PrivateKey, arrays: Mapping[str, np.ndarray], config: Mapping[str, Scalar]) -> str:
+    return key.sign(signed_bytes(arrays, config)).hex()
 
 
-def verify_model(key: Ed25519PublicKey, arrays: Mapping[str, np.ndarray], version: int,
-                 server_round: int, signature: str | None) -> None:
-    """Raise ``SignatureError`` unless ``signature`` is the coordinator's for exactly this model."""
-    if not signature:
-        raise SignatureError("the global model is not signed; this device accepts only signed models")
+def verify(key: Ed25519PublicKey, arrays: Mapping[str, np.ndarray], config: Mapping[str, Scalar]) -> None:
+    """Raise ``SignatureError`` unless ``config[SIGNATURE_KEY]`` is the coordinator's signature of
+    exactly these arrays and config entries."""
+    signature = config.get(SIGNATURE_KEY)
+    if not isinstance(signature, str) or not signature:
+        raise SignatureError("the round is not signed; this device accepts only signed rounds")
     try:
-        key.verify(bytes.fromhex(signature), signed_bytes(arrays, version, server_round))
+        key.verify(bytes.fromhex(signature), signed_bytes(arrays, config))
     except (InvalidSignature, ValueError):
-        raise SignatureError(f"the global model's signature does not verify (round {server_round}): "
-                             "tampered, replayed, or signed by another key") from None
+        raise SignatureError("the round's signature does not verify: tampered, or signed by another "
+                             "key") from None
 
 
 def generate_keypair(private_path: Path, public_path: Path) -> None:

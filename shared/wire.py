@@ -1,17 +1,30 @@
-"""What crosses the network: the global side of the model, checked on both ends.
+"""What crosses the network, checked on both ends, framework-free (``attune.shared.records``
+adapts it to Flower records).
 
-Framework-free: tensors in, tensors out. ``attune.shared.records`` adapts these to Flower records.
+Coordinator to device: a ``RoundRequest`` (run id, round, model shape, round config and the
+global side), all of it signed. Device to coordinator: one contribution vector and nothing else
+(no count, loss, metric or epsilon: see ``docs/privacy.md``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from attune.shared.errors import ModelMismatchError
+from attune.shared.config import RoundConfig
+from attune.shared.errors import ConfigError, ModelMismatchError
+from attune.shared.mechanism import contribution_dim, device_bound, share_std
 from attune.shared.model import GLOBAL_PARAMS, MODEL_VERSION, ModelConfig
+from attune.shared.signing import Scalar
+
+RUN_KEY = "run-id"
+ROUND_KEY = "server-round"
+VERSION_KEY = "model-version"
+CONTRIBUTION = "contribution"
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -31,7 +44,7 @@ def check_global_state(
     names, shapes, dtypes, non-finite values.
     """
     if version != MODEL_VERSION:
-        raise ModelMismatchError(f"model version {version} received, this code speaks {MODEL_VERSION}")
+        raise ModelMismatchError(f"model version {version!r} received, this code speaks {MODEL_VERSION}")
     names = set(arrays)
     problems = []
     if missing := sorted(set(GLOBAL_PARAMS) - names):
@@ -55,3 +68,101 @@ def check_global_state(
     if problems:
         raise ModelMismatchError("global model does not match: " + "; ".join(problems))
     return state
+
+
+def _items_of(config: object) -> dict[str, Scalar]:
+    return {f.name.replace("_", "-"): getattr(config, f.name) for f in fields(config)}  # type: ignore[arg-type]
+
+
+def _typed(cls: type, items: Mapping[str, object]) -> object:
+    """Build ``cls`` from kebab-case entries, refusing wrong types (1.9 is not an int; True is
+    not a number)."""
+    kwargs = {}
+    for f in fields(cls):
+        key = f.name.replace("_", "-")
+        if key not in items:
+            raise ModelMismatchError(f"the round config lacks {key!r}")
+        value = items[key]
+        expected = type(getattr(cls(), f.name))
+        if expected is bool and not isinstance(value, bool):
+            raise ModelMismatchError(f"{key} must be true or false, got {value!r}")
+        if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ModelMismatchError(f"{key} must be an integer, got {value!r}")
+        if expected is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ModelMismatchError(f"{key} must be a number, got {value!r}")
+        if expected is str and not isinstance(value, str):
+            raise ModelMismatchError(f"{key} must be a string, got {value!r}")
+        kwargs[f.name] = float(value) if expected is float else value
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise ModelMismatchError(f"bad round config: {error}") from None
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """Everything a device gets for one round (and all of it is signed)."""
+
+    run_id: str
+    round: int
+    model: ModelConfig
+    config: RoundConfig
+    state: dict[str, torch.Tensor]  # the global side, float32
+
+    def items(self) -> dict[str, Scalar]:
+        """The config entries sent with (and signed with) the global side."""
+        return {**_items_of(self.model), **_items_of(self.config),
+                RUN_KEY: self.run_id, ROUND_KEY: self.round, VERSION_KEY: MODEL_VERSION}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: self.state[name].detach().cpu().numpy() for name in GLOBAL_PARAMS}
+
+    @classmethod
+    def parse(cls, arrays: Mapping[str, np.ndarray], items: Mapping[str, object]) -> RoundRequest:
+        """Check and read what a device received (after its signature was verified)."""
+        version = items.get(VERSION_KEY)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ModelMismatchError(f"model-version must be an integer, got {version!r}")
+        run_id, server_round = items.get(RUN_KEY), items.get(ROUND_KEY)
+        if not isinstance(run_id, str) or not 0 < len(run_id) <= 64:
+            raise ModelMismatchError(f"run-id must be a non-empty string, got {run_id!r}")
+        if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 1:
+            raise ModelMismatchError(f"server-round must be a positive integer, got {server_round!r}")
+        model = _typed(ModelConfig, items)
+        config = _typed(RoundConfig, items)
+        state = check_global_state(arrays, model, version)  # type: ignore[arg-type]
+        return cls(run_id, server_round, model, config, state)  # type: ignore[arg-type]
+
+
+def contribution_bound(model: ModelConfig, config: RoundConfig, devices: int = 1) -> float:
+    """Largest L2 norm of the sum of ``devices`` honest contributions (noise included): each is
+    bounded by ``device_bound`` plus its rounding, and ``devices`` noise shares of std ``s`` have
+    norm at most ``s * sqrt(devices) * (sqrt(dim) + 6)`` but with probability below 1e-7
+    (Laurent and Massart 2000). In units when private, in gradient units when not."""
+    dim = contribution_dim(model)
+    if not config.private:
+        return devices * config.device_norm * config.clip * (1 + 1e-9)
+    noise = share_std(config) * math.sqrt(devices) * (math.sqrt(dim) + 6.0)
+    return devices * (device_bound(config) + math.sqrt(dim) / 2) + noise
+
+
+def check_contribution(vector: np.ndarray | torch.Tensor, model: ModelConfig, config: RoundConfig,
+                       devices: int = 1) -> torch.Tensor:
+    """A received contribution (or a secure sum of ``devices`` of them), checked: shape, dtype
+    (int64 units when private, float64 when not), finite values, norm within what honest devices
+    can produce. Raises ``ModelMismatchError`` saying what is wrong."""
+    tensor = torch.from_numpy(np.asarray(vector)) if not isinstance(vector, torch.Tensor) else vector
+    dim = contribution_dim(model)
+    dtype = torch.long if config.private else torch.float64
+    if tuple(tensor.shape) != (dim,):
+        raise ModelMismatchError(f"contribution has shape {tuple(tensor.shape)}, expected ({dim},)")
+    if tensor.dtype != dtype:
+        raise ModelMismatchError(f"contribution has dtype {tensor.dtype}, expected {dtype}")
+    if not bool(torch.isfinite(tensor.double()).all()):
+        raise ModelMismatchError("contribution has non-finite values")
+    norm = float(tensor.double().norm())
+    bound = contribution_bound(model, config, devices)
+    if not norm <= bound:
+        raise ModelMismatchError(f"contribution norm {norm:.6g} is over the bound {bound:.6g} that "
+                                 f"{devices} honest device(s) can reach")
+    return tensor

@@ -10,8 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from attune.client.training import Cohort, fit_rank_vectors
+from attune.shared.events import EVENT_TYPES, RANKED_EVENT_TYPE, context_matrix
 from attune.shared.metrics import hit_and_ndcg
+from attune.shared.model import ModelConfig
 from attune.simulations.datasets import EventLog
 
 
@@ -22,6 +26,12 @@ class Split:
     train: np.ndarray  # bool mask over the log's events
     candidates: np.ndarray  # int64 [num_users, 1 + negatives]
     test_times: np.ndarray  # float64 [num_users]
+
+
+def hours_weekdays(timestamps: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hour of day and weekday of unix timestamps (UTC), as devices derive them."""
+    seconds = torch.from_numpy(np.asarray(timestamps, dtype=np.int64))
+    return (seconds // 3600) % 24, ((seconds // 86400) + 3) % 7  # 1970-01-01 was a Thursday
 
 
 def leave_one_out(log: EventLog, *, negatives: int = 99, seed: int = 0) -> Split:
@@ -72,3 +82,41 @@ def skew_data_sizes(log: EventLog, split: Split, skew: float, seed: int) -> Spli
         rows = order[bounds[user] : bounds[user + 1]]
         train[rows[: int(np.ceil(len(rows) * keep_share[user]))]] = True
     return Split(train=train, candidates=split.candidates, test_times=split.test_times)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """How every device ranks its held-out candidates: scores ``[users, candidates]`` and its query
+    vector with and without its own vector (``[users, dim]``, for the beyond-accuracy report)."""
+
+    scores: torch.Tensor
+    personal: torch.Tensor
+    global_only: torch.Tensor
+
+
+def test_queries(state: dict[str, torch.Tensor], model: ModelConfig, vectors: torch.Tensor,
+                 split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each user's query at its held-out time, with its own vector and with the global model only."""
+    hours, days = hours_weekdays(split.test_times)
+    context = torch.zeros(len(hours), model.dim)
+    if model.use_context:
+        clicks = torch.full_like(hours, EVENT_TYPES.index(RANKED_EVENT_TYPE))
+        context = context_matrix(hours, days, clicks) @ state["context_encoder.weight"].float().T
+    return vectors + context, context
+
+
+def rank_heldout(state: dict[str, torch.Tensor], model: ModelConfig, users: torch.Tensor, started: torch.Tensor,
+                 cohort: Cohort, split: Split, seed: int, *, rank_fit: bool = True) -> Ranking:
+    """What each device would rank, measured by the simulator (which keeps the held-out events;
+    devices send nothing for evaluation): its ranking vector fitted on the device to its own
+    events from its DP vector (``fit_rank_vectors``), the global model alone if it never joined."""
+    vectors = users
+    if rank_fit:
+        vectors = fit_rank_vectors(state, model, users, cohort, torch.Generator().manual_seed(seed))
+    vectors = vectors * started.unsqueeze(1)
+    personal, global_only = test_queries(state, model, vectors, split)
+    candidates = torch.from_numpy(split.candidates)
+    with torch.no_grad():
+        table, bias = state["item_embedding.weight"].float(), state["item_bias.weight"].float()[:, 0]
+        scores = torch.bmm(table[candidates], personal.unsqueeze(2)).squeeze(2) + bias[candidates]
+    return Ranking(scores=scores, personal=personal, global_only=global_only)

@@ -1,0 +1,185 @@
+"""The privacy mechanism of a device's contribution: bound its sensitivity, then add noise.
+
+Unit of privacy: one event. Neighbouring data sets differ by adding or removing one event of
+one device. In a round a device releases (to the secure sum, or to the coordinator in ``local``
+mode) one vector ``w + noise`` over the shared parameters (``contribution_dim``):
+
+1. **Sensitivity.** Each event's gradient on the shared side is clipped to L2 norm ``clip`` and
+   scaled to integer units (``2**quantum_bits`` per ``clip``), and each of its columns (the
+   event's item and its negatives: item row and bias) and its context block is rounded to the
+   nearest integer. The device sums its events' integer gradients into ``z`` and projects ``z``
+   onto the L2 ball of radius ``device_norm`` clips, rounding again. One event then moves
+   ``w`` by at most ``sensitivity``: its clipped gradient, plus half a unit per rounded
+   coordinate of the event (triangle inequality over its columns), plus one unit per coordinate
+   of the projection's rounding (the projection itself is 1-Lipschitz).
+2. **Noise.** The device adds discrete Gaussian noise of std ``share_std`` to every coordinate:
+   ``noise_multiplier * 2**bits / sqrt(honest_shares)``. In ``distributed`` mode any
+   ``honest_shares = min_survivors - colluders`` shares sum to the full noise; in ``local`` mode
+   a device's own share is the full noise.
+
+What the coordinator sees is then the distributed discrete Gaussian mechanism (Kairouz, Liu and
+Steinke 2021) on a sum with L2 sensitivity ``sensitivity``; ``round_entries`` writes it into the
+device's ledger, together with the refreshes of its user vector (the same clip-round-noise on the
+vector's gradient, full noise on the device, never sent). The user vector shapes the gradients,
+so its refreshes are accounted as part of every round's release (adaptive composition).
+Integer data plus integer noise: nothing here is exposed to floating-point attacks on noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from attune.shared.accounting import Entry, calibrate, distributed_tau
+from attune.shared.config import RoundConfig
+from attune.shared.errors import ConfigError
+from attune.shared.model import ModelConfig
+from attune.shared.randomness import Stream, discrete_gaussian
+
+# Opacus adds this to norms before dividing (optimizers/optimizer.py); kept identical so Attune's
+# closed-form clipping and Opacus's reference per-sample path clip by exactly the same factor.
+NORM_EPS = 1e-6
+
+
+def contribution_dim(model: ModelConfig) -> int:
+    """Length of a contribution: the shared parameters (``GLOBAL_PARAMS``) flattened in order."""
+    return model.num_items * (model.dim + 1) + model.dim * model.context_features
+
+
+def units(config: RoundConfig) -> float:
+    """Integer units per unit of gradient: one ``clip`` is ``2**quantum_bits`` units."""
+    return 2.0**config.quantum_bits / config.clip
+
+
+def event_rounding(model: ModelConfig, config: RoundConfig) -> float:
+    """Bound on the L2 norm of one event's rounding error, in units: half a unit on each of the
+    ``dim + 1`` coordinates of each of its ``1 + negatives`` columns, and of its context block."""
+    columns = (1 + config.negatives) * math.sqrt(model.dim + 1) / 2
+    context = math.sqrt(model.dim * model.context_features) / 2 if model.use_context else 0.0
+    return columns + context
+
+
+def sensitivity(model: ModelConfig, config: RoundConfig) -> float:
+    """L2 change of a device's released vector (before noise) when one event is added or removed."""
+    return 2.0**config.quantum_bits + event_rounding(model, config) + math.sqrt(contribution_dim(model))
+
+
+def user_sensitivity(model: ModelConfig, config: RoundConfig) -> float:
+    """The same for one refresh step of the user vector (``dim`` coordinates, one column)."""
+    return 2.0**config.quantum_bits + math.sqrt(model.dim) / 2
+
+
+def device_bound(config: RoundConfig) -> float:
+    """L2 bound of one device's contribution before noise, in units."""
+    return config.device_norm * 2.0**config.quantum_bits
+
+
+def share_std(config: RoundConfig) -> float:
+    """Std of the discrete Gaussian noise one device adds to each coordinate, in units."""
+    return config.noise_multiplier * 2.0**config.quantum_bits / math.sqrt(config.honest_shares)
+
+
+def round_entries(model: ModelConfig, config: RoundConfig, refresh: bool) -> list[Entry]:
+    """Ledger entries of one round: what the coordinator's view of it costs the device."""
+    if not config.private:
+        return []
+    honest = config.honest_shares
+    entries = [Entry("discrete-gaussian-sum", z=config.noise_multiplier * 2.0**config.quantum_bits
+                     / sensitivity(model, config),
+                     tau=distributed_tau(share_std(config), honest), dim=contribution_dim(model))]
+    if refresh and config.user_steps:
+        entries.append(user_entry(model, config))
+    return entries
+
+
+def user_entry(model: ModelConfig, config: RoundConfig) -> Entry:
+    """A refresh of the user vector: ``user_steps`` discrete Gaussian steps, full noise."""
+    return Entry("discrete-gaussian-sum", count=config.user_steps,
+                 z=config.user_noise_multiplier * 2.0**config.quantum_bits / user_sensitivity(model, config),
+                 dim=model.dim)
+
+
+def local_entries(model: ModelConfig, config: RoundConfig, refresh: bool) -> list[Entry]:
+    """What one device's own contribution reveals alone (its share only, no other device's):
+    the weaker guarantee ``epsilon_local`` reported beside ``epsilon`` in distributed mode."""
+    if not config.private:
+        return []
+    entries = [Entry("discrete-gaussian-sum", z=share_std(config) / sensitivity(model, config),
+                     dim=contribution_dim(model))]
+    if refresh and config.user_steps:
+        entries.append(user_entry(model, config))
+    return entries
+
+
+def clip_factors(norms: torch.Tensor, clip: float) -> torch.Tensor:
+    """Opacus's flat clipping factor ``min(1, clip / (norm + 1e-6))``."""
+    return (clip / (norms + NORM_EPS)).clamp(max=1.0)
+
+
+def to_units(values: torch.Tensor, config: RoundConfig) -> torch.Tensor:
+    """Clipped gradient values in integer units (long), rounded to the nearest integer."""
+    return torch.round(values.double() * units(config)).long()
+
+
+def bound_devices(sums: torch.Tensor, config: RoundConfig) -> torch.Tensor:
+    """Project each device's integer sum (rows of ``sums``, long) onto the L2 ball of
+    ``device_bound`` and round back to integers."""
+    norms = sums.double().norm(dim=1)
+    over = (norms > device_bound(config)).nonzero().squeeze(1)
+    if over.numel():
+        sums = sums.clone()
+        factors = (device_bound(config) / norms[over]).unsqueeze(1)
+        sums[over] = torch.round(sums[over].double() * factors).long()
+    return sums
+
+
+def bound_floats(sums: torch.Tensor, config: RoundConfig) -> torch.Tensor:
+    """Non-private contributions are bounded too (``device_norm * clip``): one device never
+    moves the sum by more, whatever it sends."""
+    norms = sums.norm(dim=1, keepdim=True)
+    return sums * (config.device_norm * config.clip / norms.clamp(min=1e-300)).clamp(max=1.0)
+
+
+def add_noise_shares(bounded: torch.Tensor, config: RoundConfig, streams: list[Stream]) -> torch.Tensor:
+    """Each device's bounded sum plus its discrete Gaussian share, from its own stream."""
+    return bounded + discrete_gaussian(streams, bounded.shape[1], share_std(config))
+
+
+def dequantize(total: torch.Tensor, config: RoundConfig) -> torch.Tensor:
+    """A released integer sum back in gradient units (float64)."""
+    return total.double() / units(config)
+
+
+def planned_entries(model: ModelConfig, config: RoundConfig, participations: int) -> list[Entry]:
+    """The ledger of a device that joins ``participations`` rounds (what noise is planned for)."""
+    if not config.private or participations == 0:
+        return []
+    entries = [entry.times(participations) for entry in round_entries(model, config, refresh=False)]
+    refreshes = config.refreshes(participations)
+    if refreshes:
+        entry = user_entry(model, config)
+        entries.append(entry.times(entry.count * refreshes))
+    return entries
+
+
+def calibrated(model: ModelConfig, config: RoundConfig, *, epsilon: float, delta: float,
+               participations: int, user_share: float) -> RoundConfig:
+    """``config`` with both noise multipliers set so that ``participations`` rounds spend
+    ``epsilon``: the user-vector refreshes get ``user_share`` of the zCDP budget, the released
+    sums the rest (one common scale, solved by bisection against the ledger)."""
+    if not config.private:
+        return config
+    if not 0 <= user_share < 1:
+        raise ConfigError(f"user_share must be in [0, 1), got {user_share}")
+    refresh_steps = config.refreshes(participations) * config.user_steps
+    share = user_share if refresh_steps else 0.0
+
+    def at(scale: float) -> RoundConfig:
+        item = scale * math.sqrt(participations / (2 * (1 - share)))
+        user = scale * math.sqrt(refresh_steps / (2 * share)) if share else config.user_noise_multiplier
+        return replace(config, noise_multiplier=item, user_noise_multiplier=user)
+
+    scale = calibrate(lambda s: planned_entries(model, at(s), participations), epsilon, delta)
+    return at(scale)
