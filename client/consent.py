@@ -7,7 +7,6 @@ person, and the coordinator's operator can demonstrate, what was agreed to.
 
 from __future__ import annotations
 
-import json
 import time
 
 from attune.client.store import EventStore
@@ -19,7 +18,8 @@ CONSENT_KEY = "consent"
 
 
 def read_consent(store: EventStore) -> dict | None:
-    return store.get_json(CONSENT_KEY)  # type: ignore[return-value]
+    record = store.get_json(CONSENT_KEY)
+    return record if isinstance(record, dict) else None
 
 
 def write_consent(store: EventStore, granted: bool, policy_version: str | None) -> dict:
@@ -28,9 +28,11 @@ def write_consent(store: EventStore, granted: bool, policy_version: str | None) 
                     or len(policy_version) > 64):
         raise ConfigError(f"policy_version must be a non-empty string of at most 64 characters, "
                           f"got {policy_version!r}")
-    record = read_consent(store) or {"purpose": CONSENT_PURPOSE, "history": []}
-    now = time.time()
-    record.update(granted=granted, policy_version=policy_version, updated_at=now)
-    record["history"].append({"granted": granted, "policy_version": policy_version, "at": now})
-    store.put_state({CONSENT_KEY: json.dumps(record).encode()})
-    return record
+    def change(current: object | None) -> dict:
+        record = current if isinstance(current, dict) else {"purpose": CONSENT_PURPOSE, "history": []}
+        now = time.time()
+        record.update(granted=granted, policy_version=policy_version, updated_at=now)
+        record["history"].append({"granted": granted, "policy_version": policy_version, "at": now})
+        return record
+
+    return store.update_json(CONSENT_KEY, change)  # type: ignore[return-value]

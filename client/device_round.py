@@ -1,5 +1,5 @@
-"""One device round, whatever carries it: adopt the received global side once its signature and
-shape are checked, train locally with DP, and say what to send.
+"""One device round, whatever carries it: verify what the coordinator signed, open the device,
+let it decide and compute (``Personalizer.contribute``), and hand back the one vector to send.
 
 Shared by the Message API ClientApp (``flower_app``) and the SecAgg+ client (``secure_aggregation``).
 """
@@ -7,68 +7,71 @@ Shared by the Message API ClientApp (``flower_app``) and the SecAgg+ client (``s
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from attune.client.personalizer import Personalizer
+from attune.client.personalizer import Contribution, Personalizer, Status
 from attune.client.settings import DeviceSettings
-from attune.shared.errors import SignatureError
-from attune.shared.model import MODEL_VERSION
-from attune.shared.records import model_config_from, model_version_from, train_config_from
-from attune.shared.signing import load_public_key, verify_model
+from attune.shared.errors import AttuneError, SignatureError
+from attune.shared.signing import load_public_key, verify
 from attune.shared.vocabulary import Vocabulary
-from attune.shared.wire import check_global_state
+from attune.shared.wire import RoundRequest
+
+log = logging.getLogger(__name__)
 
 
-def open_device(settings: DeviceSettings, arrays: Mapping[str, np.ndarray], config: Mapping) -> Personalizer:
-    """Open the device's store and adopt the received global side, once its signature and shape
-    are checked."""
-    model = model_config_from(config)
-    version = model_version_from(config)
+def read_request(settings: DeviceSettings, arrays: Mapping[str, np.ndarray],
+                 items: Mapping[str, object]) -> RoundRequest:
+    """The round, once its signature over every array and config entry verifies."""
     if settings.coordinator_public_key is not None:
-        verify_model(load_public_key(settings.coordinator_public_key), arrays, version,
-                     int(config.get("server-round", -1)), config.get("model-signature"))
+        verify(load_public_key(settings.coordinator_public_key), arrays, items)  # type: ignore[arg-type]
     elif not settings.allow_unsigned:
         raise SignatureError("this device has no coordinator public key (node config "
                              "'coordinator-public-key'); set allow-unsigned=true only for local experiments")
-    received = check_global_state(arrays, model, version)
-    vocabulary = Vocabulary(model.num_items)
+    return RoundRequest.parse(arrays, items)
+
+
+def open_device(settings: DeviceSettings, request: RoundRequest) -> Personalizer:
+    vocabulary = Vocabulary(request.model.num_items)
     if settings.vocabulary_path is not None:
-        vocabulary = Vocabulary.of(json.loads(Path(settings.vocabulary_path).read_text()))
-    personalizer = Personalizer(
-        str(settings.store_path), model=model, vocabulary=vocabulary,
-        privacy=settings.privacy, seed=settings.seed, encryption_key=settings.encryption_key(),
-    )
-    personalizer.set_global(received, version)
-    return personalizer
+        try:
+            ids = json.loads(Path(settings.vocabulary_path).read_text())
+        except (OSError, ValueError) as error:
+            raise SignatureError(f"cannot read the vocabulary {settings.vocabulary_path}: {error}") from None
+        vocabulary = Vocabulary.of(ids)
+    return Personalizer(settings.store_path, model=request.model, vocabulary=vocabulary, privacy=settings.privacy,
+                        encryption_key=settings.encryption_key(), simulation_seed=settings.simulation_seed)
 
 
-def train_on_device(personalizer: Personalizer, config: Mapping
-                    ) -> tuple[dict[str, float | int], dict[str, torch.Tensor] | None]:
-    """One local round: the reply's metrics, and the update to send (``None``: send nothing)."""
-    if "user-epsilon" in config:  # the coordinator's user-level guarantee, for the person's report
-        personalizer.note_user_level(float(config["user-epsilon"]), float(config["user-delta"]))
-    train = train_config_from(config)
-    outcome = personalizer.train(train)
-    metrics: dict[str, float | int] = {
-        "num-examples": outcome.examples,
-        "trained": int(outcome.status == "trained"),
-        "private": int(outcome.private),
-        "epsilon": outcome.epsilon,
-        "steps": personalizer.ledger.steps,
-        "model-version": MODEL_VERSION,
-    }
-    if outcome.update is None:
-        return metrics, None
-    metrics["loss"] = float(outcome.loss or 0.0)
-    metrics["clipped-fraction"] = float(outcome.clipped_fraction or 0.0)
-    metrics["sample-rate"] = train.sample_rate
-    if not personalizer.consented:  # withdrawn after training finished: still send nothing
-        metrics["trained"] = 0
-        return metrics, None
-    sizes = [t.numpy() for t in outcome.update.values()]
-    personalizer.note_update_sent(sum(int(a.size) for a in sizes), sum(int(a.nbytes) for a in sizes))
-    return metrics, outcome.update
+def run_round(settings: DeviceSettings, arrays: Mapping[str, np.ndarray],
+              items: Mapping[str, object]) -> torch.Tensor | None:
+    """The contribution to send for this round, or ``None`` (refused, or a bad round: logged on
+    the device only; what the coordinator learns is that nothing came)."""
+    try:
+        request = read_request(settings, arrays, items)
+        device = open_device(settings, request)
+    except AttuneError as error:
+        log.warning("refusing round: %s", error)
+        return None
+    with device:
+        outcome = device.contribute(request)
+        if outcome.status is not Status.CONTRIBUTED:
+            log.info("not contributing: %s", outcome.reason)
+            return None
+        return _send(device, outcome)
+
+
+def _send(device: Personalizer, outcome: Contribution) -> torch.Tensor | None:
+    """Check consent once more just before the contribution leaves: withdrawn meanwhile, nothing
+    is sent and the round's ledger entry is released."""
+    if not device.consented:
+        device.release(outcome)
+        log.info("consent was withdrawn during the round: nothing is sent")
+        return None
+    assert outcome.vector is not None
+    device.note_sent(outcome, int(outcome.vector.numel() * outcome.vector.element_size()))
+    return outcome.vector

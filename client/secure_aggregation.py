@@ -1,29 +1,55 @@
-"""The device's side of secure aggregation: Flower's SecAgg+ (``secaggplus_mod``) around a legacy
-``NumPyClient`` that runs the same local round as the Message API handler.
+"""The device's side of secure aggregation: Flower's SecAgg+ (``secaggplus_mod``), hardened, around
+a legacy ``NumPyClient`` that runs the same device round as the Message API handler.
 
-In flwr 1.42 SecAgg+ is reachable only through the legacy fit protocol, so this adapter speaks it;
-the training, signature checks and consent checks are ``attune.client.device_round``'s. Each device
-weighs 1 in the secure sum (the coordinator learns only the mean of the updates that took part),
-which is also what user-level DP needs. A device that does not train this round sends zeros with
-weight 0, so it adds nothing to the sum and the protocol still completes.
+In flwr 1.42 SecAgg+ is reachable only through the legacy fit protocol, so this adapter speaks it.
+Importing it installs Attune's mask generator and exact integer encoding into Flower's mod
+(``attune.shared.secure_sum``); the coordinator installs the same on its side. Around the mod
+the device also refuses to:
+- contribute when the signed ``min_survivors`` exceeds the number of devices SecAgg+ announced
+  (its noise share would be sized for devices that do not exist);
+- reveal key shares in the unmask stage for a device listed both as alive and as dropped (that
+  would let the coordinator unmask that device's own vector).
+A device that declines a round raises: SecAgg+ counts it as dropped and sums the others.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
-from attune.client.device_round import open_device, train_on_device
+from attune.client.device_round import run_round
 from attune.client.settings import DeviceSettings
+from attune.shared import secure_sum
 from attune.shared.errors import AttuneError
+from attune.shared.model import GLOBAL_PARAMS
 
-# The config key naming the arrays, in order (the legacy protocol sends a bare list).
-PARAM_NAMES_KEY = "param-names"
+SECURE_AGGREGATION_RECORD = RECORD_KEY_CONFIGS  # the ConfigRecord that marks a SecAgg+ message
+FIT_CONFIG = "fitins.config"  # where the legacy protocol carries the round's config
+
+
+# the module, not the function of the same name its package exports
+flower_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+
+
+def install() -> None:
+    """Replace the weak pieces of Flower's client-side SecAgg+ with Attune's (idempotent)."""
+    flower_mod.pseudo_rand_gen = secure_sum.mask_stream
+    flower_mod.quantize = lambda parameters, clipping_range, target_range: secure_sum.encode(parameters)
+
+
+install()
+
+
+class Declined(AttuneError):
+    """The device does not take part in this secure round (the protocol counts it as dropped)."""
 
 
 class SecureDevice(NumPyClient):
@@ -31,20 +57,31 @@ class SecureDevice(NumPyClient):
         self.settings = settings
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
-        names = str(config[PARAM_NAMES_KEY]).split(",")
-        arrays = dict(zip(names, parameters, strict=True))
-        nothing = [np.zeros_like(a) for a in parameters]
-        try:
-            personalizer = open_device(self.settings, arrays, config)
-        except AttuneError as error:
-            return nothing, 0, {"trained": 0, "error": 1, "reason": str(error)[:200]}
-        with personalizer:
-            metrics, update = train_on_device(personalizer, config)
-        if update is None:
-            return nothing, 0, metrics
-        return [update[name].numpy() for name in names], 1, metrics
+        arrays = dict(zip(GLOBAL_PARAMS, parameters, strict=True))
+        vector = run_round(self.settings, arrays, config)
+        if vector is None:
+            raise Declined("this device does not contribute to this round")
+        return [vector.double().numpy()], 1, {}  # every device weighs 1
+
+
+def _checked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``secaggplus_mod`` with the device's own checks on the coordinator's instructions."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    stage = configs.get(Key.STAGE) if configs is not None else None
+    if stage == Stage.UNMASK:
+        alive = set(configs.get(Key.ACTIVE_NODE_ID_LIST, []))
+        dropped = set(configs.get(Key.DEAD_NODE_ID_LIST, []))
+        if alive & dropped:
+            raise Declined(f"devices {sorted(alive & dropped)} are listed as alive and dropped: refusing to "
+                           "reveal shares that would unmask one device's vector")
+    if stage == Stage.COLLECT_MASKED_VECTORS and FIT_CONFIG in msg.content.config_records:
+        announced = int(context.state.config_records[RECORD_KEY_STATE].get("sample_num", 0))
+        survivors = msg.content.config_records[FIT_CONFIG].get("min-survivors", 0)
+        if isinstance(survivors, int) and survivors > announced:
+            raise Declined(f"the round asks for {survivors} surviving shares but SecAgg+ announced only "
+                           f"{announced} devices")
+    return secaggplus_mod(msg, context, call_next)
 
 
 def make_secure_client_app(resolve: Callable[[Context], DeviceSettings]) -> ClientApp:
-    return ClientApp(client_fn=lambda context: SecureDevice(resolve(context)).to_client(),
-                     mods=[secaggplus_mod])
+    return ClientApp(client_fn=lambda context: SecureDevice(resolve(context)).to_client(), mods=[_checked])

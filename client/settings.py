@@ -6,8 +6,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from attune.client.personalizer import PrivacyConfig
+from attune.client.policy import PrivacyConfig
 from attune.shared.errors import ConfigError
+
+
+NODE_CONFIG_KEYS = frozenset({"store-path", "epsilon-budget", "delta", "min-noise-multiplier", "allow-non-private",
+                              "vocabulary-path", "encryption-key-file", "coordinator-public-key",
+                              "allow-unsigned", "partition-id", "num-partitions"})
 
 
 @dataclass(frozen=True)
@@ -21,7 +26,7 @@ class DeviceSettings:
     store_path: Path
     privacy: PrivacyConfig
     vocabulary_path: Path | None = None
-    seed: int | None = None
+    simulation_seed: tuple[int, int] | None = None  # (run seed, device): simulations only
     encryption_key_file: Path | None = None
     coordinator_public_key: Path | None = None
     allow_unsigned: bool = False
@@ -39,23 +44,29 @@ class DeviceSettings:
     def from_node_config(cls, node_config: Mapping[str, object]) -> DeviceSettings:
         if "store-path" not in node_config:
             raise ConfigError("node config needs 'store-path': the device's event store file")
+        unknown = set(node_config) - NODE_CONFIG_KEYS
+        if unknown:
+            raise ConfigError(f"unknown node config key(s) {', '.join(sorted(unknown))}; known: "
+                              f"{', '.join(sorted(NODE_CONFIG_KEYS))}")
         defaults = PrivacyConfig()
         privacy = PrivacyConfig(
-            epsilon_budget=float(node_config.get("epsilon-budget", defaults.epsilon_budget)),
-            delta=float(node_config.get("delta", defaults.delta)),
-            min_events=int(node_config.get("min-events", defaults.min_events)),
-            allow_non_private=bool(node_config.get("allow-non-private", False)),
+            epsilon_budget=node_config.get("epsilon-budget", defaults.epsilon_budget),  # type: ignore[arg-type]
+            delta=node_config.get("delta", defaults.delta),  # type: ignore[arg-type]
+            min_noise_multiplier=node_config.get("min-noise-multiplier",  # type: ignore[arg-type]
+                                                 defaults.min_noise_multiplier),
+            allow_non_private=node_config.get("allow-non-private", False),  # type: ignore[arg-type]
         )
+        allow_unsigned = node_config.get("allow-unsigned", False)
+        if not isinstance(allow_unsigned, bool):
+            raise ConfigError(f"allow-unsigned must be true or false, got {allow_unsigned!r}")
         vocabulary = node_config.get("vocabulary-path")
-        seed = node_config.get("seed")
         key_file = node_config.get("encryption-key-file")
         public_key = node_config.get("coordinator-public-key")
         return cls(
             store_path=Path(str(node_config["store-path"])),
             privacy=privacy,
             vocabulary_path=Path(str(vocabulary)) if vocabulary else None,
-            seed=int(seed) if seed is not None else None,
             encryption_key_file=Path(str(key_file)) if key_file else None,
             coordinator_public_key=Path(str(public_key)) if public_key else None,
-            allow_unsigned=bool(node_config.get("allow-unsigned", False)),
+            allow_unsigned=allow_unsigned,
         )

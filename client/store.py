@@ -1,39 +1,50 @@
-"""The on-device event store: one SQLite file holding the person's events and the device's state.
+"""The on-device store: one SQLite file holding the person's events, the device's state and its
+privacy ledger.
 
 Everything is written in transactions: a rejected event or batch, or a crash mid-write, leaves
-the file as it was. The schema is versioned; a file of another version is refused, not guessed.
-Values can be encrypted at rest (see ``attune.client.encryption``).
+the file as it was. Read-modify-write of state (``update``) and the ledger's budget check and
+append (``reserve``) run inside one ``BEGIN IMMEDIATE`` transaction, so any number of objects and
+processes on one store never lose a step or a pause. A busy store is waited for (``timeout``),
+then reported as busy. The schema is versioned; a file that is not an Attune store (its SQLite
+``application_id``) is refused before anything is written to it.
+
+With a key every value is sealed (``attune.client.encryption``) and bound to its place: an event
+to its row id, a state value to its key and the write that produced it (a sealed manifest lists
+the current write of each key), so swapped, copied or rolled-back values fail to open. Restoring
+a whole older copy of the file cannot be seen from inside it: anchor a counter outside it (the
+platform keystore) if that matters to you.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from attune.client.encryption import Sealer
+from attune.shared.accounting import Entry, epsilon_of, ledger_from_json, ledger_to_json
 from attune.shared.errors import ConfigError, InvalidEventError, StoreError, WrongKeyError
 from attune.shared.events import Event, EventContext
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+APPLICATION_ID = 0x41544E45  # "ATNE": marks a file as an Attune store
 _DAY_S = 86_400
+_MANIFEST = "__manifest__"
 
 # Only the insertion order and the day of each event are stored in the clear (retention needs
 # them); what was done, to which item and at what time is in ``payload``, sealed when a key is set.
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    day INTEGER NOT NULL,
-    payload BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_day ON events (day);
-CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, day INTEGER NOT NULL, payload BLOB NOT NULL);
+CREATE INDEX events_by_day ON events (day);
+CREATE TABLE state (key TEXT PRIMARY KEY, generation INTEGER NOT NULL, value BLOB NOT NULL);
+CREATE TABLE ledger (id INTEGER PRIMARY KEY AUTOINCREMENT, payload BLOB NOT NULL);
 """
-_EVENT_LABEL = "event"
+_TABLES = {"meta", "events", "state", "ledger", "sqlite_sequence"}
 
 
 @dataclass(frozen=True)
@@ -45,8 +56,11 @@ class Retention:
     max_age_days: float = 365.0
 
     def __post_init__(self) -> None:
-        if self.max_events < 1 or self.max_age_days <= 0:
-            raise ConfigError("retention needs max_events >= 1 and max_age_days > 0")
+        events, days = self.max_events, self.max_age_days
+        if isinstance(events, bool) or not isinstance(events, int) or events < 1:
+            raise ConfigError(f"max_events must be an integer >= 1, got {events!r}")
+        if isinstance(days, bool) or not isinstance(days, (int, float)) or not 0 < days < 1e6:
+            raise ConfigError(f"max_age_days must be a number in (0, 1e6), got {days!r}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,19 @@ class StoredEvent:
 
     id: int
     event: Event
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """What one round cost the device, and which round it was."""
+
+    id: int
+    at: float
+    run_id: str
+    round: int
+    mode: str
+    entries: tuple[Entry, ...]  # what the coordinator's view of the round cost
+    local_entries: tuple[Entry, ...]  # what the device's own contribution alone reveals
 
 
 def _encode(event: Event) -> bytes:
@@ -68,51 +95,105 @@ def _decode(raw: bytes) -> Event:
     return Event(item, kind, timestamp, EventContext(hour=hour, weekday=weekday))
 
 
-class EventStore:
-    """Durable store of events and of named state blobs (model, ledger) on the device.
+def _corrupt(path: Path, what: str, error: Exception) -> StoreError:
+    return StoreError(f"{path}: {what} is corrupt ({type(error).__name__}: {error}); the store cannot "
+                      f"be used as it is: EventStore.destroy({str(path)!r}) deletes it")
 
-    With ``key`` (32 bytes from the platform keystore) every event payload and state blob is
-    sealed with AES-256-GCM; opening with a missing or wrong key raises ``WrongKeyError`` before
-    anything is read or written.
+
+class EventStore:
+    """Durable store of events, named state values and the privacy ledger on the device.
+
+    With ``key`` (32 bytes from the platform keystore) every payload is sealed with AES-256-GCM;
+    opening with a missing or wrong key raises ``WrongKeyError`` before anything is read or
+    written. ``timeout``: seconds to wait for another process holding the store.
     """
 
     def __init__(self, path: str | Path, retention: Retention | None = None,
-                 key: bytes | None = None) -> None:
+                 key: bytes | None = None, timeout: float = 10.0) -> None:
+        if not isinstance(path, (str, Path)) or not str(path):
+            raise ConfigError(f"the store path must be a file path, got {path!r}")
         self.path = Path(path)
         self.retention = retention or Retention()
+        if not isinstance(self.retention, Retention):
+            raise ConfigError(f"retention must be a Retention, got {type(retention).__name__}")
         self._sealer = Sealer(key)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=timeout)
+        except sqlite3.Error as error:
+            raise StoreError(f"{self.path} cannot be opened: {error}") from None
+        try:
+            self._open()
+        except sqlite3.OperationalError as error:
+            self._db.close()
+            if "locked" in str(error) or "busy" in str(error):
+                raise StoreError(f"{self.path} is busy: another process holds it; try again") from None
+            raise _corrupt(self.path, "the file", error) from None
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            raise _corrupt(self.path, "the file", error) from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self) -> None:
+        """Check the file is an Attune store of this schema (or empty) before writing anything."""
+        application = self._db.execute("PRAGMA application_id").fetchone()[0]
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables and application == 0:
             self._db.execute("PRAGMA secure_delete = ON")  # freed pages are zeroed
             self._db.execute("PRAGMA journal_mode = DELETE")  # no WAL file left holding old pages
-            version = self._open_schema()
-        except sqlite3.DatabaseError as error:
-            raise StoreError(f"{self.path} is not a usable Attune store: {error}") from None
-        if version != SCHEMA_VERSION:
-            self._db.close()
-            raise StoreError(
-                f"{self.path} has schema version {version}; this Attune reads {SCHEMA_VERSION}"
-            )
-
-    def _open_schema(self) -> int:
-        self._db.executescript(_SCHEMA)  # idempotent: every statement is IF NOT EXISTS
-        with self._transaction():
-            for key, value in (("schema_version", str(SCHEMA_VERSION)),
-                               ("key_check", self._sealer.key_check)):
-                self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
-            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            with self.transaction():
+                for statement in _SCHEMA.strip().split(";\n"):  # executescript would commit
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
+                    ("schema_version", str(SCHEMA_VERSION)), ("key_check", self._sealer.key_check),
+                    ("generation", "0")])
+            return
+        if application != APPLICATION_ID or not tables <= _TABLES:
+            raise StoreError(f"{self.path} is not an Attune store (another application's file?); "
+                             "nothing was changed")
+        self._db.execute("PRAGMA secure_delete = ON")
+        self._db.execute("PRAGMA journal_mode = DELETE")
+        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
+        if "schema_version" not in meta or "key_check" not in meta or "generation" not in meta:
+            raise StoreError(f"{self.path}: the store's metadata is missing (damaged file); "
+                             f"EventStore.destroy({str(self.path)!r}) deletes it")
+        if meta["schema_version"] != str(SCHEMA_VERSION):
+            raise StoreError(f"{self.path} has schema version {meta['schema_version']}; this Attune reads "
+                             f"{SCHEMA_VERSION}")
         if meta["key_check"] != self._sealer.key_check:
-            self._db.close()
             if not meta["key_check"]:
                 raise WrongKeyError(f"{self.path} is not encrypted: open it without a key, then "
                                     "call rotate_key(key) to encrypt it")
             raise WrongKeyError(f"{self.path} is encrypted under another key"
                                 if self._sealer.encrypted else f"{self.path} is encrypted: give its key")
-        return int(meta["schema_version"])
 
-    def _transaction(self) -> sqlite3.Connection:
-        return _Transaction(self._db)  # type: ignore[return-value]
+    @staticmethod
+    def destroy(path: str | Path) -> None:
+        """Delete a store file without opening it as a store (for a corrupt or foreign-looking
+        file the person wants gone): overwritten with zeros, then removed, with its journal."""
+        for target in (Path(path), Path(str(path) + "-journal"), Path(str(path) + "-wal")):
+            if target.exists():
+                with target.open("r+b") as handle:
+                    handle.write(bytes(target.stat().st_size))
+                    handle.flush()
+                target.unlink()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any exception."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            raise StoreError(f"{self.path} is busy: another process holds it ({error}); try again") from None
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     @property
     def encrypted(self) -> bool:
@@ -127,30 +208,33 @@ class EventStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- events --------------------------------------------------------------------------------
+
     def add(self, event: Event) -> None:
         self.add_many([event])
 
     def add_many(self, events: Iterable[Event]) -> int:
         """Store a batch atomically: if any event is invalid, none is stored."""
+        if isinstance(events, (str, bytes)) or not isinstance(events, Iterable):
+            raise InvalidEventError(f"events must be an iterable of Event, got {type(events).__name__}")
         batch = list(events)
         for position, event in enumerate(batch):
             if not isinstance(event, Event):
                 raise InvalidEventError(f"event #{position} is a {type(event).__name__}, not an Event")
-        rows = [(int(event.timestamp // _DAY_S), self._sealer.seal(_encode(event), _EVENT_LABEL))
-                for event in batch]
-        with self._transaction():
-            self._db.executemany("INSERT INTO events (day, payload) VALUES (?, ?)", rows)
+        with self.transaction():
+            for event in batch:  # the row id is known before sealing: each blob is bound to its row
+                row = self._db.execute("INSERT INTO events (day, payload) VALUES (?, x'')",
+                                       (int(event.timestamp // _DAY_S),)).lastrowid
+                self._db.execute("UPDATE events SET payload = ? WHERE id = ?",
+                                 (self._sealer.seal(_encode(event), f"event:{row}"), row))
             self._apply_retention()
-        return len(rows)
+        return len(batch)
 
     def _apply_retention(self) -> None:
         cutoff_day = int((time.time() - self.retention.max_age_days * _DAY_S) // _DAY_S)
         self._db.execute("DELETE FROM events WHERE day < ?", (cutoff_day,))
-        self._db.execute(
-            "DELETE FROM events WHERE id NOT IN "
-            "(SELECT id FROM events ORDER BY day DESC, id DESC LIMIT ?)",
-            (self.retention.max_events,),
-        )
+        self._db.execute("DELETE FROM events WHERE id NOT IN "
+                         "(SELECT id FROM events ORDER BY day DESC, id DESC LIMIT ?)", (self.retention.max_events,))
 
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
@@ -158,8 +242,11 @@ class EventStore:
     def stored(self) -> list[StoredEvent]:
         """All stored events with their ids, oldest first."""
         rows = self._db.execute("SELECT id, payload FROM events").fetchall()
-        stored = [StoredEvent(row_id, _decode(self._sealer.open(payload, _EVENT_LABEL)))
-                  for row_id, payload in rows]
+        try:
+            stored = [StoredEvent(row_id, _decode(self._sealer.open(bytes(payload), f"event:{row_id}")))
+                      for row_id, payload in rows]
+        except (ValueError, TypeError) as error:
+            raise _corrupt(self.path, "an event", error) from None
         return sorted(stored, key=lambda s: (s.event.timestamp, s.id))
 
     def events(self) -> list[Event]:
@@ -168,39 +255,129 @@ class EventStore:
 
     def forget_event(self, event_id: int) -> bool:
         """Delete one event by id; False when no event has that id."""
-        with self._transaction():
+        with self.transaction():
             cursor = self._db.execute("DELETE FROM events WHERE id = ?", (event_id,))
         return cursor.rowcount == 1
 
     def forget_item(self, item_id: str) -> int:
         """Delete every event of ``item_id``; returns how many were deleted."""
         ids = [(s.id,) for s in self.stored() if s.event.item_id == item_id]
-        with self._transaction():
+        with self.transaction():
             self._db.executemany("DELETE FROM events WHERE id = ?", ids)
         return len(ids)
 
-    def erase(self, keep_state: tuple[str, ...] = ()) -> None:
-        """Delete every event and every state blob except ``keep_state``, then rewrite the file
-        (``VACUUM``) so no deleted page survives; ``secure_delete`` already zeroes freed pages."""
-        with self._transaction():
-            self._db.execute("DELETE FROM events")
-            marks = ",".join("?" * len(keep_state))
-            self._db.execute(f"DELETE FROM state WHERE key NOT IN ({marks})", keep_state)
-        self._db.execute("VACUUM")
+    # -- state -----------------------------------------------------------------------------------
+
+    def _manifest(self) -> dict[str, int]:
+        row = self._db.execute("SELECT generation, value FROM state WHERE key = ?", (_MANIFEST,)).fetchone()
+        if row is None:
+            return {}
+        try:
+            return json.loads(self._sealer.open(bytes(row[1]), f"state:{_MANIFEST}:{row[0]}"))
+        except (ValueError, TypeError) as error:
+            raise _corrupt(self.path, "the state manifest", error) from None
 
     def get_state(self, key: str) -> bytes | None:
-        row = self._db.execute("SELECT value FROM state WHERE key=?", (key,)).fetchone()
-        return None if row is None else self._sealer.open(bytes(row[0]), f"state:{key}")
+        row = self._db.execute("SELECT generation, value FROM state WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        value = self._sealer.open(bytes(row[1]), f"state:{key}:{row[0]}")
+        if self.encrypted and self._manifest().get(key) != row[0]:
+            raise WrongKeyError(f"{self.path}: the stored {key!r} is not its latest write (rolled back?)")
+        return value
 
     def get_json(self, key: str) -> object | None:
         raw = self.get_state(key)
-        return None if raw is None else json.loads(raw)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError as error:
+            raise _corrupt(self.path, f"the stored {key!r}", error) from None
 
     def put_state(self, values: dict[str, bytes]) -> None:
-        """Write several state blobs in one transaction (e.g. user vector and ledger together)."""
-        rows = [(key, self._sealer.seal(value, f"state:{key}")) for key, value in values.items()]
-        with self._transaction():
-            self._db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", rows)
+        """Write several state values in one transaction (e.g. user vector and device state)."""
+        with self.transaction():
+            self._write_state(values)
+
+    def _write_state(self, values: dict[str, bytes]) -> None:
+        """Inside a transaction: seal and write ``values`` under a new generation."""
+        generation = int(self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]) + 1
+        self._db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(generation),))
+        rows = [(key, generation, self._sealer.seal(value, f"state:{key}:{generation}"))
+                for key, value in values.items()]
+        if self.encrypted:
+            manifest = {**self._manifest(), **{key: generation for key in values}}
+            rows.append((_MANIFEST, generation,
+                         self._sealer.seal(json.dumps(manifest).encode(), f"state:{_MANIFEST}:{generation}")))
+        self._db.executemany("INSERT OR REPLACE INTO state (key, generation, value) VALUES (?, ?, ?)", rows)
+
+    def update_json(self, key: str, change: Callable[[object | None], object]) -> object:
+        """Read ``key``, apply ``change`` and write the result, all in one transaction (so no
+        concurrent writer's change is lost); returns the new value."""
+        with self.transaction():
+            value = change(self.get_json(key))
+            self._write_state({key: json.dumps(value).encode()})
+        return value
+
+    # -- ledger ----------------------------------------------------------------------------------
+
+    def ledger(self) -> list[LedgerRow]:
+        """Every round this device paid for, oldest first."""
+        rows = self._db.execute("SELECT id, payload FROM ledger ORDER BY id").fetchall()
+        out = []
+        try:
+            for row_id, payload in rows:
+                raw = json.loads(self._sealer.open(bytes(payload), f"ledger:{row_id}"))
+                out.append(LedgerRow(row_id, float(raw["at"]), str(raw["run_id"]), int(raw["round"]),
+                                     str(raw["mode"]), tuple(ledger_from_json(raw["entries"])),
+                                     tuple(ledger_from_json(raw["local_entries"]))))
+        except (ValueError, TypeError, KeyError) as error:
+            raise _corrupt(self.path, "the privacy ledger", error) from None
+        return out
+
+    def reserve(self, entries: list[Entry], local_entries: list[Entry], *, budget: float, delta: float,
+                run_id: str, round: int,
+                mode: str, check: Callable[[list[LedgerRow]], str | None] = lambda rows: None) -> int | str:
+        """Append a round's ledger entries if they fit the budget, atomically: the row id, or why not.
+
+        ``check(rows)`` may refuse for another reason (a replayed round). Recorded before anything
+        leaves the device, so what was spent is never under-reported.
+        """
+        with self.transaction():
+            rows = self.ledger()
+            if (reason := check(rows)) is not None:
+                return reason
+            spent = [entry for row in rows for entry in row.entries]
+            after = epsilon_of([*spent, *entries], delta)
+            if after > budget * (1 + 1e-9):
+                return f"this round would bring epsilon to {after:.3f}, over the budget of {budget}"
+            row = self._db.execute("INSERT INTO ledger (payload) VALUES (x'')").lastrowid
+            payload = json.dumps({"at": time.time(), "run_id": run_id, "round": round, "mode": mode,
+                                  "entries": ledger_to_json(entries),
+                                  "local_entries": ledger_to_json(local_entries)}).encode()
+            self._db.execute("UPDATE ledger SET payload = ? WHERE id = ?",
+                             (self._sealer.seal(payload, f"ledger:{row}"), row))
+        return int(row)
+
+    def release(self, row_id: int) -> None:
+        """Remove a reserved ledger row whose round sent nothing (consent withdrawn mid-round)."""
+        with self.transaction():
+            self._db.execute("DELETE FROM ledger WHERE id = ?", (row_id,))
+
+    # -- whole store -----------------------------------------------------------------------------
+
+    def erase(self, keep_state: tuple[str, ...] = ()) -> None:
+        """Delete every event and every state value except ``keep_state`` (the ledger stays), then
+        rewrite the file (``VACUUM``) so no deleted page survives; ``secure_delete`` already
+        zeroes freed pages."""
+        with self.transaction():
+            kept = {key: value for key in keep_state if (value := self.get_state(key)) is not None}
+            self._db.execute("DELETE FROM events")
+            self._db.execute("DELETE FROM state")
+            if kept:
+                self._write_state(kept)
+        self._db.execute("VACUUM")
 
     def rotate_key(self, new_key: bytes) -> None:
         """Re-encrypt everything under ``new_key`` (also: encrypt a plain store) in one transaction.
@@ -209,27 +386,22 @@ class EventStore:
         old key in the keystore until this returns, then replace it.
         """
         new = Sealer(new_key)
-        with self._transaction():
+        with self.transaction():
             events = self._db.execute("SELECT id, payload FROM events").fetchall()
             self._db.executemany("UPDATE events SET payload = ? WHERE id = ?", [
-                (new.seal(self._sealer.open(p, _EVENT_LABEL), _EVENT_LABEL), i) for i, p in events])
-            state = self._db.execute("SELECT key, value FROM state").fetchall()
-            self._db.executemany("UPDATE state SET value = ? WHERE key = ?", [
-                (new.seal(self._sealer.open(v, f"state:{k}"), f"state:{k}"), k) for k, v in state])
-            self._db.execute("UPDATE meta SET value = ? WHERE key = 'key_check'", (new.key_check,))
-        self._sealer = new
+                (new.seal(self._sealer.open(bytes(p), f"event:{i}"), f"event:{i}"), i) for i, p in events])
+            ledger = self._db.execute("SELECT id, payload FROM ledger").fetchall()
+            self._db.executemany("UPDATE ledger SET payload = ? WHERE id = ?", [
+                (new.seal(self._sealer.open(bytes(p), f"ledger:{i}"), f"ledger:{i}"), i) for i, p in ledger])
+            values = {key: self.get_state(key) for (key,) in
+                      self._db.execute("SELECT key FROM state WHERE key != ?", (_MANIFEST,)).fetchall()}
+            self._db.execute("DELETE FROM state")
+            self._sealer, old = new, self._sealer
+            try:
+                if values:
+                    self._write_state(values)  # type: ignore[arg-type]
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'key_check'", (new.key_check,))
+            except BaseException:
+                self._sealer = old
+                raise
         self._db.execute("VACUUM")  # no page of the old ciphertexts (or plaintext) stays behind
-
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any exception."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> sqlite3.Connection:
-        self._db.execute("BEGIN IMMEDIATE")
-        return self._db
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")

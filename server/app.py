@@ -1,4 +1,5 @@
-"""Flower ServerApp: parses the run config once and hands the Grid to the coordinator loop."""
+"""Flower ServerApp: parses the run config once and hands a transport over the Grid to the
+coordinator loop (SecAgg+ when ``secure-aggregation`` is on, plain messages otherwise)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,26 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from attune.server.config import ServerConfig
-from attune.server.coordinator import RoundCallback, run
+from attune.server.coordinator import RoundCallback, Transport, run
+from attune.server.secure_aggregation import SecureAggregationConfig, SecureTransport
+from attune.server.transport import GridTransport
+from attune.shared.signing import load_private_key, sign
+from attune.shared.wire import RoundRequest
 
 logging.getLogger("flwr").propagate = False  # opacus's logging setup makes flwr lines print twice
+
+
+def transport_for(grid: Grid, config: ServerConfig) -> Transport:
+    """The transport ``config`` asks for, signing every round with ``config.signing_key``."""
+    key = load_private_key(config.signing_key) if config.signing_key is not None else None
+
+    def signer(request: RoundRequest) -> str | None:
+        return None if key is None else sign(key, request.arrays(), request.items())
+
+    timeout = config.round_timeout or None
+    if config.secure_aggregation:
+        return SecureTransport(grid, signer, SecureAggregationConfig(timeout=timeout))
+    return GridTransport(grid, signer, timeout=timeout, rule=config.aggregation, trim_fraction=config.trim_fraction)
 
 
 def make_server_app(config: ServerConfig | None = None, on_round: RoundCallback | None = None) -> ServerApp:
@@ -19,7 +37,8 @@ def make_server_app(config: ServerConfig | None = None, on_round: RoundCallback 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run(grid, config or ServerConfig.from_run_config(context.run_config), on_round)
+        settings = config or ServerConfig.from_run_config(context.run_config)
+        run(transport_for(grid, settings), settings, on_round)
 
     return app
 

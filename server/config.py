@@ -94,6 +94,8 @@ class ServerConfig:
         if self.round.privacy is PrivacyMode.DISTRIBUTED and not self.secure_aggregation:
             raise ConfigError("distributed mode adds only a share of the noise on each device: it needs "
                               "secure_aggregation=true, or the coordinator would see under-noised updates")
+        if self.secure_aggregation and not self.round.private:
+            raise ConfigError("secure aggregation sums integer (private) contributions: mode 'off' cannot use it")
         if self.aggregation != "sum" and self.secure_aggregation:
             raise ConfigError(f"{self.aggregation} needs every contribution; secure aggregation yields only "
                               "their sum")

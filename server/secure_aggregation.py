@@ -1,18 +1,24 @@
-"""Secure aggregation for a round's training: Flower's SecAgg+ workflow (Bell et al. 2020), so the
-coordinator learns only the mean of the sampled devices' updates, never one device's update.
+"""Secure aggregation for a round: Flower's SecAgg+ workflow (Bell et al. 2020), hardened, so the
+coordinator learns only the sum of the sampled devices' contributions.
 
-In flwr 1.42 SecAgg+ runs only through the legacy workflow API. This adapter hands the workflow
-the round's global model, config and sampled nodes, and takes back the unmasked mean; the rest
-of the round (noise, server step, checkpoints) is the coordinator's, as without SecAgg+. Devices
-that drop out after sharing their keys are tolerated down to the reconstruction threshold.
+In flwr 1.42 SecAgg+ runs only through the legacy workflow API. This transport hands the workflow
+the round's signed global side and config and the sampled devices, and takes back the exact
+integer sum. Importing it installs Attune's mask generator and exact integer decoding into
+Flower's workflow (``attune.shared.secure_sum``); devices install the same on their side. The
+workflow is also stopped before it unmasks anything when fewer than ``min_survivors`` devices'
+vectors are in the sum (it never releases an under-noised sum), and the cohort is capped so the
+sum cannot wrap around the field. Shares go to ``O(log n)`` neighbours (SecAgg+'s sparse graph).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+import torch
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -31,37 +37,54 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation import secaggplus_workflow as flower_workflow
 from flwr.serverapp import Grid
 
-from attune.client.secure_aggregation import PARAM_NAMES_KEY
+from attune.server.coordinator import Collected
+from attune.shared import secure_sum
+from attune.shared.errors import ModelMismatchError
+from attune.shared.model import GLOBAL_PARAMS
+from attune.shared.records import request_content
+from attune.shared.wire import RoundRequest, check_contribution
+
+log = logging.getLogger(__name__)
+
+
+def install() -> None:
+    """Replace the weak pieces of Flower's server-side SecAgg+ with Attune's (idempotent)."""
+    flower_workflow.pseudo_rand_gen = secure_sum.mask_stream
+    flower_workflow.dequantize = lambda residues, clipping_range, target_range: secure_sum.decode(residues)
+    flower_workflow.factor_extract = lambda parameters: (1, parameters[1:])  # every weight is 1: no division
+
+
+install()
 
 
 @dataclass(frozen=True)
 class SecureAggregationConfig:
-    """SecAgg+ parameters. Every coordinate of an update must lie in ``[-clipping_range,
-    clipping_range]`` (devices clip their updates far below this); the mean is exact to about
-    ``2 * clipping_range / quantization_range`` per coordinate and device."""
+    """SecAgg+ parameters: each device shares its secrets with ``shares(n)`` neighbours (an odd
+    number about ``3 log2 n``, all devices for small cohorts), and ``threshold_fraction`` of them
+    must answer to unmask a device that dropped out."""
 
-    share_fraction: float = 1.0  # of the sampled devices each device shares its secrets with
-    threshold_fraction: float = 0.5  # of those shares needed to unmask a dropped device
-    clipping_range: float = 8.0
-    quantization_range: int = 2**22
+    threshold_fraction: float = 0.5
     timeout: float | None = None
+
+    def shares(self, cohort: int) -> int:
+        wanted = 2 * math.ceil(1.5 * math.log2(max(cohort, 2))) + 1
+        return cohort if wanted >= cohort else wanted
 
 
 @dataclass
 class _Round:
-    """What one secure round hands the workflow and gets back."""
-
     nodes: list[int]
     fit_ins: FitIns
-    mean: list[np.ndarray] | None = None
-    metrics: list[dict[str, Scalar]] = field(default_factory=list)
+    total: np.ndarray | None = None
+    contributors: list[int] = field(default_factory=list)
     failures: int = 0
 
 
 class _RoundStrategy(Strategy):
-    """The legacy strategy the workflow calls: the round's instructions in, the mean out."""
+    """The legacy strategy the workflow calls: the round's instructions in, the sum out."""
 
     def __init__(self) -> None:
         self.round: _Round | None = None
@@ -76,9 +99,9 @@ class _RoundStrategy(Strategy):
                       failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
         assert self.round is not None
         self.round.failures = len(failures)
-        self.round.metrics = [res.metrics for _, res in results]
-        if results:  # SecAgg+ puts the unmasked aggregate in every result
-            self.round.mean = parameters_to_ndarrays(results[0][1].parameters)
+        self.round.contributors = [int(proxy.node_id) for proxy, _ in results]  # type: ignore[attr-defined]
+        if results:  # SecAgg+ puts the unmasked sum in every result
+            self.round.total = parameters_to_ndarrays(results[0][1].parameters)[0]
             return results[0][1].parameters, {}
         return None, {}
 
@@ -97,41 +120,73 @@ class _RoundStrategy(Strategy):
         return None
 
 
-class SecureAggregation:
-    """``mean_update(...)``: one round's training under SecAgg+, returning the mean update."""
+class _Workflow(SecAggPlusWorkflow):
+    """SecAgg+ that stops before unmasking when too few devices' vectors are in the sum."""
 
-    def __init__(self, config: SecureAggregationConfig | None = None) -> None:
+    def __init__(self, min_survivors: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.min_survivors = min_survivors
+        self.stopped = ""
+
+    def unmask_stage(self, grid, context, state) -> bool:  # type: ignore[no-untyped-def]
+        if len(state.active_node_ids) < self.min_survivors:
+            self.stopped = (f"{len(state.active_node_ids)} devices' vectors in the sum, fewer than "
+                            f"min_survivors={self.min_survivors}: not unmasked")
+            log.warning("secure round stopped: %s", self.stopped)
+            return False
+        return super().unmask_stage(grid, context, state)
+
+
+class SecureTransport:
+    """A ``Transport`` over a Flower ``Grid`` whose rounds go through hardened SecAgg+."""
+
+    def __init__(self, grid: Grid, signer, config: SecureAggregationConfig | None = None) -> None:  # noqa: ANN001
+        self.grid, self.signer = grid, signer
         self.config = config or SecureAggregationConfig()
         self._strategy = _RoundStrategy()
         self._context = LegacyContext(
             Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
             strategy=self._strategy)
 
-    def mean_update(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                    nodes: list[int]) -> tuple[dict[str, np.ndarray] | None, list[dict[str, Scalar]], int]:
-        """The unmasked mean of the devices' updates (``None`` if the protocol could not finish),
-        the metrics each device reported, and how many devices failed."""
-        names = list(arrays.keys())
-        fit_config = {**dict(config), PARAM_NAMES_KEY: ",".join(names), "server-round": server_round}
-        parameters = ndarrays_to_parameters([arrays[name].numpy() for name in names])
-        self._strategy.round = _Round(nodes=nodes, fit_ins=FitIns(parameters, fit_config))
+    def devices(self) -> list[int]:
+        return list(self.grid.get_node_ids())
+
+    def collect(self, request: RoundRequest, cohort: list[int], min_survivors: int) -> Collected:
+        limit = secure_sum.max_cohort(request.model, request.config)
+        if len(cohort) > limit:
+            return Collected(None, [], failed=len(cohort),
+                             aborted=f"a cohort of {len(cohort)} could overflow the secure sum (at most {limit})")
+        if len(cohort) < max(2, min_survivors):
+            return Collected(None, [], failed=len(cohort),
+                             aborted=f"{len(cohort)} devices sampled, fewer than {max(2, min_survivors)}")
+        content = request_content(request, self.signer(request))
+        config = dict(content.config_records["config"])
+        parameters = ndarrays_to_parameters([request.arrays()[name] for name in GLOBAL_PARAMS])
+        self._strategy.round = _Round(nodes=cohort, fit_ins=FitIns(parameters, config))
         manager = self._context.client_manager
-        for node in nodes:
+        for node in cohort:
             if str(node) not in manager.all():
-                manager.register(GridClientProxy(node, grid, run_id=0))
-        self._context.state.array_records[MAIN_PARAMS_RECORD] = arrays
+                manager.register(GridClientProxy(node, self.grid, run_id=0))
+        self._context.state.array_records[MAIN_PARAMS_RECORD] = content.array_records["arrays"]
         self._context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
-            {WorkflowKey.CURRENT_ROUND: server_round})
-        cfg = self.config
-        workflow = SecAggPlusWorkflow(
-            num_shares=cfg.share_fraction, reconstruction_threshold=cfg.threshold_fraction,
-            max_weight=1.0, clipping_range=cfg.clipping_range, quantization_range=cfg.quantization_range,
-            timeout=cfg.timeout)
-        try:
-            workflow(grid, self._context)
-        except ZeroDivisionError:  # every device sent weight 0: nobody trained this round
-            self._strategy.round.mean = None
+            {WorkflowKey.CURRENT_ROUND: request.round})
+        shares = self.config.shares(len(cohort))
+        workflow = _Workflow(
+            min_survivors, num_shares=shares if shares < len(cohort) else 1.0,
+            reconstruction_threshold=max(2, math.ceil(self.config.threshold_fraction * shares)),
+            max_weight=secure_sum.MAX_WEIGHT, clipping_range=secure_sum.CLIPPING_RANGE,
+            quantization_range=secure_sum.QUANTIZATION_RANGE, modulus_range=secure_sum.MODULUS,
+            timeout=self.config.timeout)
+        workflow(self.grid, self._context)
         done = self._strategy.round
-        if done.mean is None:
-            return None, done.metrics, done.failures
-        return dict(zip(names, done.mean, strict=True)), done.metrics, done.failures
+        missing = len(cohort) - len(done.contributors)
+        if done.total is None:
+            return Collected(None, [], failed=missing, aborted=workflow.stopped or "the secure round did not finish")
+        try:
+            total = check_contribution(torch.from_numpy(np.rint(done.total).astype(np.int64)),
+                                       request.model, request.config, devices=len(done.contributors))
+        except ModelMismatchError as error:
+            log.warning("refusing the round's secure sum: %s", error)
+            return Collected(None, [], rejected=len(done.contributors), failed=missing, aborted=str(error),
+                             rejections=[str(error)])
+        return Collected(total=total, contributors=done.contributors, failed=missing)

@@ -71,6 +71,11 @@ class Stream:
         return self._cipher.update(bytes(_KEY_BYTES))
 
 
+def device_stream(seed: int, device: int, *labels: int | str) -> Stream:
+    """Simulated device ``device``'s stream for a purpose: the same key in every backend."""
+    return Stream.seeded_from(seed, "device", device, *labels)
+
+
 def bernoulli(stream: Stream, count: int, p: float) -> torch.Tensor:
     """``count`` independent coin flips with probability ``p``, bool."""
     return stream.uniform(count) < p

@@ -24,6 +24,8 @@ from attune.shared.signing import Scalar
 RUN_KEY = "run-id"
 ROUND_KEY = "server-round"
 VERSION_KEY = "model-version"
+DEVICE_LEVEL_EPSILON = "device-level-epsilon"
+DEVICE_LEVEL_DELTA = "device-level-delta"
 CONTRIBUTION = "contribution"
 
 
@@ -108,11 +110,15 @@ class RoundRequest:
     model: ModelConfig
     config: RoundConfig
     state: dict[str, torch.Tensor]  # the global side, float32
+    device_level_epsilon: float = 0.0  # the coordinator's device-level guarantee so far (0: none)
+    device_level_delta: float = 0.0
 
     def items(self) -> dict[str, Scalar]:
         """The config entries sent with (and signed with) the global side."""
         return {**_items_of(self.model), **_items_of(self.config),
-                RUN_KEY: self.run_id, ROUND_KEY: self.round, VERSION_KEY: MODEL_VERSION}
+                RUN_KEY: self.run_id, ROUND_KEY: self.round, VERSION_KEY: MODEL_VERSION,
+                DEVICE_LEVEL_EPSILON: float(self.device_level_epsilon),
+                DEVICE_LEVEL_DELTA: float(self.device_level_delta)}
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {name: self.state[name].detach().cpu().numpy() for name in GLOBAL_PARAMS}
@@ -128,10 +134,15 @@ class RoundRequest:
             raise ModelMismatchError(f"run-id must be a non-empty string, got {run_id!r}")
         if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 1:
             raise ModelMismatchError(f"server-round must be a positive integer, got {server_round!r}")
+        guarantee = [items.get(DEVICE_LEVEL_EPSILON, 0.0), items.get(DEVICE_LEVEL_DELTA, 0.0)]
+        for key, value in zip((DEVICE_LEVEL_EPSILON, DEVICE_LEVEL_DELTA), guarantee, strict=True):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ModelMismatchError(f"{key} must be a finite number >= 0, got {value!r}")
         model = _typed(ModelConfig, items)
         config = _typed(RoundConfig, items)
         state = check_global_state(arrays, model, version)  # type: ignore[arg-type]
-        return cls(run_id, server_round, model, config, state)  # type: ignore[arg-type]
+        return cls(run_id, server_round, model, config, state,  # type: ignore[arg-type]
+                   float(guarantee[0]), float(guarantee[1]))
 
 
 def contribution_bound(model: ModelConfig, config: RoundConfig, devices: int = 1) -> float:

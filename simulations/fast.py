@@ -25,7 +25,7 @@ from attune.shared.accounting import epsilon_of
 from attune.shared.config import PrivacyMode, RoundConfig
 from attune.shared.events import EVENT_TYPES, EVENT_WEIGHTS, context_matrix, nearest_event_types
 from attune.shared.mechanism import planned_entries, share_std
-from attune.shared.randomness import Stream, bernoulli, discrete_gaussian
+from attune.shared.randomness import Stream, bernoulli, device_stream, discrete_gaussian
 from attune.shared.wire import RoundRequest
 from attune.simulations.datasets import EventLog
 from attune.simulations.evaluation import Split, hours_weekdays
@@ -47,11 +47,6 @@ def device_cohort(log: EventLog, split: Split, use_context: bool) -> Cohort:
     bounds = np.searchsorted(log.users[order.numpy()], np.arange(log.num_users + 1))
     return Cohort(items=torch.from_numpy(log.items)[order], weights=_TYPE_WEIGHTS[kinds],
                   context=context, offsets=torch.from_numpy(bounds.astype(np.int64)))
-
-
-def device_stream(seed: int, device: int, *labels: int | str) -> Stream:
-    """Simulated device ``device``'s stream: the same key in every backend."""
-    return Stream.seeded_from(seed, "device", device, *labels)
 
 
 @dataclass

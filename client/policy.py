@@ -1,0 +1,65 @@
+"""The device's own limits and its decision to join a round, whatever the coordinator asks.
+
+A device joins a round only if the person consented and did not pause, the round moves its run
+forward (no replay), its privacy mode and noise meet the device's floor, and its ledger can pay
+for it. None of these depends on the person's events, so whether a device joins reveals nothing
+about them (it is disclosed on purpose, ``docs/privacy.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from attune.client.store import LedgerRow
+from attune.shared.errors import ConfigError
+from attune.shared.wire import RoundRequest
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """The device's own privacy limits; the coordinator cannot override them.
+
+    ``epsilon_budget`` and ``delta`` bound the event-level guarantee over the device's lifetime
+    (what the coordinator can learn, by the ledger). The device refuses rounds whose noise
+    multipliers are under ``min_noise_multiplier`` (so no one round can take much of the budget)
+    and, without ``allow_non_private``, rounds that are not private.
+    """
+
+    epsilon_budget: float = 8.0
+    delta: float = 1e-5
+    min_noise_multiplier: float = 1.0
+    allow_non_private: bool = False
+
+    def __post_init__(self) -> None:
+        for name, value, top in (("epsilon_budget", self.epsilon_budget, 1e3), ("delta", self.delta, 1.0),
+                                 ("min_noise_multiplier", self.min_noise_multiplier, 1e6)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not 0 < value < top:
+                raise ConfigError(f"{name} must be a finite number in (0, {top:g}), got {value!r}")
+        if not isinstance(self.allow_non_private, bool):
+            raise ConfigError(f"allow_non_private must be True or False, got {self.allow_non_private!r}")
+
+
+def refusal(request: RoundRequest, privacy: PrivacyConfig, *, consented: bool, paused: bool) -> str | None:
+    """Why the device declines ``request`` before touching its ledger, or ``None``."""
+    config = request.config
+    if not consented:
+        return "no consent: the person has not opted in (or withdrew)"
+    if paused:
+        return "paused by the person: nothing is computed or sent"
+    if not config.private and not privacy.allow_non_private:
+        return "non-private rounds are not allowed on this device"
+    if config.private and min(config.noise_multiplier, config.user_noise_multiplier) < privacy.min_noise_multiplier:
+        return (f"the round's noise ({config.noise_multiplier:.3g}, user vector {config.user_noise_multiplier:.3g}) "
+                f"is under this device's floor of {privacy.min_noise_multiplier}")
+    return None
+
+
+def replayed(request: RoundRequest, rows: list[LedgerRow]) -> str | None:
+    """Refuse a round of a run this device already joined at the same or a later round."""
+    joined = [row.round for row in rows if row.run_id == request.run_id]
+    if joined and request.round <= max(joined):
+        return (f"round {request.round} of run {request.run_id} is not after round {max(joined)}, "
+                "which this device already joined: a replay")
+    return None

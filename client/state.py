@@ -1,0 +1,92 @@
+"""What a device keeps besides its events, typed: its participation and controls (``DeviceState``)
+and its vectors and received model (tensors in a byte format that cannot execute code).
+
+Every change goes through ``EventStore.update_json`` (read, change, write in one transaction), so
+two objects or processes on one store never lose each other's changes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import torch
+
+from attune.client.store import EventStore
+from attune.shared.errors import StoreError
+
+DEVICE_KEY = "device"
+USER_KEY = "user_vector"
+RANK_KEY = "rank_vector"
+GLOBAL_KEY = "global_model"
+NOT_INTERESTED_KEY = "not_interested"
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """Participation and the person's controls (all persisted)."""
+
+    rounds_joined: int = 0  # rounds this device computed a contribution for
+    contributions_sent: int = 0
+    bytes_sent: int = 0
+    last_sent_at: float | None = None
+    last_run: str = ""  # the last (run, round) it joined: older rounds are replays
+    last_round: int = 0
+    paused: bool = False
+    budget_exhausted: bool = False
+    device_level_epsilon: float = 0.0  # the coordinator's signed device-level guarantee (0: none)
+    device_level_delta: float = 0.0
+
+    @classmethod
+    def from_json(cls, raw: object) -> DeviceState:
+        if raw is None:
+            return cls()
+        names = {f.name for f in fields(cls)}
+        if not isinstance(raw, dict) or not set(raw) <= names:
+            raise StoreError(f"the stored device state is not one: {raw!r}")
+        try:
+            return cls(**raw)
+        except TypeError as error:
+            raise StoreError(f"the stored device state is damaged: {error}") from None
+
+
+def read_state(store: EventStore) -> DeviceState:
+    return DeviceState.from_json(store.get_json(DEVICE_KEY))
+
+
+def update_state(store: EventStore, **changes: object) -> DeviceState:
+    """Apply ``changes`` (field values, or functions of the current value) in one transaction."""
+    def change(raw: object | None) -> dict:
+        current = DeviceState.from_json(raw)
+        values = {name: value(getattr(current, name)) if callable(value) else value
+                  for name, value in changes.items()}
+        return asdict(replace(current, **values))
+
+    return DeviceState(**store.update_json(DEVICE_KEY, change))  # type: ignore[arg-type]
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    """A header (names, shapes) and the float32 bytes of each tensor: no pickle, no code."""
+    header = json.dumps({name: list(t.shape) for name, t in tensors.items()}).encode()
+    body = b"".join(t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+                    for t in tensors.values())
+    return struct.pack("<I", len(header)) + header + body
+
+
+def decode_tensors(raw: bytes) -> dict[str, torch.Tensor]:
+    try:
+        (length,) = struct.unpack_from("<I", raw)
+        shapes = json.loads(raw[4:4 + length])
+        out, start = {}, 4 + length
+        for name, shape in shapes.items():
+            count = int(np.prod(shape, dtype=np.int64))
+            values = np.frombuffer(raw, dtype="<f4", count=count, offset=start)
+            out[name] = torch.from_numpy(values.copy()).reshape(shape)
+            start += 4 * count
+        if start != len(raw):
+            raise ValueError(f"{len(raw) - start} trailing bytes")
+        return out
+    except (struct.error, ValueError, TypeError, AttributeError) as error:
+        raise StoreError(f"a stored tensor value is damaged: {error}") from None

@@ -1,0 +1,78 @@
+"""The arithmetic of Attune's secure sum, hardened for Flower's SecAgg+ (Bell et al. 2020).
+
+Flower 1.42's SecAgg+ derives every mask from a 32-bit fold of its key (``pseudo_rand_gen`` seeds
+``np.random.RandomState``; flwr#7522), rounds values with the global ``np.random``, and packs the
+sum into a 2^32 field with a weight per device. Attune replaces those three pieces on both sides
+(``attune.client.secure_aggregation`` and ``attune.server.secure_aggregation`` install them):
+
+- masks are the ChaCha20 keystream (``cryptography``) under SHA-256 of the mask key;
+- contributions are already integers (``attune.shared.mechanism``): they enter the field exactly,
+  as their residues modulo ``MODULUS`` (2^40), with no rounding at all;
+- every device weighs 1 and the sum is read back in two's complement, so it is exact whenever
+  its coordinates stay under 2^39 in size, which ``max_cohort`` guarantees by capping the cohort.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from attune.shared.config import RoundConfig
+from attune.shared.errors import ModelMismatchError
+from attune.shared.mechanism import contribution_dim, device_bound, share_std
+from attune.shared.model import ModelConfig
+
+MODULUS_BITS = 40
+MODULUS = 1 << MODULUS_BITS
+# Flower's protocol parameters that make its arithmetic exact for integer contributions: no
+# quantization (range 1 and no clipping offset), one unit of weight per device.
+QUANTIZATION_RANGE = 1
+CLIPPING_RANGE = 0.0
+MAX_WEIGHT = 1.0
+
+
+def mask_stream(seed: bytes, num_range: int, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Masks uniform on ``[0, num_range)`` (a power of 2) from the ChaCha20 keystream under
+    ``SHA-256(seed)``: the whole key matters, not a 32-bit fold of it."""
+    if num_range & (num_range - 1):
+        raise ValueError(f"the mask range must be a power of 2, got {num_range}")
+    key = hashlib.sha256(b"attune-secagg-mask|" + bytes(seed)).digest()
+    encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+    out = []
+    for shape in shapes:
+        count = math.prod(shape)
+        words = np.frombuffer(encryptor.update(bytes(8 * count)), dtype="<u8") & np.uint64(num_range - 1)
+        out.append(words.astype(np.int64).reshape(shape))
+    return out
+
+
+def encode(parameters: list[np.ndarray]) -> list[np.ndarray]:
+    """Integer-valued contributions as field elements (residues mod ``MODULUS``), exactly."""
+    out = []
+    for array in parameters:
+        values = np.asarray(array, dtype=np.float64)
+        integers = np.rint(values)
+        if not np.array_equal(values, integers) or np.abs(integers).max(initial=0) >= MODULUS // 2:
+            raise ModelMismatchError("a secure-sum contribution must be integers under 2^39 in size")
+        out.append(np.mod(integers.astype(np.int64), MODULUS))
+    return out
+
+
+def decode(residues: list[np.ndarray]) -> list[np.ndarray]:
+    """Field elements back to signed integers (two's complement), as float64 arrays."""
+    half = MODULUS // 2
+    return [(((np.asarray(r, dtype=np.int64) + half) % MODULUS) - half).astype(np.float64) for r in residues]
+
+
+def max_cohort(model: ModelConfig, config: RoundConfig) -> int:
+    """Most devices whose sum cannot wrap around: each contributes at most ``device_bound`` plus
+    rounding per coordinate, and the noise of all shares stays within 12 standard deviations."""
+    per_device = device_bound(config) + math.sqrt(contribution_dim(model))
+    room = MODULUS // 2 - 1
+    devices = int(room // per_device)
+    while devices > 0 and devices * per_device + 12 * share_std(config) * math.sqrt(devices) > room:
+        devices -= 1
+    return devices
