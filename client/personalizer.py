@@ -329,7 +329,8 @@ class Personalizer:
         update_state(self.store, rounds_joined=lambda n: n + 1, last_run=request.run_id, last_round=request.round,
                      device_level_epsilon=request.device_level_epsilon,
                      device_level_delta=request.device_level_delta)
-        self.refresh_ranking()
+        if refresh or self._rank is None:  # the ranking vector follows the user vector's refreshes
+            self.refresh_ranking()
         return Contribution(Status.CONTRIBUTED, "ok", output.contributions[0], row)
 
     def release(self, contribution: Contribution) -> None:

@@ -23,7 +23,12 @@ from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Key,
+    Stage,
+)
 
 from attune.client.device_round import run_round
 from attune.client.settings import DeviceSettings
@@ -42,6 +47,7 @@ flower_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggp
 def install() -> None:
     """Replace the weak pieces of Flower's client-side SecAgg+ with Attune's (idempotent)."""
     flower_mod.pseudo_rand_gen = secure_sum.mask_stream
+    flower_mod.create_shares = secure_sum.split_secret
     flower_mod.quantize = lambda parameters, clipping_range, target_range: secure_sum.encode(parameters)
 
 

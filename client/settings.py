@@ -9,7 +9,6 @@ from pathlib import Path
 from attune.client.policy import PrivacyConfig
 from attune.shared.errors import ConfigError
 
-
 NODE_CONFIG_KEYS = frozenset({"store-path", "epsilon-budget", "delta", "min-noise-multiplier", "allow-non-private",
                               "vocabulary-path", "encryption-key-file", "coordinator-public-key",
                               "allow-unsigned", "partition-id", "num-partitions"})

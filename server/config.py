@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from attune.shared.config import PrivacyMode, RoundConfig, preset
+from attune.shared.config import PrivacyMode, RoundConfig, knob, preset
 from attune.shared.errors import ConfigError
 from attune.shared.model import ModelConfig
 
@@ -34,32 +34,36 @@ class ServerConfig:
     device's data together on top (McMahan et al. 2018).
     """
 
-    rounds: int = 100
-    clients_per_round: int = 0  # expected devices per round; 0: every connected device
-    min_clients: int = 2  # devices to wait for before the first round
-    server_optimizer: str = "adam"
-    server_lr: float = 0.1
-    target_epsilon: float | None = 8.0  # per device, event-level; None: use round.noise_multiplier
-    delta: float = 1e-5
-    user_share: float = 0.3  # of the event-level budget, spent on refreshing user vectors
-    min_survivor_fraction: float = 0.8  # distributed: of the cohort, whose shares carry the noise
-    device_level_noise: float = 0.0  # DP-FedAvg noise multiplier on the sum (0: off)
-    device_level_epsilon: float | None = None  # calibrate device_level_noise over the rounds
-    device_level_delta: float = 1e-5
-    aggregation: str = "sum"  # "trimmed-mean" and "median" need each contribution: no SecAgg
-    trim_fraction: float = 0.1
-    secure_aggregation: bool = True
-    round_timeout: float = 0.0  # seconds to wait for replies; 0: wait for every sampled device
-    noise_seed: int | None = None  # simulations only: seeds the coordinator's noise and sampling
-    signing_key: Path | None = None
-    resume: bool = False
-    seed: int = 0
-    out_dir: Path | None = None
+    rounds: int = knob(100, "federated rounds")
+    clients_per_round: int = knob(0, "expected devices per round (each sampled with that chance); 0: all")
+    min_clients: int = knob(2, "devices to wait for before the first round")
+    server_optimizer: str = knob("adam", "adam or sgd, on the mean of the released sums")
+    server_lr: float = knob(0.1, "server learning rate")
+    target_epsilon: float | None = knob(8.0, "per-device event-level epsilon the noise is calibrated to")
+    delta: float = knob(1e-5, "delta of the event-level guarantee")
+    user_share: float = knob(0.3, "share of the event-level budget spent on refreshing user vectors")
+    user_refreshes: int = knob(10, "user-vector refreshes a device makes over its planned rounds")
+    min_survivor_fraction: float = knob(0.8, "distributed: share of a round's cohort whose noise shares "
+                                        "must be in the released sum")
+    device_level_noise: float = knob(0.0, "device-level DP (DP-FedAvg) noise multiplier on the sum; 0: off")
+    device_level_epsilon: float | None = knob(None, "device-level epsilon over all rounds (calibrates the "
+                                              "noise and stops the run at it)")
+    device_level_delta: float = knob(1e-5, "delta of the device-level guarantee")
+    aggregation: str = knob("sum", "sum, trimmed-mean or median (the last two need each contribution: "
+                            "no secure aggregation)")
+    trim_fraction: float = knob(0.1, "trimmed-mean: share cut at each end")
+    secure_aggregation: bool = knob(True, "sum contributions under SecAgg+ (required by distributed mode)")
+    round_timeout: float = knob(0.0, "seconds to wait for replies; 0: wait for every sampled device")
+    noise_seed: int | None = knob(None, "simulations only: seeds the coordinator's noise and sampling")
+    signing_key: Path | None = knob(None, "Ed25519 key that signs every round")
+    resume: bool = knob(False, "continue from the newest checkpoint that verifies")
+    seed: int = knob(0, "seed of the initial model (and of everything in simulations)")
+    out_dir: Path | None = knob(None, "where checkpoints and rounds.jsonl go")
     model: ModelConfig = field(default_factory=lambda: ModelConfig(dim=16))
     round: RoundConfig = field(default_factory=RoundConfig)
 
     def __post_init__(self) -> None:
-        for name, low in (("rounds", 1), ("clients_per_round", 0), ("min_clients", 1)):
+        for name, low in (("rounds", 1), ("clients_per_round", 0), ("min_clients", 1), ("user_refreshes", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")

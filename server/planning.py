@@ -35,12 +35,12 @@ class Plan:
 
 def planned_participations(rounds: int, rate: float) -> int:
     """Rounds a device joins when sampled with probability ``rate`` each round: all of them at
-    rate 1, else the mean plus three standard deviations (a device sampled more often than
-    planned refuses the rounds its budget cannot pay for)."""
+    rate 1, else the mean plus one standard deviation (a device sampled more often than planned
+    refuses the rounds its budget cannot pay for: about one device in six, late in the run)."""
     if rate >= 1:
         return rounds
     mean = rounds * rate
-    return min(rounds, math.ceil(mean + 3 * math.sqrt(mean * (1 - rate))))
+    return min(rounds, math.ceil(mean + math.sqrt(mean * (1 - rate))))
 
 
 def plan(config: ServerConfig, population: int) -> Plan:
@@ -51,6 +51,8 @@ def plan(config: ServerConfig, population: int) -> Plan:
     rate = cohort / population
     participations = planned_participations(config.rounds, rate)
     round_config = config.round
+    if round_config.private:  # a device refreshes its user vector user_refreshes times over its rounds
+        round_config = replace(round_config, user_every=max(1, round(participations / config.user_refreshes)))
     if round_config.privacy is PrivacyMode.DISTRIBUTED:
         survivors = max(2, math.ceil(config.min_survivor_fraction * cohort))
         if survivors > cohort:

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 def install() -> None:
     """Replace the weak pieces of Flower's server-side SecAgg+ with Attune's (idempotent)."""
     flower_workflow.pseudo_rand_gen = secure_sum.mask_stream
+    flower_workflow.combine_shares = secure_sum.combine_shares
     flower_workflow.dequantize = lambda residues, clipping_range, target_range: secure_sum.decode(residues)
     flower_workflow.factor_extract = lambda parameters: (1, parameters[1:])  # every weight is 1: no division
 

@@ -8,8 +8,9 @@ each mode wants, defined here once. The privacy meaning of each field is in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
+from typing import Any
 
 from attune.shared.errors import ConfigError
 
@@ -31,6 +32,11 @@ class PrivacyMode(str, Enum):
 LOSSES = ("bce", "bpr")
 
 
+def knob(default: Any, help: str) -> Any:
+    """A config field with its help text (the ``attune`` command's options are built from these)."""
+    return field(default=default, metadata={"help": help})
+
+
 def _check_number(name: str, value: object, *, low: float, integer: bool = False,
                   strict: bool = False) -> None:
     kinds = (int,) if integer else (int, float)
@@ -45,20 +51,24 @@ class RoundConfig:
     """One round on a device: a DP refresh of its user vector when due, then the clipped sum of
     its events' gradients on the shared side, plus its noise share (see ``mechanism``)."""
 
-    mode: str = PrivacyMode.DISTRIBUTED.value
-    negatives: int = 4  # sampled negative items per event
-    loss: str = "bce"  # "bce" or "bpr"
-    clip: float = 1.0  # L2 bound of one event's gradient on the shared side
-    noise_multiplier: float = 1.0  # std of the released sum's noise, in units of clip
-    min_survivors: int = 2  # distributed: devices whose shares must be in a released sum
-    colluders: int = 0  # distributed: of those, how many may collude with the coordinator
-    device_norm: float = 256.0  # bound of one device's contribution, in units of clip
-    quantum_bits: int = 16  # one clip is 2**bits integer units on the wire
-    user_every: int = 10  # refresh the user vector every this many rounds the device joins
-    user_steps: int = 2  # full-batch DP steps of a refresh
-    user_lr: float = 0.3  # length of each (normalised) user-vector step
-    user_clip: float = 1.0  # L2 bound of one event's gradient on the user vector
-    user_noise_multiplier: float = 1.0  # noise of each refresh step, in units of user_clip
+    mode: str = knob(PrivacyMode.DISTRIBUTED.value, "privacy mode: distributed, local or off")
+    negatives: int = knob(4, "sampled negative items per event")
+    loss: str = knob("bce", "bce or bpr")
+    clip: float = knob(1.0, "L2 bound of one event's gradient on the shared side")
+    noise_multiplier: float = knob(1.0, "std of a released sum's noise in units of clip (calibrated when "
+                                   "an epsilon is given)")
+    min_survivors: int = knob(2, "distributed: devices whose noise shares must be in a released sum "
+                              "(set by the coordinator's plan)")
+    colluders: int = knob(0, "distributed: how many of those may collude with the coordinator")
+    device_norm: float = knob(256.0, "L2 bound of one device's contribution, in units of clip")
+    quantum_bits: int = knob(16, "one clip is 2**bits integer units on the wire")
+    user_every: int = knob(10, "refresh the user vector every this many rounds a device joins (set by the "
+                           "coordinator's plan)")
+    user_steps: int = knob(2, "full-batch DP steps of a user-vector refresh")
+    user_lr: float = knob(0.3, "length of each (normalised) user-vector step")
+    user_clip: float = knob(1.0, "L2 bound of one event's gradient on the user vector")
+    user_noise_multiplier: float = knob(1.0, "noise of each refresh step in units of user_clip (calibrated "
+                                        "when an epsilon is given)")
 
     def __post_init__(self) -> None:
         if self.mode not in {m.value for m in PrivacyMode}:

@@ -1,7 +1,7 @@
 """Training examples and their losses: a positive item and sampled negatives per event.
 
 Kept free of Opacus so that ranking and on-device fitting import quickly (a device process is
-started per Flower message); ``attune.shared.dp`` adds the private step on top.
+started per Flower message); ``attune.client.training`` adds the private round on top.
 """
 
 from __future__ import annotations

@@ -152,11 +152,14 @@ def dequantize(total: torch.Tensor, config: RoundConfig) -> torch.Tensor:
     return total.double() / units(config)
 
 
-def planned_entries(model: ModelConfig, config: RoundConfig, participations: int) -> list[Entry]:
-    """The ledger of a device that joins ``participations`` rounds (what noise is planned for)."""
+def planned_entries(model: ModelConfig, config: RoundConfig, participations: int, *,
+                    local: bool = False) -> list[Entry]:
+    """The ledger of a device that joins ``participations`` rounds (what noise is planned for);
+    ``local``: what its own contributions alone reveal (``local_entries``)."""
     if not config.private or participations == 0:
         return []
-    entries = [entry.times(participations) for entry in round_entries(model, config, refresh=False)]
+    first = (local_entries if local else round_entries)(model, config, refresh=False)
+    entries = [entry.times(participations) for entry in first]
     refreshes = config.refreshes(participations)
     if refreshes:
         entry = user_entry(model, config)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from attune.shared.config import knob
 from attune.shared.errors import ConfigError
 
 MODEL_VERSION = 1
@@ -35,10 +36,10 @@ TIME_FEATURES = 4
 class ModelConfig:
     """Shape of the model. Every device and the coordinator must agree on it (checked on the wire)."""
 
-    num_items: int = 4096
-    dim: int = 32
-    num_event_types: int = 5
-    use_context: bool = True
+    num_items: int = knob(4096, "rows of the item table (the dataset sets it in simulations)")
+    dim: int = knob(32, "size of item and user vectors")
+    num_event_types: int = knob(5, "event types in the context features")
+    use_context: bool = knob(True, "train the context encoder (hour, weekday, event type)")
 
     def __post_init__(self) -> None:
         for name, low in (("num_items", 2), ("dim", 1), ("num_event_types", 0)):

@@ -28,8 +28,8 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 _KEY_BYTES = 32
-_NONCE = bytes(16)
-_CHUNK = 1 << 16  # 64-bit words per keystream read  # one stream per key: the key itself is never reused with another stream
+_NONCE = bytes(16)  # one stream per key: a key is never reused for another stream
+_CHUNK = 1 << 16  # 64-bit words per keystream read
 
 
 class Stream:

@@ -9,13 +9,19 @@ sum into a 2^32 field with a weight per device. Attune replaces those three piec
 - contributions are already integers (``attune.shared.mechanism``): they enter the field exactly,
   as their residues modulo ``MODULUS`` (2^40), with no rounding at all;
 - every device weighs 1 and the sum is read back in two's complement, so it is exact whenever
-  its coordinates stay under 2^39 in size, which ``max_cohort`` guarantees by capping the cohort.
+  its coordinates stay under 2^39 in size, which ``max_cohort`` guarantees by capping the cohort;
+- Shamir's secret sharing of the mask seeds and keys is done over the prime field of
+  ``2^521 - 1`` with Python integers (``split_secret``, ``combine_shares``): Flower's runs
+  pycryptodome's pure-Python GF(2^128) arithmetic in a thread pool per call, 25-50 ms a call,
+  which made the shares cost more than the training. Same scheme (Shamir 1979), coefficients
+  from the OS's secure source.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -76,3 +82,50 @@ def max_cohort(model: ModelConfig, config: RoundConfig) -> int:
     while devices > 0 and devices * per_device + 12 * share_std(config) * math.sqrt(devices) > room:
         devices -= 1
     return devices
+
+
+_PRIME = (1 << 521) - 1  # a Mersenne prime: 64-byte chunks of a secret are field elements
+_CHUNK = 64
+_ELEMENT = 66  # bytes of one field element
+
+
+def split_secret(secret: bytes, threshold: int, num: int) -> list[bytes]:
+    """``num`` shares of ``secret``, any ``threshold`` of which recover it and fewer reveal
+    nothing: one random polynomial of degree ``threshold - 1`` per 64-byte chunk, its constant the
+    chunk, evaluated at 1..num. A share is its index and length (4 bytes each), then one field
+    element per chunk."""
+    if not 1 <= threshold <= num:
+        raise ValueError(f"need 1 <= threshold <= num, got {threshold} and {num}")
+    chunks = [secret[i:i + _CHUNK] for i in range(0, len(secret), _CHUNK)] or [b""]
+    shares = [bytearray(x.to_bytes(4, "little") + len(secret).to_bytes(4, "little")) for x in range(1, num + 1)]
+    for chunk in chunks:
+        coefficients = [int.from_bytes(chunk, "little")] + [secrets.randbelow(_PRIME) for _ in range(threshold - 1)]
+        for x in range(1, num + 1):
+            value = 0
+            for coefficient in reversed(coefficients):  # Horner
+                value = (value * x + coefficient) % _PRIME
+            shares[x - 1] += value.to_bytes(_ELEMENT, "little")
+    return [bytes(share) for share in shares]
+
+
+def combine_shares(shares: list[bytes]) -> bytes:
+    """The secret from at least ``threshold`` shares of it (Lagrange interpolation at 0)."""
+    xs = [int.from_bytes(share[:4], "little") for share in shares]
+    if len(set(xs)) != len(xs) or not shares:
+        raise ValueError("shares must come from distinct indices")
+    length = int.from_bytes(shares[0][4:8], "little")
+    chunks = (len(shares[0]) - 8) // _ELEMENT
+    weights = []
+    for j, xj in enumerate(xs):
+        numerator = denominator = 1
+        for m, xm in enumerate(xs):
+            if m != j:
+                numerator, denominator = numerator * xm % _PRIME, denominator * (xm - xj) % _PRIME
+        weights.append(numerator * pow(denominator, -1, _PRIME) % _PRIME)
+    out = bytearray()
+    for c in range(chunks):
+        start = 8 + c * _ELEMENT
+        value = sum(w * int.from_bytes(share[start:start + _ELEMENT], "little") for w, share in zip(weights, shares,
+                                                                                                  strict=True))
+        out += (value % _PRIME).to_bytes(_ELEMENT, "little")[:_CHUNK]
+    return bytes(out[:length])

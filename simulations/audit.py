@@ -1,38 +1,41 @@
 """Empirical privacy audit with one training run (Steinke, Nasr and Jagielski, NeurIPS 2023,
 "Privacy Auditing with One (1) Training Run").
 
-Each audited device gets one canary: an event for an item it never interacted with, inserted
-with probability 1/2 (seeded coin). Every device then trains one local round exactly as
-``Personalizer.train`` does, and the auditor sees what the coordinator sees: the update. The
-membership score of a canary is the change of its item's bias in that update. The auditor
-guesses "in" for the ``guesses / 2`` highest scores and "out" for as many lowest, and counts the
-correct guesses. For an epsilon-DP mechanism the number correct is dominated by
-``Binomial(guesses, e^eps / (1 + e^eps))`` (their Theorem 3.1), so every epsilon under which the
-observed count is less likely than ``beta`` is refuted: the largest refuted epsilon is a lower
-bound, at confidence ``1 - beta``. For (epsilon, delta)-DP the bound is made conservative by
-spending ``canaries * delta`` of ``beta`` on the delta part (a simplification of their
-Theorem 5.2 that can only lower the bound).
+Each audited device gets one canary: a purchase of an item it never interacted with, inserted
+with probability 1/2 (a seeded coin). Every device computes one ``local``-mode contribution (the
+device round itself, ``attune.client.training.train_round``), which is what the coordinator would
+see of it; in ``distributed`` mode this is a device's own contribution without the secure sum,
+the ``epsilon_local`` mechanism. The auditor knows everything but the coins: its score of a
+canary is the projection of the contribution's canary coordinates (the item's row and bias) on
+the direction the canary's own clipped gradient takes there, the Neyman-Pearson test for a shift
+in Gaussian noise. It guesses "in" for the ``guesses / 2`` highest scores and "out" for as many
+lowest, and counts the correct guesses. For an epsilon-DP mechanism the number correct is
+dominated by ``Binomial(guesses, e^eps / (1 + e^eps))`` (their Theorem 3.1), so every epsilon
+under which the observed count is less likely than ``beta`` is refuted: the largest refuted
+epsilon is a lower bound, at confidence ``1 - beta``. ``delta`` is accounted conservatively by
+spending ``canaries * delta`` of ``beta``. ``epsilon_certifiable`` is the bound all-correct
+guesses would give: no audit of this size can show more.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from scipy.stats import binom
 
-from attune.client.training import LocalData, train_round
-from attune.shared import seeding
-from attune.shared.accounting import PrivacyLedger
-from attune.shared.config import TrainConfig
+from attune.client.training import Cohort, LocalData, initial_user_vector, train_round
+from attune.shared.accounting import epsilon_of
+from attune.shared.config import RoundConfig, preset
 from attune.shared.events import EVENT_WEIGHTS
+from attune.shared.mechanism import local_entries
 from attune.shared.model import ModelConfig, Personalization
-from attune.shared.seeding import device_seed
+from attune.shared.randomness import Stream, device_stream, integers
 from attune.simulations.datasets import EventLog
 from attune.simulations.evaluation import Split
-from attune.simulations.fast import device_datasets
+from attune.simulations.fast import device_cohort, subset
 
 CANARY_EVENT = "purchase"
 
@@ -43,11 +46,12 @@ class AuditResult:
     guesses: int
     correct: int
     epsilon_lower_bound: float
-    epsilon_accounted: float | None  # None: trained without DP
+    epsilon_certifiable: float  # the bound if every guess were right: the audit's power
+    epsilon_accounted: float | None  # None: no DP
     confidence: float
 
     def as_dict(self) -> dict[str, float | int | None]:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 def epsilon_lower_bound(guesses: int, correct: int, beta: float = 0.05, slack: float = 0.0) -> float:
@@ -72,51 +76,59 @@ def epsilon_lower_bound(guesses: int, correct: int, beta: float = 0.05, slack: f
     return low
 
 
-def audit(
-    log: EventLog,
-    split: Split,
-    model_config: ModelConfig,
-    train: TrainConfig,
-    *,
-    delta: float = 1e-5,
-    guess_fraction: float = 0.2,
-    beta: float = 0.05,
-    seed: int = 0,
-) -> AuditResult:
+def _score(contribution: torch.Tensor, state: dict[str, torch.Tensor], model: ModelConfig, config: RoundConfig,
+           user: torch.Tensor, data: LocalData, canary: int, stream: Stream) -> float:
+    """Projection of the contribution on the canary's own gradient there: its item's row and bias
+    and those of its negatives (redrawn from the device's stream: the auditor knows all but coins)."""
+    negatives = integers(stream, (len(data), config.negatives), model.num_items)[-1]
+    columns = torch.cat([torch.tensor([canary]), negatives])
+    logits = state["item_embedding.weight"][columns] @ user + state["item_bias.weight"][columns, 0]
+    labels = torch.zeros(len(columns))
+    labels[0] = 1.0
+    gradients = (torch.sigmoid(logits) - labels).double()  # d loss / d logit of each column
+    score = 0.0
+    for column, gradient in zip(columns.tolist(), gradients, strict=True):
+        row = contribution[column * model.dim:(column + 1) * model.dim].double()
+        bias = contribution[model.num_items * model.dim + column].double()
+        score += float(gradient * (row @ user.double() + bias))
+    return score
+
+
+def audit(log: EventLog, split: Split, *, noise_multiplier: float | None, dim: int = 8, delta: float = 1e-5,
+          guess_fraction: float = 0.2, beta: float = 0.05, seed: int = 0) -> AuditResult:
     """One round on every device of ``log``, half of them with their canary; the audit's result."""
     torch.set_num_threads(1)
     rng = np.random.default_rng(seed)
-    datasets = device_datasets(log, split, model_config.use_context)
-    model = Personalization(model_config, generator=torch.Generator().manual_seed(seed))
-    start = model.global_state()
+    model = ModelConfig(num_items=log.num_items, dim=dim, use_context=False)
+    config = preset("off", negatives=1) if noise_multiplier is None else preset(
+        "local", negatives=1, noise_multiplier=noise_multiplier, user_noise_multiplier=noise_multiplier)
+    state = Personalization(model, generator=torch.Generator().manual_seed(seed)).global_state()
     seen = np.zeros((log.num_users, log.num_items), dtype=bool)
     seen[log.users, log.items] = True
-    canaries = np.array([rng.choice(np.flatnonzero(~seen[u])) for u in range(log.num_users)])
+    canaries = torch.tensor([rng.choice(np.flatnonzero(~seen[u])) for u in range(log.num_users)])
     included = rng.random(log.num_users) < 0.5
-    scores = np.zeros(log.num_users)
-    epsilon = 0.0
-    for user in range(len(datasets)):
-        data = datasets[user]
-        if included[user]:
-            context = None
-            if data.context is not None:
-                context = torch.cat([data.context, data.context[-1:]])  # the canary at the last context
-            data = LocalData(items=torch.cat([data.items, torch.tensor([int(canaries[user])])]),
-                             weights=torch.cat([data.weights, torch.tensor([EVENT_WEIGHTS[CANARY_EVENT]])]),
-                             context=context)
-        model.load_global_state(start)
-        generator = seeding.generator(device_seed(seed, user), seeding.TRAIN)
-        with torch.no_grad():
-            model.user_vector.weight.normal_(0.0, model_config.dim**-0.5, generator=generator)
-        ledger = PrivacyLedger()
-        update = train_round(model, data, train, ledger, generator).update
-        scores[user] = float(update["item_bias.weight"][int(canaries[user]), 0])
-        if train.private:
-            epsilon = max(epsilon, ledger.epsilon(delta))
+    base = device_cohort(log, split, use_context=False)
+    datasets = []
+    for user in range(log.num_users):
+        data = subset(base, [user]).device(0)
+        if included[user]:  # the canary is the device's latest event
+            data = LocalData(torch.cat([data.items, canaries[user:user + 1]]),
+                             torch.cat([data.weights, torch.tensor([EVENT_WEIGHTS[CANARY_EVENT]])]), None)
+        datasets.append(data)
+    users = torch.stack([initial_user_vector(dim, device_stream(seed, u, "user-init")) for u in range(log.num_users)])
+    output = train_round(state, model, users, Cohort.of(datasets), config,
+                         [device_stream(seed, u, "audit") for u in range(log.num_users)], [False] * log.num_users)
+    scores = np.array([_score(output.contributions[user], state, model, config, users[user], datasets[user],
+                                     int(canaries[user]), device_stream(seed, user, "audit"))
+                       for user in range(log.num_users)])
     half = int(log.num_users * guess_fraction) // 2
     order = np.argsort(scores, kind="stable")
     correct = int(included[order[-half:]].sum() + (~included[order[:half]]).sum()) if half else 0
-    slack = log.num_users * delta if train.private else 0.0
-    bound = epsilon_lower_bound(2 * half, correct, beta, slack)
-    return AuditResult(canaries=log.num_users, guesses=2 * half, correct=correct, epsilon_lower_bound=bound,
-                       epsilon_accounted=epsilon if train.private else None, confidence=1 - beta)
+    slack = log.num_users * delta if noise_multiplier is not None else 0.0
+    accounted = None
+    if noise_multiplier is not None:
+        accounted = epsilon_of(local_entries(model, config, refresh=False), delta)
+    return AuditResult(canaries=log.num_users, guesses=2 * half, correct=correct,
+                       epsilon_lower_bound=epsilon_lower_bound(2 * half, correct, beta, slack),
+                       epsilon_certifiable=epsilon_lower_bound(2 * half, 2 * half, beta, slack),
+                       epsilon_accounted=accounted, confidence=1 - beta)

@@ -1,8 +1,10 @@
-"""Turn a behavior log into virtual devices: one event store (plus held-out candidates) per user.
+"""Turn a behavior log into virtual devices: one event store per user.
 
 The devices are real ``attune.client`` stores, so simulations exercise the same code as phones.
-Timestamps are shifted so the newest event is an hour old (the store rejects pre-2000 and future
-times and applies retention); hour and weekday are taken from the original times.
+The held-out events stay with the simulator (``attune.simulations.evaluation``): devices never see
+them and send nothing for evaluation. Timestamps are shifted so the newest event is an hour old
+(the store rejects pre-2000 and future times and applies retention); hour and weekday are taken
+from the original times.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import numpy as np
 import torch
 
 from attune.client.consent import write_consent
+from attune.client.state import USER_KEY, decode_tensors
 from attune.client.store import EventStore, Retention
 from attune.shared.events import EVENT_TYPES, Event, EventContext, nearest_event_types
-from attune.shared.metrics import HeldOut, write_heldout
 from attune.simulations.datasets import EventLog
 from attune.simulations.evaluation import Split
 
@@ -44,21 +46,32 @@ def write_devices(log: EventLog, split: Split, directory: Path) -> Path:
         path = store_path(directory, user)
         path.unlink(missing_ok=True)
         events = [
-            Event(
-                item_id=log.item_ids[log.items[r]],
-                event_type=EVENT_TYPES[kinds[r]],
-                timestamp=float(log.timestamps[r]) + shift,
-                context=EventContext.at(float(log.timestamps[r])),
-            )
+            Event(item_id=log.item_ids[log.items[r]], event_type=EVENT_TYPES[kinds[r]],
+                  timestamp=float(log.timestamps[r]) + shift, context=EventContext.at(float(log.timestamps[r])))
             for r in rows
             if split.train[r]
         ]
         with EventStore(path, SIMULATION_RETENTION) as store:
             store.add_many(events)
             write_consent(store, True, SIMULATED_POLICY)  # every simulated person opted in
-        heldout = HeldOut(
-            candidates=[log.item_ids[i] for i in split.candidates[user]],
-            context=EventContext.at(float(split.test_times[user])),
-        )
-        write_heldout(Path(str(path) + ".eval.json"), heldout)
     return vocabulary_path
+
+
+def read_user_vectors(directory: Path, users: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each simulated device's DP user vector (and whether it has one), read from its store."""
+    vectors, started = torch.zeros(users, dim), torch.zeros(users, dtype=torch.bool)
+    for user in range(users):
+        with EventStore(store_path(directory, user), SIMULATION_RETENTION) as store:
+            raw = store.get_state(USER_KEY)
+        if raw is not None:
+            vectors[user], started[user] = decode_tensors(raw)["user"], True
+    return vectors, started
+
+
+def read_ledgers(directory: Path, users: int) -> list[list]:
+    """Each simulated device's ledger entries (what it spent), read from its store."""
+    ledgers = []
+    for user in range(users):
+        with EventStore(store_path(directory, user), SIMULATION_RETENTION) as store:
+            ledgers.append([row for row in store.ledger()])
+    return ledgers

@@ -92,6 +92,7 @@ class Ranking:
     scores: torch.Tensor
     personal: torch.Tensor
     global_only: torch.Tensor
+    bias: torch.Tensor | None = None  # each user's own item biases [users, items] (Ditto)
 
 
 def test_queries(state: dict[str, torch.Tensor], model: ModelConfig, vectors: torch.Tensor,

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from attune.client.policy import PrivacyConfig, refusal
 from attune.client.training import Cohort, initial_user_vector, train_round
 from attune.server.coordinator import Collected
 from attune.shared.accounting import epsilon_of
 from attune.shared.config import PrivacyMode, RoundConfig
+from attune.shared.errors import ConfigError
 from attune.shared.events import EVENT_TYPES, EVENT_WEIGHTS, context_matrix, nearest_event_types
 from attune.shared.mechanism import planned_entries, share_std
 from attune.shared.randomness import Stream, bernoulli, device_stream, discrete_gaussian
@@ -60,15 +62,15 @@ class Devices:
 
 
 class InProcessTransport:
-    """A ``Transport`` whose devices live in this process. ``budget``: each device's own epsilon
-    budget (it refuses a round that would cross it); ``availability``: chance a sampled device
-    is online."""
+    """A ``Transport`` whose devices live in this process. ``privacy``: every device's own limits
+    (``attune.client.policy``: it refuses what a phone would); ``availability``: the chance that
+    a sampled device is online."""
 
-    def __init__(self, cohort: Cohort, seed: int, *, budget: float | None, delta: float,
-                 availability: float = 1.0, noise: str = "aggregate") -> None:
+    def __init__(self, cohort: Cohort, seed: int, privacy: PrivacyConfig, *, availability: float = 1.0,
+                 noise: str = "aggregate") -> None:
         if noise not in NOISE:
-            raise ValueError(f"noise must be one of {', '.join(NOISE)}")
-        self.cohort, self.seed, self.budget, self.delta = cohort, seed, budget, delta
+            raise ConfigError(f"noise must be one of {', '.join(NOISE)}, got {noise!r}")
+        self.cohort, self.seed, self.privacy = cohort, seed, privacy
         self.availability, self.noise = availability, noise
         self.devices_state: Devices | None = None
 
@@ -83,7 +85,7 @@ class InProcessTransport:
         return self.devices_state
 
     def spent(self, request: RoundRequest, joined: int) -> float:
-        return epsilon_of(planned_entries(request.model, request.config, joined), self.delta)
+        return epsilon_of(planned_entries(request.model, request.config, joined), self.privacy.delta)
 
     def collect(self, request: RoundRequest, cohort: list[int], min_survivors: int) -> Collected:
         state = self._state(request.model.dim)
@@ -92,7 +94,8 @@ class InProcessTransport:
             flags = bernoulli(Stream.seeded_from(self.seed, "availability", request.round), len(cohort),
                               self.availability)
             online = [d for d, up in zip(cohort, flags.tolist(), strict=True) if up]
-        admitted = [d for d in online if self._admits(request, int(state.joined[d]))]
+        declined = refusal(request, self.privacy, consented=True, paused=False)  # same for every device
+        admitted = [] if declined else [d for d in online if self._admits(request, int(state.joined[d]))]
         total = None
         for first in range(0, len(admitted), BLOCK):
             block = admitted[first:first + BLOCK]
@@ -107,9 +110,10 @@ class InProcessTransport:
                          failed=len(cohort) - len(online))
 
     def _admits(self, request: RoundRequest, joined: int) -> bool:
-        if self.budget is None or not request.config.private:
+        """The device's budget check (``EventStore.reserve`` on a phone): would it stay within?"""
+        if not request.config.private:
             return True
-        return self.spent(request, joined + 1) <= self.budget * (1 + 1e-9)
+        return self.spent(request, joined + 1) <= self.privacy.epsilon_budget * (1 + 1e-9)
 
     def _run_block(self, request: RoundRequest, block: list[int]) -> torch.Tensor:
         state = self._state(request.model.dim)

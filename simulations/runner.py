@@ -1,46 +1,58 @@
-"""``attune simulate``: the real ServerApp and ClientApp in Flower's simulation engine.
-
-One virtual device per user, each with its own on-device store. Writes ``results.json`` and
+"""``attune simulate``: one federation over a behavior log, one virtual device per user, through the
+in-process backend (``fast``) or the real ServerApp and ClientApp in Flower's simulation engine
+(``flower``). Both run the same coordinator loop and device round. Writes ``results.json`` and
 ``curve.png`` to the output folder.
+
+Quality is measured by the simulator, which keeps each user's held-out event (devices send
+nothing for evaluation): every evaluated round, each device's ranking is computed as the device
+would compute it (``attune.simulations.algorithms``) and scored on its held-out candidates.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from attune.client.personalizer import PrivacyConfig
-from attune.client.settings import DeviceSettings
+import numpy as np
+import torch
+
+from attune.client.policy import PrivacyConfig
 from attune.server.config import ServerConfig
-from attune.server.coordinator import RoundRecord
-from attune.shared.accounting import ACCOUNTANT_NAME
-from attune.shared.config import TrainConfig
+from attune.server.coordinator import RoundRecord, run
+from attune.server.planning import Plan, plan
+from attune.shared.accounting import ACCOUNTANT_NAME, Entry, epsilon_of, ledger_to_json
+from attune.shared.config import PrivacyMode, knob
 from attune.shared.errors import ConfigError, DataError
-from attune.shared.model import ModelConfig
-from attune.shared.seeding import device_seed
-from attune.shared.selection import choices
-from attune.shared.signing import generate_keypair
-from attune.simulations.algorithms import SegmentConfig, algorithm, choice_epsilon, train_config
+from attune.shared.mechanism import planned_entries, sensitivity
+from attune.shared.metrics import hit_and_ndcg
+from attune.shared.statements import DEVICE_LEVEL, DISCLOSED, statement
+from attune.simulations.algorithms import algorithm
 from attune.simulations.datasets import EventLog, load_csv, load_movielens, synthetic
-from attune.simulations.devices import store_path, write_devices
 from attune.simulations.evaluation import Split, leave_one_out, popularity_baseline, skew_data_sizes
+from attune.simulations.fast import NOISE, Devices, InProcessTransport, device_cohort
+from attune.simulations.report import beyond_accuracy
+
+BACKENDS = ("fast", "flower")
 
 
 @dataclass(frozen=True)
 class DataSource:
     """Which behavior log to simulate."""
 
-    dataset: str = "synthetic"
-    path: Path | None = None
-    user_col: str = "user"
-    item_col: str = "item"
-    time_col: str = "timestamp"
-    weight_col: str | None = None
-    synthetic_users: int = 200
+    dataset: str = knob("synthetic", "synthetic, movielens or csv")
+    path: Path | None = knob(None, "the ml-100k folder (u.data) or a CSV file")
+    user_col: str = knob("user", "CSV column of user ids")
+    item_col: str = knob("item", "CSV column of item ids")
+    time_col: str = knob("timestamp", "CSV column of unix timestamps")
+    weight_col: str | None = knob(None, "CSV column of event weights")
+    synthetic_users: int = knob(150, "synthetic: people (devices)")
 
     def __post_init__(self) -> None:
         if self.dataset not in ("synthetic", "movielens", "csv"):
@@ -64,172 +76,183 @@ class SimulationConfig:
     source: DataSource
     server: ServerConfig
     out: Path
-    min_events: int = 5
-    backend: str = "flower"
-    availability: float = 1.0  # share of sampled devices online in a round (fast backend)
-    algorithm: str = "partial-local"  # see attune.simulations.algorithms (others: fast backend)
-    evaluate_every_round: bool = True  # False: only the final round (fast backend; sweeps)
-    data_skew: float = 0.0  # 0: every device keeps all its events; see skew_data_sizes
-    segments: SegmentConfig = field(default_factory=SegmentConfig)  # IFCA only
+    backend: str = knob("fast", "fast (in-process) or flower (Flower's simulation engine, real SecAgg+)")
+    algorithm: str = knob("partial-local", "how devices rank: partial-local, ditto or global")
+    availability: float = knob(1.0, "share of sampled devices online in a round (fast backend)")
+    data_skew: float = knob(0.0, "0: every device keeps all its events; 1, 2, ...: most keep few")
+    noise: str = knob("aggregate", "fast backend: aggregate (the shares' total drawn once) or per-device")
+    evaluations: int = knob(10, "rounds evaluated, evenly spread (the last always)")
+    device_privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # every device's own limits
 
     def __post_init__(self) -> None:
-        if self.backend not in ("flower", "fast"):
-            raise ConfigError(f"unknown backend {self.backend!r}: use flower or fast")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}: use fast or flower")
+        algorithm(self.algorithm)
+        if self.noise not in NOISE:
+            raise ConfigError(f"noise must be one of {', '.join(NOISE)}, got {self.noise!r}")
         if not 0 < self.availability <= 1:
             raise ConfigError(f"availability must be in (0, 1], got {self.availability}")
         if self.availability < 1 and self.backend != "fast":
             raise ConfigError("--availability is simulated by the fast backend only")
-        if self.algorithm != "partial-local" and self.backend != "fast":
-            raise ConfigError(f"--algorithm {self.algorithm} is simulated by the fast backend only; "
-                              "devices and the Flower backend run partial-local")
-        if self.data_skew < 0:
-            raise ConfigError(f"data skew must be >= 0, got {self.data_skew}")
+        if not self.data_skew >= 0 or not math.isfinite(self.data_skew):
+            raise ConfigError(f"data skew must be a finite number >= 0, got {self.data_skew}")
+        if isinstance(self.evaluations, bool) or not isinstance(self.evaluations, int) or self.evaluations < 1:
+            raise ConfigError(f"evaluations must be a positive integer, got {self.evaluations!r}")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file; give a folder")
 
 
-def _settings_resolver(directory: Path, vocabulary: Path, privacy: PrivacyConfig, seed: int,
-                       public_key: Path):
-    def resolve(context) -> DeviceSettings:  # runs inside the simulation's worker processes
-        import torch
-
-        torch.set_num_threads(1)
-        user = int(context.node_config["partition-id"])
-        return DeviceSettings(store_path=store_path(directory, user), privacy=privacy,
-                              vocabulary_path=vocabulary, seed=device_seed(seed, user),
-                              coordinator_public_key=public_key)
-
-    return resolve
+def evaluated_rounds(rounds: int, count: int) -> set[int]:
+    return {round(rounds * (k + 1) / count) for k in range(min(count, rounds))} | {rounds}
 
 
-def simulate(
-    config: SimulationConfig,
-    on_round: Callable[[RoundRecord], None] | None = None,
-    log: EventLog | None = None,
-) -> dict:
+def device_privacy(server: ServerConfig, base: PrivacyConfig) -> PrivacyConfig:
+    """Simulated devices hold the run's target as their budget (what a deployment would set)."""
+    budget = server.target_epsilon if server.round.private and server.target_epsilon else base.epsilon_budget
+    return replace(base, epsilon_budget=budget, delta=server.delta, allow_non_private=not server.round.private)
+
+
+@dataclass
+class _Progress:
+    history: list[RoundRecord] = field(default_factory=list)
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    report: dict | None = None
+    started: float = field(default_factory=time.monotonic)
+    seconds: list[float] = field(default_factory=list)
+
+
+def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], None] | None = None,
+             log: EventLog | None = None) -> dict:
     """Run the simulation and return (and write) the results document."""
     server = config.server
     log = log if log is not None else config.source.load(server.seed)
+    if log.num_users < 2:
+        raise DataError(f"{log.name}: a federation needs at least 2 users, the log has {log.num_users}")
     split = skew_data_sizes(log, leave_one_out(log, seed=server.seed), config.data_skew, server.seed)
-    model = replace(server.model, num_items=log.num_items)
     out = config.out
-    if (out / "rounds.jsonl").exists():
-        (out / "rounds.jsonl").unlink()
-    server = replace(server, model=model, out_dir=out, min_clients=log.num_users)
-    train = train_config(algorithm(config.algorithm), server, log.num_users, config.segments)
-    history: list[RoundRecord] = []
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rounds.jsonl").unlink(missing_ok=True)
+    model = replace(server.model, num_items=log.num_items)
+    server = replace(server, model=model, out_dir=out, min_clients=log.num_users,
+                     noise_seed=server.seed if server.noise_seed is None else server.noise_seed)
+    run_plan = plan(server, log.num_users)
+    privacy = device_privacy(server, config.device_privacy)
+    cohort = device_cohort(log, split, model.use_context)
+    ranker = algorithm(config.algorithm)
+    evaluate_at = evaluated_rounds(server.rounds, config.evaluations)
+    progress = _Progress()
 
-    def record(done: RoundRecord) -> None:
-        history.append(done)
+    def evaluate(record: RoundRecord, state: dict[str, torch.Tensor], devices_now: Callable[[], Devices]) -> None:
+        progress.history.append(record)
+        progress.seconds.append(time.monotonic() - progress.started)
+        if record.round in evaluate_at:
+            devices = devices_now()
+            ranking = ranker.rank(state, model, devices.users, devices.started, cohort, split, server.seed)
+            hits, gains = hit_and_ndcg(ranking.scores.numpy())
+            if not np.isfinite(ranking.scores.numpy()).all():
+                raise DataError(f"round {record.round}: the model diverged (non-finite scores); lower the "
+                                "server learning rate")
+            progress.metrics[record.round] = {"hr@10": float(hits.mean()), "ndcg@10": float(gains.mean())}
+            if record.round == server.rounds:
+                bias = state["item_bias.weight"][:, 0].numpy()
+                progress.report = {"algorithm": ranker.name, **beyond_accuracy(
+                    log, split, state["item_embedding.weight"].numpy(),
+                    bias if ranking.bias is None else ranking.bias.numpy(), ranking.personal.numpy(),
+                    ranking.global_only.numpy(), global_bias=bias)}
         if on_round is not None:
-            on_round(done)
+            on_round(record, progress.metrics.get(record.round, {}))
 
     if config.backend == "fast":
-        from attune.simulations.fast import simulate_fast
-
-        budget = server.target_epsilon if train.private else None
-        report = simulate_fast(log, split, server, config.min_events, budget, on_round=record,
-                               availability=config.availability, algorithm_name=config.algorithm,
-                               evaluate_every_round=config.evaluate_every_round,
-                               segments=config.segments)
+        transport = InProcessTransport(cohort, server.seed, privacy, availability=config.availability,
+                                       noise=config.noise)
+        torch.set_num_threads(1)
+        run(transport, server, lambda r, s: evaluate(r, s, lambda: transport.devices_state))  # type: ignore[arg-type]
+        assert transport.devices_state is not None
+        ledger, local = _fast_ledgers(transport.devices_state, server, run_plan)
+        secure = "simulated: the sum is computed directly" if run_plan.round.private else "none"
+        noise = config.noise if run_plan.round.private else "none"
     else:
-        _run_flower(log, split, server, train, config, record)
-        report = None  # user vectors stay on the simulated devices: only HR/NDCG are reported
-    if len(history) != server.rounds:
-        raise RuntimeError(f"simulation finished {len(history)} of {server.rounds} rounds")
-    segmented = algorithm(config.algorithm).segments
-    picking = choice_epsilon(config.segments, server, log.num_users) if segmented else None
-    results = build_results(log, split, server, train, history, picking)
-    results["backend"] = config.backend
-    results["beyond_accuracy"] = report
-    results["algorithm"] = config.algorithm
-    results["heterogeneity"] = {"availability": config.availability, "data_skew": config.data_skew}
-    out.mkdir(parents=True, exist_ok=True)
+        from attune.simulations.flower_backend import run_flower
+
+        ledger, local = run_flower(log, split, server, privacy, cohort, evaluate)
+        secure = "flower-secagg+ (hardened)" if server.secure_aggregation else "none"
+        noise = "per-device" if run_plan.round.private else "none"
+    if len(progress.history) < server.rounds:
+        raise ConfigError(f"the run stopped after {len(progress.history)} of {server.rounds} rounds "
+                          "(device-level budget)")
+    results = build_results(log, split, server, run_plan, progress, ledger, local, secure=secure, noise=noise)
+    results.update(backend=config.backend, algorithm=ranker.name, beyond_accuracy=progress.report,
+                   heterogeneity={"availability": config.availability, "data_skew": config.data_skew})
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curve(results, out / "curve.png")
     return results
 
 
-def _run_flower(log: EventLog, split: Split, server: ServerConfig, train: TrainConfig,
-                config: SimulationConfig, record: Callable[[RoundRecord], None]) -> None:
-    """The real ServerApp and ClientApp in Flower's simulation engine, one store per user."""
-    from flwr.simulation import run_simulation
-
-    from attune.client.flower_app import make_client_app
-    from attune.server.app import make_server_app
-
-    out = config.out
-    vocabulary = write_devices(log, split, out)
-    signing_key, public_key = out / "keys" / "coordinator.pem", out / "keys" / "coordinator.pub.pem"
-    generate_keypair(signing_key, public_key)  # every model the devices adopt is signed
-    server = replace(server, signing_key=signing_key)
-    privacy = PrivacyConfig(
-        epsilon_budget=server.target_epsilon if train.private and server.target_epsilon else 1e9,
-        delta=server.delta, min_events=config.min_events, allow_non_private=not train.private,
-    )
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(
-        server_app=make_server_app(server, record),
-        client_app=make_client_app(_settings_resolver(out, vocabulary, privacy, server.seed, public_key)),
-        num_supernodes=log.num_users,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"log_to_driver": False, "include_dashboard": False}},
-    )
+def _fast_ledgers(devices: Devices, server: ServerConfig, run_plan: Plan) -> tuple[list[Entry], list[Entry]]:
+    """The ledger of the device that joined most rounds (every device's is ``joined`` planned rounds)."""
+    most = int(devices.joined.max()) if len(devices.joined) else 0
+    return (planned_entries(server.model, run_plan.round, most),
+            planned_entries(server.model, run_plan.round, most, local=True))
 
 
-def _r(value: float) -> float:
-    return round(float(value), 6)  # aggregation order varies by a few ulps; reports do not
+def _r(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), 6)
 
 
-def build_results(log: EventLog, split, server: ServerConfig, train: TrainConfig,
-                  history: list[RoundRecord], choice_epsilon: float | None = None) -> dict:
-    """The results document; ``privacy.history_max`` is the ledger of the device that spent the
-    most (training steps, and its segment choices under IFCA), so its epsilon is recomputable."""
-    rounds = [
-        {
-            "round": h.round,
-            "hr@10": _r(h.evaluate.get("hr@10", float("nan"))),
-            "ndcg@10": _r(h.evaluate.get("ndcg@10", float("nan"))),
-            "epsilon_max": _r(h.train.get("epsilon-max", 0.0)),
-            "loss": _r(h.train.get("loss", float("nan"))),
-            "devices_trained": int(h.train.get("devices-trained", 0)),
-        }
-        for h in history
-    ]
-    top = max(history, key=lambda h: h.train.get("epsilon-max", 0.0))
-    last = history[-1]
-    private = train.private
-    steps_max = int(top.train.get("steps-max", 0))
-    rate = _r(top.train.get("sample-rate-max", train.sample_rate))
-    picked = choices(choice_epsilon, steps_max // train.steps_per_round) if choice_epsilon else []
-    ledger = [(train.noise_multiplier, rate, steps_max), *picked]
+def build_results(log: EventLog, split: Split, server: ServerConfig, run_plan: Plan, progress: _Progress,
+                  ledger: list[Entry], local: list[Entry], *, secure: str, noise: str) -> dict:
+    """The results document. ``privacy.history_max`` is the whole ledger of the device that spent
+    the most, so anyone can recompute ``epsilon`` (and ``history_local_max``, ``epsilon_local``)."""
+    round_config = run_plan.round
+    private = round_config.private
+    rounds = [{"round": r.round, "contributed": r.contributed, "refused": r.refused, "rejected": r.rejected,
+               "failed": r.failed, "aborted": r.aborted, "epsilon": _r(r.epsilon),
+               "device_level_epsilon": _r(r.device_level_epsilon),
+               "hr@10": _r(progress.metrics.get(r.round, {}).get("hr@10")),
+               "ndcg@10": _r(progress.metrics.get(r.round, {}).get("ndcg@10")),
+               "seconds": _r(seconds)} for r, seconds in zip(progress.history, progress.seconds, strict=True)]
+    final = progress.metrics.get(server.rounds, {})
+    last = progress.history[-1]
+    device_level = None
+    if run_plan.device_level_noise > 0:
+        device_level = {"statement": DEVICE_LEVEL, "epsilon": _r(last.device_level_epsilon),
+                        "delta": server.device_level_delta, "noise_multiplier": run_plan.device_level_noise,
+                        "sample_rate": run_plan.sample_rate, "rounds": len(progress.history),
+                        "history": ledger_to_json([run_plan.device_level_entry().times(len(progress.history))])}
     return {
-        "label": "DP (event-level)" if private else "NON-PRIVATE: no differential privacy",
+        "label": f"DP ({round_config.mode}, event-level)" if private else "NON-PRIVATE: no differential privacy",
         "private": private,
-        "dataset": {"name": log.name, "users": log.num_users, "items": log.num_items,
-                    "events": len(log)},
-        "final": {"hr@10": _r(last.evaluate.get("hr@10", float("nan"))),
-                  "ndcg@10": _r(last.evaluate.get("ndcg@10", float("nan")))},
+        "dataset": {"name": log.name, "users": log.num_users, "items": log.num_items, "events": len(log)},
+        "final": {"hr@10": _r(final.get("hr@10")), "ndcg@10": _r(final.get("ndcg@10"))},
         "baseline": {"popular": {k: _r(v) for k, v in popularity_baseline(log, split).items()}},
         "rounds": rounds,
         "privacy": {
+            "mode": round_config.mode,
+            "statement": statement(round_config.mode),
+            "disclosed": DISCLOSED,
             "unit": "event",
-            "private": private,
+            "neighbouring": "add or remove one event of one device",
+            "trust": {"secure_aggregation": secure, "min_survivors": round_config.min_survivors,
+                      "colluders": round_config.colluders} if round_config.privacy is PrivacyMode.DISTRIBUTED
+            else {"secure_aggregation": secure},
+            "epsilon": _r(epsilon_of(ledger, server.delta)) if private else None,
+            "epsilon_local": _r(epsilon_of(local, server.delta)) if private else None,
             "delta": server.delta,
-            "epsilon_max": _r(top.train.get("epsilon-max", 0.0)) if private else None,
-            "noise_multiplier": train.noise_multiplier if private else 0.0,
-            "max_grad_norm": train.max_grad_norm,
-            "sample_rate": rate,
-            "steps_max": steps_max,
-            "choice_epsilon": choice_epsilon,
-            "history_max": [list(entry) for entry in ledger] if private else [],
+            "target_epsilon": server.target_epsilon,
+            "noise_multiplier": round_config.noise_multiplier if private else 0.0,
+            "user_noise_multiplier": round_config.user_noise_multiplier if private else 0.0,
+            "clip": round_config.clip,
+            "sensitivity_units": sensitivity(server.model, round_config),
+            "planned_rounds_per_device": run_plan.participations,
+            "history_max": ledger_to_json(ledger),
+            "history_local_max": ledger_to_json(local),
             "accountant": ACCOUNTANT_NAME,
+            "noise_source": "ChaCha20 keyed from the run's seed (simulation: reproducible, not secret)",
+            "noise": noise,
+            "device_level": device_level,
         },
-        "config": {
-            "rounds": server.rounds, "clients_per_round": server.clients_per_round or log.num_users,
-            "server_lr": server.server_lr, "seed": server.seed,
-            "model": asdict(server.model), "train": asdict(train),
-        },
+        "config": {"server": json.loads(json.dumps(asdict(server), default=str)), "round": asdict(round_config),
+                   "expected_cohort": run_plan.expected_cohort},
     }
 
 
@@ -239,17 +262,19 @@ def plot_curve(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in results["rounds"]]
+    measured = [r for r in results["rounds"] if r["hr@10"] is not None]
     fig, left = plt.subplots(figsize=(6, 3.5))
-    left.plot(rounds, [r["hr@10"] for r in results["rounds"]], marker="o", label="HR@10")
+    left.plot([r["round"] for r in measured], [r["hr@10"] for r in measured], marker="o", label="HR@10")
     left.axhline(results["baseline"]["popular"]["hr@10"], ls="--", c="grey", label="popular HR@10")
     left.set_xlabel("round")
     left.set_ylabel("HR@10")
-    right = left.twinx()
-    right.plot(rounds, [r["epsilon_max"] for r in results["rounds"]], c="tab:red", marker=".",
-               label="epsilon (max device)")
-    right.set_ylabel("epsilon")
-    handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    handles = left.get_legend_handles_labels()[0]
+    if results["private"]:
+        right = left.twinx()
+        right.plot([r["round"] for r in results["rounds"]], [r["epsilon"] for r in results["rounds"]], c="tab:red",
+                   label="epsilon (device joining most)")
+        right.set_ylabel("epsilon")
+        handles += right.get_legend_handles_labels()[0]
     left.legend(handles=handles, loc="lower right", fontsize=8)
     left.set_title(results["label"], fontsize=9)
     fig.tight_layout()
@@ -257,29 +282,10 @@ def plot_curve(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def server_config(
-    *, rounds: int, clients_per_round: int, local_epochs: float, user_epochs: float,
-    epsilon: float | None, delta: float, noise_multiplier: float | None, max_grad_norm: float,
-    sample_rate: float, lr: float, user_lr: float, server_lr: float, dim: int, no_dp: bool,
-    seed: int, negatives: int = 4, context: bool = True, joint_user: bool = True,
-    server_optimizer: str = "sgd", aggregation: str = "mean", update_clip: float = 0.0,
-    user_epsilon: float | None = None,
-) -> ServerConfig:
-    """Validate simulation options into a ServerConfig (the noise is calibrated later if unset)."""
-    if epsilon is not None and epsilon <= 0:
-        raise ConfigError(f"--epsilon must be > 0, got {epsilon}")
-    if noise_multiplier is not None and noise_multiplier <= 0:
-        raise ConfigError(f"--noise-multiplier must be > 0, got {noise_multiplier}")
-    train = TrainConfig(
-        local_epochs=local_epochs, user_epochs=user_epochs, sample_rate=sample_rate, lr=lr,
-        user_lr=user_lr, noise_multiplier=noise_multiplier or 1.0, max_grad_norm=max_grad_norm,
-        private=not no_dp, negatives=negatives, joint_user=joint_user, update_clip=update_clip,
-    )
-    return ServerConfig(
-        rounds=rounds, clients_per_round=clients_per_round, server_lr=server_lr,
-        server_optimizer=server_optimizer,
-        target_epsilon=None if (no_dp or noise_multiplier is not None) else epsilon,
-        delta=delta, seed=seed, model=ModelConfig(num_items=2, dim=dim, use_context=context),
-        train=train, aggregation=aggregation, user_target_epsilon=user_epsilon,
-        noise_seed=seed,  # a simulation is reproducible; a deployment's noise is never seeded
-    )
+def quiet_third_parties() -> None:
+    """Third-party warnings (Flower's deprecations, Ray's FutureWarning) do not reach the user."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("flwr").setLevel(logging.ERROR)
