@@ -1,4 +1,5 @@
-"""The closed-form DP step equals Opacus's reference per-sample path (hooks mode)."""
+"""The device round's closed-form clipped sums equal Opacus's reference per-sample path (hooks
+mode): for the shared side (item rows, biases, context encoder) and for the user vector."""
 
 import copy
 
@@ -7,77 +8,79 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from attune.shared.dp import clipped_backward, make_dp_optimizer
+from attune.client.training import Cohort, LocalData, _draw_negatives, flatten, train_round
+from attune.shared.config import preset
 from attune.shared.loss import Batch, per_example_loss
 from attune.shared.model import ModelConfig, Personalization
+from attune.shared.randomness import Stream
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
+CLIP = 0.6
 
 
-def _batch(size: int, items: int, m: int, generator: torch.Generator, context: bool) -> Batch:
-    chosen = torch.randint(0, items, (size, m), generator=generator)
-    if size:
-        chosen[0, 2] = chosen[0, 0]  # a repeated item inside one example
-        chosen[1 % size, 1] = chosen[1 % size, 0]
-    labels = torch.zeros(size, m)
-    labels[:, 0] = 1
-    features = torch.randn(size, 9, generator=generator) if context else None
-    return Batch(chosen, labels, torch.rand(size, generator=generator) + 0.5, features)
-
-
-def _reference_grads(model, batch, loss, clip, sigma, seed, expected):
-    """Opacus's own per-sample gradients, clipping and noise on a copy of the model."""
-    module = GradSampleModule(copy.deepcopy(model), loss_reduction="sum")
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=sigma,
-                      max_grad_norm=clip, expected_batch_size=expected,
-                      generator=torch.Generator().manual_seed(seed))
-    opt.zero_grad()
-    if len(batch):
-        per_example_loss(module(batch.items, batch.context), batch, loss).sum().backward()
-    else:  # Opacus's empty-batch path: zero per-sample gradients of batch size 0
-        for p in params:
-            p.grad_sample = torch.zeros(0, *p.shape)
-    opt.pre_step()
-    return [p.grad.clone() for p in params]
-
-
-def _closed_form_grads(model, batch, loss, clip, sigma, seed, expected):
-    model = copy.deepcopy(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_dp_optimizer([{"params": params, "lr": 0.0}], noise_multiplier=sigma,
-                            max_grad_norm=clip, expected_batch_size=expected,
-                            generator=torch.Generator().manual_seed(seed))
-    opt.zero_grad()
-    clipped_backward(model, batch, loss, clip)
-    opt.pre_step()
-    return [p.grad.clone() for p in params]
-
-
-@pytest.mark.parametrize("size", [0, 1, 3, 17, 64])
-@pytest.mark.parametrize("loss", ["bce", "bpr"])
-@pytest.mark.parametrize("sigma", [0.0, 1.3])
-@pytest.mark.parametrize("context", [True, False])
-def test_closed_form_matches_opacus_hooks(size, loss, sigma, context):
-    g = torch.Generator().manual_seed(size * 7 + 1)
-    model = Personalization(ModelConfig(num_items=13, dim=4, use_context=context), generator=g)
+def _setup(events: int, context: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    model_config = ModelConfig(num_items=13, dim=4, use_context=context)
+    model = Personalization(model_config, generator=g)
     with torch.no_grad():  # non-trivial context encoder and biases
         model.context_encoder.weight.normal_(0, 0.5, generator=g)
         model.item_bias.weight.normal_(0, 0.5, generator=g)
-    batch = _batch(size, 13, 4, g, context)
-    # clip small enough that some examples are clipped and some not
-    args = (model, batch, loss, 0.6, sigma, 1234, 8.0)
-    expected = _reference_grads(*args)
-    got = _closed_form_grads(*args)
-    for e, o in zip(expected, got, strict=False):
-        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-6)
+        model.user_vector.weight.normal_(0, 1.0, generator=g)
+    items = torch.randint(0, 13, (events,), generator=g)
+    features = torch.randn(events, model_config.context_features, generator=g) if context else None
+    data = LocalData(items, torch.rand(events, generator=g) + 0.5, features)
+    return model_config, model, data
 
 
-def test_frozen_global_side_clips_user_vector_only():
-    g = torch.Generator().manual_seed(3)
-    model = Personalization(ModelConfig(num_items=11, dim=3), generator=g)
+def _opacus_clipped_sum(model, data, negatives, loss, trainable):
+    """Opacus's own per-sample gradients and flat clipping (no noise) on a copy of the model."""
+    model = copy.deepcopy(model)
     for name, p in model.named_parameters():
-        p.requires_grad_(name == "user_vector.weight")
-    batch = _batch(9, 11, 3, g, context=True)
-    args = (model, batch, "bce", 0.05, 0.0, 1, 4.0)
-    torch.testing.assert_close(_closed_form_grads(*args), _reference_grads(*args))
+        p.requires_grad_(name in trainable)
+    module = GradSampleModule(model, loss_reduction="sum")
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=CLIP,
+                            expected_batch_size=1)
+    optimizer.zero_grad()
+    items = torch.cat([data.items.unsqueeze(1), negatives], dim=1)
+    labels = torch.zeros(items.shape)
+    labels[:, 0] = 1.0
+    batch = Batch(items, labels, data.weights, data.context)
+    per_example_loss(module(items, data.context), batch, loss).sum().backward()
+    optimizer.pre_step()
+    return {name: p.grad.clone() for (name, p) in module._module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("events", [1, 3, 17])
+@pytest.mark.parametrize("loss", ["bce", "bpr"])
+@pytest.mark.parametrize("context", [True, False])
+def test_shared_side_sum_matches_opacus_hooks(events, loss, context):
+    model_config, model, data = _setup(events, context, seed=events * 7 + 1)
+    config = preset("off", loss=loss, negatives=3, device_norm=1e9)
+    # the negatives the round will draw from a stream with this key (repeated items do occur)
+    negatives = _draw_negatives(Cohort.of([data]), config, 13, [Stream.seeded_from(0, "x")], [0])
+    trainable = ["item_embedding.weight", "item_bias.weight"] + (["context_encoder.weight"] if context else [])
+    expected = _opacus_clipped_sum(model, data, negatives, loss, trainable)
+    # the round's private path without rounding and noise: clip, then sum (units of 2**bits per clip)
+    private = preset("local", loss=loss, negatives=3, clip=CLIP, quantum_bits=24, device_norm=1e9,
+                     noise_multiplier=1e-12, user_noise_multiplier=1e-12)
+    out = train_round(model.global_state(), model_config, model.user_vector.weight.detach(), Cohort.of([data]),
+                      private, [Stream.seeded_from(0, "x")], [False], shares=False)
+    got = out.contributions[0].double() / 2.0**24 * CLIP
+    want = flatten({name: expected.get(name, torch.zeros_like(value))
+                    for name, value in model.global_state().items()})
+    torch.testing.assert_close(got, want, atol=2e-6 * max(1, events), rtol=0)
+
+
+def test_user_vector_refresh_clips_like_opacus():
+    model_config, model, data = _setup(9, context=True, seed=3)
+    config = preset("local", negatives=2, user_clip=CLIP, clip=1.0, quantum_bits=24, user_steps=1,
+                    user_noise_multiplier=1e-12, user_lr=1.0, noise_multiplier=1e-12)
+    negatives = _draw_negatives(Cohort.of([data]), config, 13, [Stream.seeded_from(0, "y")], [0])
+    expected = _opacus_clipped_sum(model, data, negatives, "bce", ["user_vector.weight"])["user_vector.weight"][0]
+    start = model.user_vector.weight.detach()
+    out = train_round(model.global_state(), model_config, start, Cohort.of([data]), config,
+                      [Stream.seeded_from(0, "y")], [True], shares=False)
+    step = (start[0] - out.users[0]).double()  # user_lr times the normalised noised sum
+    torch.testing.assert_close(step, (expected / expected.norm()).double(), atol=1e-6, rtol=0)
+

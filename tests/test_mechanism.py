@@ -1,0 +1,90 @@
+"""The mechanism's sensitivity holds for real contributions: adding one event to a device moves
+what it releases by at most ``sensitivity`` (shared side) or ``user_sensitivity`` (a refresh step),
+rounding and the per-device bound included; noise shares have the planned scale."""
+
+import math
+
+import pytest
+import torch
+
+from attune.client.training import Cohort, LocalData, _refresh_users, train_round
+from attune.shared.config import preset
+from attune.shared.mechanism import (
+    add_noise_shares,
+    contribution_dim,
+    device_bound,
+    planned_entries,
+    round_entries,
+    sensitivity,
+    share_std,
+    user_sensitivity,
+)
+from attune.shared.model import ModelConfig, Personalization
+from attune.shared.randomness import Stream
+
+
+def _pair(n: int, seed: int, context: bool):
+    g = torch.Generator().manual_seed(seed)
+    model = ModelConfig(num_items=40, dim=5, use_context=context)
+    items = torch.randint(0, 40, (n + 1,), generator=g)
+    weights = torch.rand(n + 1, generator=g) * 3 + 0.5
+    features = torch.rand(n + 1, model.context_features, generator=g) if context else None
+    small = LocalData(items[:n], weights[:n], None if features is None else features[:n])
+    large = LocalData(items, weights, features)  # one more event, the last: shared events keep their negatives
+    return model, small, large
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("norm", [1e6, 3.0])
+def test_one_more_event_moves_a_contribution_by_at_most_the_sensitivity(seed, norm):
+    model, small, large = _pair(n=5 + seed * 7, seed=seed, context=seed % 2 == 0)
+    state = Personalization(model, torch.Generator().manual_seed(seed)).global_state()
+    config = preset("local", negatives=1 + seed % 4, device_norm=norm, quantum_bits=8 + seed % 8, clip=0.5)
+    user = torch.randn(1, 5, generator=torch.Generator().manual_seed(100 + seed)) * 3
+    released = [train_round(state, model, user, Cohort.of([data]), config, [Stream.seeded_from(seed, "s")], [False],
+                            shares=False).contributions[0] for data in (small, large)]
+    moved = float((released[1] - released[0]).double().norm())
+    assert 0 < moved <= sensitivity(model, config)
+    assert float(released[1].double().norm()) <= device_bound(config) + math.sqrt(contribution_dim(model)) / 2
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_one_more_event_moves_a_refresh_step_by_at_most_its_sensitivity(seed):
+    model, small, large = _pair(n=3 + seed * 5, seed=seed, context=False)
+    state = Personalization(model, torch.Generator().manual_seed(seed)).global_state()
+    config = preset("local", user_steps=1, user_clip=0.3, quantum_bits=10, user_noise_multiplier=1e-9)
+    sums = []
+    for data in (small, large):  # the step is user_lr along the noised sum: recover the sum itself
+        captured = {}
+
+        def capture(total, config, streams, captured=captured):
+            captured["sum"] = total
+            return total
+
+        import attune.client.training as training
+
+        real, training._user_noise = training._user_noise, capture
+        try:
+            _refresh_users(state, model, torch.ones(1, 5), Cohort.of([data]), config, [Stream.seeded_from(seed, "u")], [0])
+        finally:
+            training._user_noise = real
+        sums.append(captured["sum"][0])
+    assert float((sums[1] - sums[0]).double().norm()) <= user_sensitivity(model, config)
+
+
+def test_noise_shares_have_the_planned_std_and_sum_to_the_full_noise():
+    config = preset("distributed", noise_multiplier=0.001, quantum_bits=12, min_survivors=4)
+    zero = torch.zeros(4, 50_000, dtype=torch.long)
+    noisy = add_noise_shares(zero, config, [Stream.seeded_from(9, k) for k in range(4)])
+    assert float(noisy.double().std()) == pytest.approx(share_std(config), rel=0.02)
+    assert float(noisy.sum(0).double().std()) == pytest.approx(0.001 * 2**12, rel=0.02)  # 4 shares: all the noise
+
+
+def test_planned_ledger_adds_up_the_rounds_and_refreshes():
+    model = ModelConfig(num_items=40, dim=5, use_context=False)
+    config = preset("distributed", min_survivors=10, user_every=3, noise_multiplier=4.0, user_noise_multiplier=3.0)
+    rounds = [round_entries(model, config, config.refresh_due(k)) for k in range(7)]
+    flat = [entry for entries in rounds for entry in entries]
+    planned = planned_entries(model, config, 7)
+    assert sum(e.count for e in planned if e.dim == model.dim) == sum(e.count for e in flat if e.dim == model.dim) == 6
+    assert sum(e.count for e in planned if e.dim != model.dim) == 7
