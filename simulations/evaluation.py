@@ -14,6 +14,7 @@ import torch
 
 from attune.client.training import Cohort, fit_rank_vectors
 from attune.shared.events import EVENT_TYPES, RANKED_EVENT_TYPE, context_matrix
+from attune.shared.errors import DataError
 from attune.shared.metrics import hit_and_ndcg
 from attune.shared.model import ModelConfig
 from attune.simulations.datasets import EventLog
@@ -36,7 +37,8 @@ def hours_weekdays(timestamps: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 def leave_one_out(log: EventLog, *, negatives: int = 99, seed: int = 0) -> Split:
     if log.num_items <= negatives:
-        raise ValueError(f"need more than {negatives} items to sample negatives, have {log.num_items}")
+        raise DataError(f"{log.name}: leave-one-out ranks each held-out item among {negatives} items the person "
+                        f"never used; the log has only {log.num_items} items")
     order = np.lexsort((np.arange(len(log)), log.timestamps, log.users))
     last = np.ones(len(log), dtype=bool)
     last[order[:-1]] = log.users[order[:-1]] != log.users[order[1:]]
@@ -69,7 +71,7 @@ def skew_data_sizes(log: EventLog, split: Split, skew: float, seed: int) -> Spli
     events, ``r_u = (k_u / num_users) ** skew`` for a seeded random rank ``k_u`` in 1..num_users.
     ``skew = 0`` keeps everything; larger values leave most devices with little data."""
     if skew < 0:
-        raise ValueError(f"data skew must be >= 0, got {skew}")
+        raise DataError(f"data skew must be >= 0, got {skew}")
     if skew == 0:
         return split
     ranks = np.random.default_rng(seed).permutation(log.num_users) + 1

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
 from attune.client.flower_app import make_client_app
+from attune.client.policy import PrivacyConfig
 from attune.client.settings import DeviceSettings
 
 
@@ -47,7 +49,11 @@ class InProcessGrid(Grid):
             self._counts[node] += 1
             self.delivered.append(msg)
             received = copy.deepcopy(msg)  # as if serialized: nodes never share one content object
-            replies.append(self._app(received, self._contexts[node]))
+            try:
+                reply = self._app(received, self._contexts[node])
+            except Exception as error:  # noqa: BLE001 - a SuperNode turns an app's exception into an error reply
+                reply = Message(error=Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=received)
+            replies.append(reply)
         return replies
 
     def push_messages(self, messages):  # pragma: no cover - send_and_receive is all the loop uses
@@ -62,3 +68,29 @@ class InProcessGrid(Grid):
     @property
     def run(self):  # pragma: no cover
         raise NotImplementedError
+
+
+def simulated_devices(directory: Path, users: int = 6, seed: int = 0, events: int = 40, items: int = 300):
+    """A small synthetic log written as one store per user (``attune.simulations.devices``), a
+    signing key pair, and the log and split themselves."""
+    from attune.shared.signing import generate_keypair
+    from attune.simulations.datasets import synthetic
+    from attune.simulations.devices import write_devices
+    from attune.simulations.evaluation import leave_one_out
+
+    log = synthetic(num_users=users, events_per_user=events, num_items=items, seed=seed)
+    split = leave_one_out(log, seed=seed)
+    vocabulary = write_devices(log, split, directory)
+    generate_keypair(directory / "coordinator.pem", directory / "coordinator.pub.pem")
+    return log, split, vocabulary
+
+
+def device_grid(directory: Path, users: int, vocabulary: Path, seed: int = 0,
+                privacy: PrivacyConfig | None = None) -> InProcessGrid:
+    """The real ClientApp for every store in ``directory``, seeded as the simulations seed them."""
+    from attune.simulations.devices import store_path
+
+    return InProcessGrid({user: DeviceSettings(
+        store_path=store_path(directory, user), privacy=privacy or PrivacyConfig(), vocabulary_path=vocabulary,
+        simulation_seed=(seed, user), coordinator_public_key=directory / "coordinator.pub.pem")
+        for user in range(users)})

@@ -1,0 +1,142 @@
+"""Nothing unaccounted leaves a device: what the coordinator receives cannot tell a device with n
+events from one with n + 1, or a canary event from none, better than the round's accounted
+epsilon allows; nor can its size.
+
+Each check runs 1,000 independent rounds per side at a per-round epsilon near 1, attacks them
+with several statistics (noise scale of untouched rows, norm, projection on the extra event's
+own gradient: the Neyman-Pearson test), picks each attack's threshold on one half of the trials
+and measures its accuracy on the other half. For (epsilon, delta)-DP no test is right more often
+than ``(e^eps + delta) / (e^eps + 1)``. A control runs the same attacks on the old normalisation
+(dividing by the number of events, as before this issue's fix) and must exceed that bound: the
+test can fail.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attune.client.training import Cohort, LocalData, initial_user_vector, train_round
+from attune.shared.accounting import epsilon_of
+from attune.shared.config import preset
+from attune.shared.mechanism import local_entries, round_entries, units
+from attune.shared.model import ModelConfig, Personalization
+from attune.shared.randomness import Stream, integers
+from attune.shared.records import contribution_content
+
+MODEL = ModelConfig(num_items=200, dim=4, use_context=False)
+TRIALS = 1000
+DELTA = 1e-5
+
+
+def _bound(epsilon: float) -> float:
+    return (math.exp(epsilon) + DELTA) / (math.exp(epsilon) + 1)
+
+
+def _held_out_accuracy(a: np.ndarray, b: np.ndarray) -> float:
+    """Best threshold (either direction) chosen on the first half of each side, accuracy on the rest."""
+    half = len(a) // 2
+    fit_a, fit_b, test_a, test_b = a[:half], b[:half], a[half:], b[half:]
+    best, rule = 0.0, (0.0, 1)
+    for threshold in np.concatenate([fit_a, fit_b]):
+        for sign in (1, -1):
+            accuracy = ((sign * fit_b > sign * threshold).mean() + (sign * fit_a <= sign * threshold).mean()) / 2
+            if accuracy > best:
+                best, rule = accuracy, (threshold, sign)
+    threshold, sign = rule
+    return float(((sign * test_b > sign * threshold).mean() + (sign * test_a <= sign * threshold).mean()) / 2)
+
+
+def _rounds(data: LocalData, config, side: str, user: torch.Tensor, devices: int = 1) -> torch.Tensor:
+    """``TRIALS`` independent releases: each the sum over ``devices`` devices (the first holding
+    ``data``, the others a fixed log) of one round's contribution, noise included."""
+    state = Personalization(MODEL, torch.Generator().manual_seed(0)).global_state()
+    others = [LocalData(torch.arange(10 * k, 10 * k + 10), torch.ones(10), None) for k in range(1, devices)]
+    total = None
+    for k, dataset in enumerate([data, *others]):
+        out = train_round(state, MODEL, user.expand(TRIALS, -1), Cohort.of([dataset] * TRIALS), config,
+                          [Stream.seeded_from(trial, side, k) for trial in range(TRIALS)], [False] * TRIALS)
+        total = out.contributions if total is None else total + out.contributions
+    return total.double()
+
+
+def _attacks(small: torch.Tensor, large: torch.Tensor, data: LocalData, extra: int, config,
+             user: torch.Tensor) -> dict[str, float]:
+    """Accuracy of each attack at telling ``large`` (one more event, item ``extra``) from ``small``."""
+    touched = torch.zeros(MODEL.num_items, dtype=torch.bool)
+    touched[data.items] = True
+    touched[extra] = True
+    untouched = torch.cat([torch.arange(MODEL.num_items * MODEL.dim).view(MODEL.num_items, MODEL.dim)[~touched].reshape(-1),
+                           MODEL.num_items * MODEL.dim + (~touched).nonzero().squeeze(1)])
+    direction = torch.zeros(small.shape[1], dtype=torch.float64)
+    direction[extra * MODEL.dim:(extra + 1) * MODEL.dim] = -user[0].double()  # the positive's gradient: -(u, 1)
+    direction[MODEL.num_items * MODEL.dim + extra] = -1.0
+
+    def scale(x: torch.Tensor) -> np.ndarray:
+        values = x[:, untouched]
+        return (values - values.median(dim=1, keepdim=True).values).abs().median(dim=1).values.numpy()
+
+    statistics = {"noise scale of untouched rows": scale, "norm": lambda x: x.norm(dim=1).numpy(),
+                  "projection on the extra event": lambda x: (x @ direction).numpy()}
+    return {name: _held_out_accuracy(f(small), f(large)) for name, f in statistics.items()}
+
+
+def _data(n: int) -> tuple[LocalData, LocalData, int]:
+    g = torch.Generator().manual_seed(7)
+    items = torch.randint(0, MODEL.num_items // 2, (n,), generator=g)
+    extra = MODEL.num_items - 1  # an item the device never used
+    return (LocalData(items, torch.ones(n), None),
+            LocalData(torch.cat([items, torch.tensor([extra])]), torch.ones(n + 1), None), extra)
+
+
+@pytest.mark.parametrize("mode", ["local", "distributed"])
+def test_event_count_and_canary_leak_no_more_than_the_accounted_epsilon(mode):
+    devices = 1 if mode == "local" else 5
+    config = preset(mode, noise_multiplier=4.8, negatives=1, min_survivors=devices)
+    epsilon = epsilon_of(round_entries(MODEL, config, refresh=False), DELTA)
+    assert 0.8 < epsilon < 1.2  # a per-round epsilon near 1: the bound below is tight enough to fail
+    user = initial_user_vector(MODEL.dim, Stream.seeded_from(0, "user")).unsqueeze(0) * 3
+    small, large, extra = _data(10)  # 10 events, or the same 10 and a canary: add one event
+    seen = _attacks(_rounds(small, config, "a", user, devices), _rounds(large, config, "b", user, devices),
+                    small, extra, config, user)
+    slack = 3 * math.sqrt(0.25 / TRIALS)  # three standard deviations of a held-out accuracy
+    for attack, accuracy in seen.items():
+        assert accuracy <= _bound(epsilon) + slack, (attack, accuracy, _bound(epsilon))
+
+
+def test_each_share_alone_leaks_no_more_than_epsilon_local():
+    config = preset("distributed", noise_multiplier=4.8 * math.sqrt(5), negatives=1, min_survivors=5)
+    epsilon_local = epsilon_of(local_entries(MODEL, config, refresh=False), DELTA)
+    user = initial_user_vector(MODEL.dim, Stream.seeded_from(0, "user")).unsqueeze(0) * 3
+    small, large, extra = _data(10)
+    seen = _attacks(_rounds(small, config, "a", user), _rounds(large, config, "b", user), small, extra, config, user)
+    for attack, accuracy in seen.items():
+        assert accuracy <= _bound(epsilon_local) + 3 * math.sqrt(0.25 / TRIALS), (attack, accuracy)
+
+
+def test_the_attacks_catch_the_old_normalisation():
+    """Control: dividing the noised sum by the number of events (what the round did before) leaks
+    the count far beyond the bound, and these attacks see it."""
+    config = preset("local", noise_multiplier=4.8, negatives=1)
+    epsilon = epsilon_of(round_entries(MODEL, config, refresh=False), DELTA)
+    user = initial_user_vector(MODEL.dim, Stream.seeded_from(0, "user")).unsqueeze(0) * 3
+    small, large, extra = _data(10)
+    old = [_rounds(data, config, side, user) / len(data) for data, side in ((small, "a"), (large, "b"))]
+    seen = _attacks(*old, small, extra, config, user)
+    assert max(seen.values()) > _bound(epsilon) + 0.1
+
+
+def test_what_is_sent_has_the_same_size_whatever_the_events():
+    config = preset("local", noise_multiplier=4.8)
+    user = initial_user_vector(MODEL.dim, Stream.seeded_from(0, "user")).unsqueeze(0)
+    state = Personalization(MODEL, torch.Generator().manual_seed(0)).global_state()
+    sizes = set()
+    for n in (0, 1, 40, 400):
+        data = LocalData(integers(Stream.seeded_from(n, "i"), (n,), MODEL.num_items), torch.ones(n), None)
+        out = train_round(state, MODEL, user, Cohort.of([data]), config, [Stream.seeded_from(n)], [False])
+        content = contribution_content(out.contributions[0])
+        (record,) = content.array_records.values()
+        sizes.add((tuple(record.keys()), len(record["contribution"].data)))
+        assert set(content.metric_records) == set() and set(content.config_records) == set()
+    assert len(sizes) == 1 and units(config) > 0
