@@ -1,145 +1,127 @@
-"""Personalizer: ranking, DP training, budget, persistence of the ledger, reports."""
-
-import time
+"""Personalizer: ranking, the round (its ledger, budget and refusals), persistence, reports."""
 
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
+from device_helpers import MODEL, VOCAB, open_device, request
 
-from attune.client.personalizer import Personalizer, PrivacyConfig
-from attune.shared.accounting import epsilon_of
-from attune.shared.config import TrainConfig
-from attune.shared.errors import InvalidEventError, ModelMismatchError
-from attune.shared.events import Event
-from attune.shared.model import ModelConfig
-from attune.shared.vocabulary import Vocabulary
-
-MODEL = ModelConfig(num_items=50, dim=8)
-VOCAB = Vocabulary.of([f"item{i}" for i in range(50)])
-TRAIN = TrainConfig(local_epochs=1, user_epochs=1, sample_rate=0.3, noise_multiplier=3.0)
+from attune.client.personalizer import Personalizer, Status
+from attune.client.training import flatten, unflatten
+from attune.shared.accounting import Entry, epsilon_of
+from attune.shared.errors import ConfigError, InvalidEventError, ModelMismatchError
+from attune.shared.mechanism import local_entries, round_entries
+from attune.shared.wire import RoundRequest
 
 
-def open_device(path, **privacy):
-    device = Personalizer(str(path), model=MODEL, vocabulary=VOCAB,
-                          privacy=PrivacyConfig(**privacy), seed=7)
-    device.grant_consent("test-policy-1")
-    return device
-
-
-def fill(device, count=30):
-    now = time.time()
-    device.record_many(Event(f"item{i % 20}", "click", now - 1000 + i) for i in range(count))
-
-
-def test_rank_with_zero_events_uses_global_model(tmp_path):
-    with open_device(tmp_path / "d.sqlite") as device:
-        state = device.global_state()
-        state["item_bias.weight"] = torch.arange(50, dtype=torch.float32).unsqueeze(1)
-        device.set_global(state)
-        ranked = device.rank(["item3", "item40", "item10"])
-        assert [r.item_id for r in ranked] == ["item40", "item10", "item3"]
+def test_rank_with_zero_events_uses_the_global_model(tmp_path):
+    with open_device(tmp_path / "d.sqlite", events=0) as device:
+        ranked = device.rank(["item1", "item2", "item3"])
+        assert len(ranked) == 3 and device.state.rounds_joined == 0
 
 
 def test_rank_rejects_unknown_items(tmp_path):
     with open_device(tmp_path / "d.sqlite") as device:
-        with pytest.raises(InvalidEventError, match="not in the model's vocabulary"):
-            device.rank(["item1", "nope"])
         with pytest.raises(InvalidEventError):
-            device.record(Event("nope"))
-        assert device.store.count() == 0
+            device.rank(["item1", "nope"])
 
 
-def test_too_few_events_skips(tmp_path):
-    with open_device(tmp_path / "d.sqlite", min_events=10) as device:
-        fill(device, 5)
-        outcome = device.train(TRAIN)
-        assert outcome.status == "skipped" and "at least 10" in outcome.reason
+def test_a_device_with_few_events_contributes_like_any_other(tmp_path):
+    """No minimum event count: whether a device sends depends on consent, pause and budget only."""
+    with open_device(tmp_path / "d.sqlite", events=1) as device:
+        assert device.contribute(request()).status is Status.CONTRIBUTED
+    with open_device(tmp_path / "e.sqlite", events=0) as device:
+        assert device.contribute(request()).status is Status.CONTRIBUTED
+
+
+def test_the_ledger_records_each_round_and_persists(tmp_path):
+    path = tmp_path / "d.sqlite"
+    with open_device(path) as device:
+        first = device.contribute(request(round=1))
+        second = device.contribute(request(round=2))
+        assert first.status is second.status is Status.CONTRIBUTED
+        expected = [*round_entries(MODEL, request().config, True), *round_entries(MODEL, request().config, False)]
+        assert device.epsilon() == pytest.approx(epsilon_of(expected, 1e-5))
+    with Personalizer(path, model=MODEL, vocabulary=VOCAB) as again:
+        rows = again.store.ledger()
+        assert [(r.run_id, r.round, r.mode) for r in rows] == [("run-a", 1, "local"), ("run-a", 2, "local")]
+        assert again.epsilon() == pytest.approx(epsilon_of(expected, 1e-5))
+        report = again.privacy_report()
+        assert report.rounds_joined == 2 and [r.mode for r in report.rounds] == ["local", "local"]
+        assert report.epsilon_local == pytest.approx(epsilon_of(
+            [*local_entries(MODEL, request().config, True), *local_entries(MODEL, request().config, False)], 1e-5))
+
+
+def test_budget_refusal_pays_nothing_and_stops_contributing(tmp_path):
+    config = request().config
+    first = round_entries(MODEL, config, True)
+    budget = (epsilon_of(first, 1e-5) + epsilon_of([*first, *round_entries(MODEL, config, False)], 1e-5)) / 2
+    with open_device(tmp_path / "d.sqlite", epsilon_budget=budget) as device:  # room for one round, not two
+        assert device.contribute(request(round=1)).status is Status.CONTRIBUTED
+        spent = device.epsilon()
+        refused = device.contribute(request(round=2))
+        assert refused.status is Status.REFUSED and "budget" in refused.reason and refused.vector is None
+        assert device.epsilon() == pytest.approx(spent) and device.state.budget_exhausted
+        assert device.contribute(request(round=3)).status is Status.REFUSED
+
+
+def test_replayed_or_old_rounds_are_refused(tmp_path):
+    with open_device(tmp_path / "d.sqlite") as device:
+        assert device.contribute(request(round=2)).status is Status.CONTRIBUTED
+        for old in (request(round=2), request(round=1)):
+            outcome = device.contribute(old)
+            assert outcome.status is Status.REFUSED and "replay" in outcome.reason
+        assert device.contribute(request(round=1, run="run-b")).status is Status.CONTRIBUTED  # another run
+        assert len(device.store.ledger()) == 2
+
+
+def test_the_device_enforces_its_own_noise_floor_and_privacy(tmp_path):
+    with open_device(tmp_path / "d.sqlite", min_noise_multiplier=2.0) as device:
+        for low in (request(noise_multiplier=1.5), request(user_noise_multiplier=0.5)):
+            outcome = device.contribute(low)
+            assert outcome.status is Status.REFUSED and "floor" in outcome.reason
+        off = device.contribute(request(mode="off"))
+        assert off.status is Status.REFUSED and "non-private" in off.reason
+        assert device.store.ledger() == []
+    with open_device(tmp_path / "e.sqlite", allow_non_private=True) as device:
+        assert device.contribute(request(mode="off")).status is Status.CONTRIBUTED
         assert device.epsilon() == 0.0
 
 
-def test_reported_epsilon_equals_opacus_accountant_and_persists(tmp_path):
-    path = tmp_path / "d.sqlite"
-    with open_device(path) as device:
-        fill(device)
-        first = device.train(TRAIN)
-        second = device.train(TRAIN)
-        assert first.status == second.status == "trained"
-        steps = 2 * TRAIN.steps_per_round
-        reference = RDPAccountant()
-        reference.history = [(TRAIN.noise_multiplier, TRAIN.sample_rate, steps)]
-        assert device.ledger.steps == steps
-        assert second.epsilon == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
-    with open_device(path) as reopened:  # the ledger survives a restart
-        assert reopened.epsilon() == pytest.approx(second.epsilon, rel=1e-12)
-        third = reopened.train(TRAIN)
-        assert third.epsilon > second.epsilon
-
-
-def test_budget_refusal_trains_nothing_and_stops_contributing(tmp_path):
-    two_rounds = epsilon_of([(3.0, 0.3, 2 * TRAIN.steps_per_round)], 1e-5)
-    with open_device(tmp_path / "d.sqlite", epsilon_budget=two_rounds * 1.0001) as device:
-        fill(device)
-        outcomes = [device.train(TRAIN) for _ in range(6)]
-        statuses = [o.status for o in outcomes]
-        assert statuses == ["trained", "trained", "refused", "refused", "refused", "refused"]
-        refused = outcomes[statuses.index("refused")]
-        assert "over the budget" in refused.reason and refused.update is None
-        assert device.epsilon() == pytest.approx(two_rounds)
-        spent = device.epsilon()
-        assert device.train(TRAIN).status == "refused"  # stays refused
-        assert device.epsilon() == spent
-        assert device.privacy_report()["budget_exhausted"] is True
-
-
-def test_non_private_training_needs_explicit_permission(tmp_path):
-    plain = TrainConfig(private=False)
-    with open_device(tmp_path / "a.sqlite") as device:
-        fill(device)
-        assert device.train(plain).status == "refused"
-    with open_device(tmp_path / "b.sqlite", allow_non_private=True) as device:
-        fill(device)
-        outcome = device.train(plain)
-        assert outcome.status == "trained" and outcome.private is False
-
-
-def test_update_holds_only_global_parameters_and_training_learns(tmp_path):
-    with open_device(tmp_path / "d.sqlite", epsilon_budget=1e6) as device:
-        fill(device)
-        before = device.score(["item1", "item45"])
-        outcome = device.train(TrainConfig(sample_rate=1.0, local_epochs=5, user_epochs=5,
-                                           noise_multiplier=0.3, lr=2.0, user_lr=2.0))
-        assert set(outcome.update) == {"item_embedding.weight", "item_bias.weight",
-                                       "context_encoder.weight"}
-        after = device.score(["item1", "item45"])
-        # item1 was interacted with, item45 never: the gap must move in its favour
-        assert (after[0] - after[1]) > (before[0] - before[1])
-
-
-def test_mismatched_global_model_is_refused_and_nothing_changes(tmp_path):
-    with open_device(tmp_path / "d.sqlite") as device:
+def test_a_contribution_holds_only_the_shared_side_and_the_model_learns(tmp_path):
+    with open_device(tmp_path / "d.sqlite", epsilon_budget=1e2, allow_non_private=True) as device:
+        before = device.score(["item1", "item35"])
         state = device.global_state()
-        bad = dict(state, **{"item_bias.weight": torch.zeros(49, 1)})
-        with pytest.raises(ModelMismatchError, match=r"item_bias.weight has shape \(49, 1\)"):
-            device.set_global(bad)
-        with pytest.raises(ModelMismatchError, match="model version 99"):
-            device.set_global(state, version=99)
-        wrong_dtype = dict(state, **{"item_bias.weight": torch.zeros(50, 1, dtype=torch.float64)})
-        with pytest.raises(ModelMismatchError, match="dtype"):
-            device.set_global(wrong_dtype)
-        missing = {k: v for k, v in state.items() if k != "context_encoder.weight"}
-        with pytest.raises(ModelMismatchError, match="missing context_encoder.weight"):
-            device.set_global(missing)
-        torch.testing.assert_close(device.global_state(), state)
+        for round in range(1, 6):  # a non-private server step at this device's own gradient
+            outcome = device.contribute(request(round=round, mode="off", state=state))
+            state = {k: v.float() for k, v in unflatten(flatten(state) - 0.02 * outcome.vector, MODEL).items()}
+        device.contribute(request(round=6, mode="off", state=state))
+        device.refresh_ranking()
+        after = device.score(["item1", "item35"])
+        assert (after[0] - after[1]) > (before[0] - before[1])  # its own item gains on one it never used
 
 
-def test_privacy_report_says_what_left(tmp_path):
+def test_a_mismatched_round_is_refused_before_anything_changes(tmp_path):
     with open_device(tmp_path / "d.sqlite") as device:
-        fill(device)
-        device.train(TRAIN)
-        parameters = MODEL.num_items * (MODEL.dim + 1) + MODEL.dim * 9
-        device.note_update_sent(parameters, 4 * parameters)
+        other = MODEL.__class__(num_items=40, dim=5)
+        outcome = device.contribute(request(model=other, state=None))
+        assert outcome.status is Status.REFUSED and "model" in outcome.reason
+        with pytest.raises(ConfigError):
+            device.contribute({"round": 1})
+        assert device.store.ledger() == []
+    bad = request().state
+    bad["item_bias.weight"] = torch.zeros(39, 1)
+    with pytest.raises(ModelMismatchError, match=r"item_bias.weight has shape \(39, 1\)"):
+        RoundRequest.parse({k: v.numpy() for k, v in bad.items()}, request().items())
+
+
+def test_the_report_says_what_left_and_under_which_guarantee(tmp_path):
+    with open_device(tmp_path / "d.sqlite") as device:
+        outcome = device.contribute(request(mode="distributed", min_survivors=10))
+        device.note_sent(outcome, 1234)
         report = device.privacy_report()
-        assert report["unit"] == "event" and report["updates_sent"] == 1
-        assert report["bytes_sent"] == 4 * parameters and report["consented"]
-        assert report["epsilon_spent"] == pytest.approx(device.epsilon())
-        assert "user_vector.weight" not in report["shared_parameters"]
+        assert report.unit == "event" and report.contributions_sent == 1 and report.bytes_sent == 1234
+        assert report.epsilon_spent == pytest.approx(device.epsilon())
+        assert report.epsilon_spent < report.epsilon_local  # one share alone is much less private
+        assert "user_vector.weight" not in report.shared_parameters
+        assert any("secure sums" in s for s in report.statements)
+        recomputed = epsilon_of([Entry.from_dict(e) for e in report.entries], report.delta)
+        assert recomputed == pytest.approx(report.epsilon_spent)
