@@ -146,6 +146,13 @@ class Personalizer:
     def global_state(self) -> dict[str, torch.Tensor]:
         return self._model.global_state()
 
+    def set_global(self, state: dict[str, torch.Tensor], version: int = MODEL_VERSION) -> None:
+        """Adopt a global model published by the coordinator outside a round (validated first;
+        a round adopts its own model through ``contribute``)."""
+        checked = check_global_state(state, self.model_config, version)
+        self._model.load_global_state(checked)
+        self.store.put_state({device_state.GLOBAL_KEY: encode_tensors(checked)})
+
     @property
     def state(self) -> DeviceState:
         return read_state(self.store)

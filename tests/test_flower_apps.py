@@ -1,155 +1,130 @@
-"""The ClientApp's reply carries only the global side; the strategy rejects bad updates."""
+"""The ClientApp acts only on signed rounds and replies with its contribution and nothing else;
+the plain transport rejects any contribution an honest device could not have sent."""
 
-import time
+import json
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from device_helpers import MODEL, VOCAB, open_device, request
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from attune.client.flower_app import handle_train
 from attune.client.personalizer import Personalizer, PrivacyConfig
+from attune.client.secure_aggregation import Declined, _checked
 from attune.client.settings import DeviceSettings
-from attune.server.aggregation import AggregationConfig
-from attune.server.strategy import UpdateFedAvg
-from attune.shared.config import TrainConfig
-from attune.shared.events import Event
-from attune.shared.model import GLOBAL_PARAMS, MODEL_VERSION, ModelConfig, Personalization
-from attune.shared.records import state_to_arrays, to_config_record
-from attune.shared.signing import generate_keypair, load_private_key, sign_model
-
-MODEL = ModelConfig(num_items=40, dim=6)
-TRAIN = TrainConfig(sample_rate=0.5, noise_multiplier=1.0)
+from attune.server.transport import GridTransport
+from attune.shared.mechanism import contribution_dim, share_std
+from attune.shared.records import CONFIG, contribution_content, request_content
+from attune.shared.signing import SIGNATURE_KEY, generate_keypair, load_private_key, sign
+from attune.shared.wire import CONTRIBUTION
 
 
 @pytest.fixture
-def coordinator_key(tmp_path):
-    generate_keypair(tmp_path / "coordinator.pem", tmp_path / "coordinator.pub.pem")
-    return load_private_key(tmp_path / "coordinator.pem"), tmp_path / "coordinator.pub.pem"
-
-
-def _train_message(key=None, server_round=1, tamper=False) -> Message:
-    state = Personalization(MODEL).global_state()
-    config = to_config_record(MODEL, TRAIN)
-    config["server-round"] = server_round
-    if key is not None:
-        config["model-signature"] = sign_model(key, {k: v.numpy() for k, v in state.items()},
-                                               MODEL_VERSION, server_round)
-    if tamper:
-        state["item_bias.weight"][3, 0] += 1e-3
-    content = RecordDict({"arrays": state_to_arrays(state), "config": config})
-    return Message(content=content, dst_node_id=1, message_type="train")
-
-
-def _device(tmp_path):
-    store = tmp_path / "device.sqlite"
-    with Personalizer(str(store), model=MODEL) as device:
-        now = time.time()
-        device.record_many(Event(f"sku-{i % 15}", "view", now - 500 + i) for i in range(40))
-        device.grant_consent("test-policy-1")
-    return store
-
-
-def test_device_refuses_unsigned_tampered_replayed_or_foreign_models(tmp_path, coordinator_key):
-    key, public = coordinator_key
-    store = _device(tmp_path)
-    settings = DeviceSettings(store_path=store, privacy=PrivacyConfig(), seed=1,
-                              coordinator_public_key=public)
+def keys(tmp_path):
+    generate_keypair(tmp_path / "c.pem", tmp_path / "c.pub.pem")
     generate_keypair(tmp_path / "other.pem", tmp_path / "other.pub.pem")
-    for message in (_train_message(None), _train_message(key, tamper=True),
-                    _train_message(load_private_key(tmp_path / "other.pem"))):
-        reply = handle_train(message, settings)
-        assert "arrays" not in reply.content.array_records
-        assert reply.content.metric_records["metrics"]["error"] == 1
-    replayed = _train_message(key, server_round=1)
-    replayed.content["config"]["server-round"] = 2  # an old round's model offered again
-    assert handle_train(replayed, settings).content.metric_records["metrics"]["error"] == 1
-    with Personalizer(str(store), model=MODEL) as device:
-        assert device.privacy_report()["rounds_trained"] == 0  # nothing was adopted or trained
-    no_key = DeviceSettings(store_path=store, privacy=PrivacyConfig(), seed=1)
-    assert handle_train(_train_message(key), no_key).content.metric_records["metrics"]["error"] == 1
-    assert "arrays" in handle_train(_train_message(key), settings).content.array_records
-
-
-def test_outgoing_message_holds_only_global_parameters(tmp_path, coordinator_key):
-    key, public = coordinator_key
-    store = _device(tmp_path)
-    settings = DeviceSettings(store_path=store, privacy=PrivacyConfig(), seed=1,
-                              coordinator_public_key=public)
-    reply = handle_train(_train_message(key), settings)
-    assert set(reply.content.array_records) == {"arrays"}
-    names = set(reply.content.array_records["arrays"].keys())
-    assert names == set(GLOBAL_PARAMS)
-    assert not any("user" in n for n in names)
-    metrics = reply.content.metric_records["metrics"]
-    assert metrics["num-examples"] == 40 and metrics["trained"] == 1 and metrics["epsilon"] > 0
-    with Personalizer(str(store), model=MODEL) as device:
-        user = device._model.user_vector.weight.detach().numpy().ravel()
-    for array in reply.content.array_records["arrays"].values():  # no copy of the user vector
-        values = array.numpy().ravel()
-        assert not any(np.allclose(values[i:i + user.size], user)
-                       for i in range(0, values.size - user.size + 1, 1))
-
-
-def _reply(arrays: ArrayRecord, examples=10, version=MODEL_VERSION) -> Message:
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(
-        {"num-examples": examples, "model-version": version, "epsilon": 1.0, "loss": 0.5})})
-    return Message(content=content, dst_node_id=1, message_type="train")
+    return load_private_key(tmp_path / "c.pem"), load_private_key(tmp_path / "other.pem"), tmp_path / "c.pub.pem"
 
 
 @pytest.fixture
-def strategy():
-    s = UpdateFedAvg(MODEL, server_lr=1.0)
-    s.current = {k: torch.zeros_like(v) for k, v in Personalization(MODEL).global_state().items()}
-    return s
+def settings(tmp_path, keys):
+    open_device(tmp_path / "d.sqlite").close()
+    vocabulary = tmp_path / "vocabulary.json"
+    vocabulary.write_text(json.dumps(list(VOCAB.ids)))
+    return DeviceSettings(store_path=tmp_path / "d.sqlite", privacy=PrivacyConfig(), vocabulary_path=vocabulary,
+                          coordinator_public_key=keys[2])
 
 
-def _update(fill: float) -> dict:
-    return {k: torch.full_like(v, fill) for k, v in Personalization(MODEL).global_state().items()}
+def _message(key, round_request, tamper=None) -> Message:
+    content = request_content(round_request, None if key is None else sign(key, round_request.arrays(),
+                                                                             round_request.items()))
+    if tamper is not None:
+        tamper(content)
+    return Message(content=content, dst_node_id=1, message_type="train")
 
 
-def test_bad_updates_are_rejected_and_never_reach_the_aggregate(strategy):
-    good = _update(1.0)
-    nan = dict(_update(0.0), **{"item_bias.weight": torch.full((40, 1), float("nan"))})
-    inf = dict(_update(0.0), **{"item_bias.weight": torch.full((40, 1), float("inf"))})
-    shape = dict(_update(0.0), **{"item_bias.weight": torch.zeros(41, 1)})
-    dtype = {k: v.double() for k, v in _update(5.0).items()}
-    truncated = state_to_arrays(_update(5.0))
-    blob = truncated["item_bias.weight"]
-    truncated["item_bias.weight"] = Array(dtype=blob.dtype, shape=blob.shape,
-                                          stype=blob.stype, data=blob.data[:-7])
-    replies = [
-        _reply(state_to_arrays(good)),
-        _reply(state_to_arrays(nan)),
-        _reply(state_to_arrays(inf)),
-        _reply(state_to_arrays(shape)),
-        _reply(ArrayRecord({k: Array(v.numpy()) for k, v in dtype.items()})),
-        _reply(state_to_arrays(_update(9.0)), version=MODEL_VERSION + 1),
-        _reply(truncated),
-    ]
-    arrays, metrics = strategy.aggregate_train(1, replies)
-    assert metrics["devices-trained"] == 1 and metrics["devices-rejected"] == 6
-    for _name, array in arrays.items():
-        np.testing.assert_allclose(array.numpy(), 1.0)  # only the good update counted
+def _sent(reply: Message) -> bool:
+    return bool(reply.content.array_records)
 
 
-def test_weighted_mean_of_updates_with_server_lr(strategy):
-    strategy.server.lr = 2.0
-    replies = [_reply(state_to_arrays(_update(1.0)), examples=30),
-               _reply(state_to_arrays(_update(3.0)), examples=10)]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    np.testing.assert_allclose(arrays["item_bias.weight"].numpy(), 2.0 * (0.75 * 1 + 0.25 * 3))
+def test_the_device_acts_only_on_what_the_coordinator_signed(settings, keys):
+    key, other, _ = keys
+
+    def lower_noise(content):
+        content[CONFIG]["noise-multiplier"] = 0.3  # changed after signing
+
+    def change_model(content):
+        arrays = content.array_records["arrays"]
+        bias = arrays["item_bias.weight"].numpy().copy()
+        bias[3, 0] += 1e-3
+        arrays["item_bias.weight"] = Array(bias)
+
+    def change_run(content):
+        content[CONFIG]["run-id"] = "another-run"
+
+    for bad in (_message(None, request()), _message(other, request()), _message(key, request(), lower_noise),
+                _message(key, request(), change_model), _message(key, request(), change_run)):
+        assert not _sent(handle_train(bad, settings))
+    with Personalizer(settings.store_path, model=MODEL, vocabulary=VOCAB) as device:
+        assert device.store.ledger() == [] and device.state.rounds_joined == 0  # nothing adopted or paid
+    assert _sent(handle_train(_message(key, request(round=1)), settings))
+    assert not _sent(handle_train(_message(key, request(round=1)), settings))  # the same round, replayed
 
 
-def test_update_over_the_clip_bound_is_rejected():
-    strategy = UpdateFedAvg(MODEL, aggregation=AggregationConfig(update_clip=5.0))
-    strategy.current = {k: torch.zeros_like(v) for k, v in Personalization(MODEL).global_state().items()}
-    small = _update(0.0)
-    small["item_bias.weight"][0, 0] = 4.0  # norm 4: within the bound
-    huge = _update(0.0)
-    huge["item_bias.weight"][0, 0] = 1e6
-    replies = [_reply(state_to_arrays(small)), _reply(state_to_arrays(huge))]
-    arrays, metrics = strategy.aggregate_train(1, replies)
-    assert metrics["devices-trained"] == 1 and metrics["devices-rejected"] == 1
-    assert "over the clip bound" in strategy.last_stats.rejections[0]
-    assert float(arrays["item_bias.weight"].numpy()[0, 0]) == 4.0
+def test_the_reply_holds_the_contribution_and_nothing_else(settings, keys):
+    reply = handle_train(_message(keys[0], request()), settings)
+    assert set(reply.content.array_records) == {CONTRIBUTION}
+    assert not reply.content.metric_records and not reply.content.config_records
+    (array,) = reply.content.array_records[CONTRIBUTION].values()
+    assert array.numpy().shape == (contribution_dim(MODEL),) and array.numpy().dtype == np.int64
+
+
+def test_a_distributed_round_is_refused_outside_secure_aggregation(settings, keys):
+    reply = handle_train(_message(keys[0], request(mode="distributed", min_survivors=5)), settings)
+    assert not _sent(reply)
+
+
+def test_the_device_refuses_to_unmask_a_device_listed_alive_and_dropped():
+    message = Message(content=RecordDict({"secaggplus_configs": ConfigRecord(
+        {"stage": "unmask", "active_nids": [1, 2, 3], "dead_nids": [3]})}),
+        dst_node_id=1, message_type="train")
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(Declined, match="alive and dropped"):
+        _checked(message, context, lambda msg, ctxt: msg)
+
+
+class _Replies:
+    """A Grid whose devices send the given replies."""
+
+    def __init__(self, contents):
+        self.contents = contents
+
+    def get_node_ids(self):
+        return list(range(len(self.contents)))
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [Message(content=content, reply_to=msg) for msg, content in zip(messages, self.contents, strict=True)]
+
+
+def test_contributions_no_honest_device_could_send_are_rejected():
+    round_request = request()
+    dim, config = contribution_dim(MODEL), round_request.config
+    good = torch.zeros(dim, dtype=torch.long)
+    good[5] = 1000
+    huge = torch.full((dim,), 10**12, dtype=torch.long)
+    two = contribution_content(good)
+    two.array_records[CONTRIBUTION]["extra"] = Array(np.zeros(3))
+    truncated = contribution_content(good)
+    blob = truncated.array_records[CONTRIBUTION][CONTRIBUTION]
+    truncated.array_records[CONTRIBUTION][CONTRIBUTION] = Array(dtype=blob.dtype, shape=blob.shape,
+                                                                stype=blob.stype, data=blob.data[:-7])
+    replies = [contribution_content(good), contribution_content(huge), contribution_content(good.double()),
+               contribution_content(good[:-1]), two, truncated, RecordDict(),
+               contribution_content(torch.full((dim,), float("nan"), dtype=torch.float64))]
+    transport = GridTransport(_Replies(replies), lambda r: None)
+    collected = transport.collect(round_request, list(range(len(replies))), 1)
+    assert collected.contributors == [0] and collected.rejected == 6 and collected.refused == 1
+    assert torch.equal(collected.total, good)
+    assert any("over the bound" in reason for reason in collected.rejections)
+    assert share_std(config) > 0

@@ -5,11 +5,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from device_helpers import request
 
 from attune.client.export import load_scorer
-from attune.client.personalizer import Personalizer, PrivacyConfig
+from attune.client.personalizer import Personalizer, Status
 from attune.client.ranking import mmr_order
-from attune.shared.config import TrainConfig
 from attune.shared.events import Event, EventContext
 from attune.shared.metrics import intra_list_diversity
 from attune.shared.model import ModelConfig, Personalization
@@ -33,8 +33,7 @@ def _clustered_global() -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def device(tmp_path):
-    with Personalizer(str(tmp_path / "r.sqlite"), model=MODEL, vocabulary=VOCAB,
-                      privacy=PrivacyConfig(min_events=5), seed=5) as opened:
+    with Personalizer(tmp_path / "r.sqlite", model=MODEL, vocabulary=VOCAB, simulation_seed=(0, 5)) as opened:
         opened.set_global(_clustered_global())
         opened.grant_consent("policy-1")
         yield opened
@@ -81,8 +80,8 @@ def test_explain_names_the_persons_events_behind_a_score(device):
 def test_exported_scorer_gives_the_same_scores_outside_the_personalizer(device, tmp_path):
     now = time.time()
     device.record_many(Event(f"item{i % 7}", "click", now - 900 + i) for i in range(30))
-    outcome = device.train(TrainConfig(sample_rate=1.0, local_epochs=1, noise_multiplier=1.0))
-    assert outcome.status == "trained"
+    outcome = device.contribute(request(state=_clustered_global(), model=MODEL))
+    assert outcome.status is Status.CONTRIBUTED
     path = device.export_scorer(tmp_path / "scorer.pt2")
     scorer, vocabulary = load_scorer(path)
     assert vocabulary["ids"] == list(VOCAB.ids)

@@ -2,14 +2,16 @@
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from attune.server.config import ServerConfig
 from attune.simulations.datasets import synthetic
 from attune.simulations.evaluation import leave_one_out
 from attune.simulations.report import beyond_accuracy
-from attune.simulations.runner import DataSource, SimulationConfig, server_config, simulate
+from attune.simulations.runner import DataSource, SimulationConfig, simulate
 
 
 def test_beyond_accuracy_matches_a_plain_reference():
@@ -50,11 +52,9 @@ def test_beyond_accuracy_matches_a_plain_reference():
 
 
 def test_fast_backend_results_carry_the_metrics(tmp_path):
-    server = server_config(rounds=1, clients_per_round=0, local_epochs=1.0, user_epochs=1.0,
-                           epsilon=8.0, delta=1e-5, noise_multiplier=None, max_grad_norm=1.0,
-                           sample_rate=1.0, lr=1.0, user_lr=0.5, server_lr=10.0, dim=8, no_dp=False, seed=1)
-    results = simulate(SimulationConfig(DataSource("synthetic", synthetic_users=40), server, tmp_path,
-                                        backend="fast"))
+    server = replace(ServerConfig.preset("distributed", rounds=2, target_epsilon=4.0), seed=1)
+    server = replace(server, model=replace(server.model, dim=8))
+    results = simulate(SimulationConfig(DataSource("synthetic", synthetic_users=40), server, tmp_path))
     metrics = results["beyond_accuracy"]
     assert metrics["hr@10_personal"] == pytest.approx(results["final"]["hr@10"], abs=1e-6)
     assert 0 < metrics["catalog_coverage@10"] <= 1 and len(metrics["hr@10_by_activity_decile"]) == 10
