@@ -37,6 +37,7 @@ class Checkpoint:
     plan: Plan | None = None
     device_level: list[Entry] = field(default_factory=list)  # the device-level ledger
     participation: dict[int, int] = field(default_factory=dict)  # device -> rounds contributed
+    params: torch.Tensor | None = None  # the flattened model in float64: a resumed run continues exactly
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -66,7 +67,8 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
                 "state": {k: t.detach().clone() for k, t in checkpoint.state.items()},
                 "optimizer": checkpoint.optimizer, "run_id": checkpoint.run_id,
                 "plan": _plan_dict(checkpoint.plan), "device_level": ledger_to_json(checkpoint.device_level),
-                "participation": {str(k): int(v) for k, v in checkpoint.participation.items()}}, buffer)
+                "participation": {str(k): int(v) for k, v in checkpoint.participation.items()},
+                "params": checkpoint.params}, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest().encode()
     path = directory / f"global_round_{checkpoint.round:04d}.pt"
@@ -93,7 +95,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         return Checkpoint(round=int(payload["round"]), state=payload["state"], optimizer=payload["optimizer"],
                           run_id=str(payload["run_id"]), plan=plan,
                           device_level=ledger_from_json(payload["device_level"]),
-                          participation={int(k): int(v) for k, v in payload["participation"].items()})
+                          participation={int(k): int(v) for k, v in payload["participation"].items()},
+                          params=payload["params"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttuneError) as error:
         raise StoreError(f"checkpoint {path} cannot be read: {error}") from None
 

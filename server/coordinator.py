@@ -116,7 +116,8 @@ def _resume(config: ServerConfig, fresh: RunState) -> RunState:
         raise StoreError(f"resume=true but no checkpoint in {config.out_dir / 'checkpoints'} verifies: "
                          "refusing to restart from round 1 with an empty ledger")
     fresh.optimizer.load_state_dict(found.optimizer)
-    return RunState(run_id=found.run_id, round=found.round, params=flatten(found.state),
+    params = found.params if found.params is not None else flatten(found.state)
+    return RunState(run_id=found.run_id, round=found.round, params=params,
                     optimizer=fresh.optimizer, plan=fresh.plan if found.plan is None else found.plan,
                     device_level=found.device_level, participation=Counter(found.participation))
 
@@ -151,7 +152,7 @@ def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | No
             save_checkpoint(config.out_dir / "checkpoints", Checkpoint(
                 round=server_round, state=_state_dict(state, config), optimizer=state.optimizer.state_dict(),
                 run_id=state.run_id, plan=run_plan, device_level=state.device_level,
-                participation=dict(state.participation)))
+                participation=dict(state.participation), params=state.params))
             with (config.out_dir / "rounds.jsonl").open("a") as handle:
                 handle.write(json.dumps(asdict(record)) + "\n")
         if on_round is not None:
@@ -166,8 +167,12 @@ def _state_dict(state: RunState, config: ServerConfig) -> dict[str, torch.Tensor
 def _round(transport: Transport, config: ServerConfig, state: RunState, cohort: list[int],
            server_round: int) -> RoundRecord:
     run_plan = state.plan
+    guarantee = 0.0
+    if run_plan.device_level_noise > 0:  # what the released model will guarantee after this round
+        guarantee = epsilon_of([*state.device_level, run_plan.device_level_entry()], config.device_level_delta)
     request = RoundRequest(run_id=state.run_id, round=server_round, model=config.model, config=run_plan.round,
-                           state=_state_dict(state, config))
+                           state=_state_dict(state, config), device_level_epsilon=guarantee,
+                           device_level_delta=config.device_level_delta if guarantee else 0.0)
     survivors = run_plan.round.min_survivors if run_plan.round.privacy is PrivacyMode.DISTRIBUTED else 1
     collected = transport.collect(request, cohort, survivors) if cohort else Collected(None, [])
     if collected.total is not None and len(collected.contributors) < survivors:  # never release it
