@@ -18,9 +18,12 @@ CUTOFF = 10
 
 
 def rank_of_first(scores: np.ndarray) -> np.ndarray:
-    """0-based rank of column 0 within each row (ties count half: expected random tie-break)."""
+    """0-based rank of column 0 within each row (ties count half: expected random tie-break); a
+    row with a non-finite score ranks its target last (a diverged model hits nothing)."""
     target = scores[:, :1]
-    return (scores > target).sum(axis=1) + 0.5 * ((scores == target).sum(axis=1) - 1)
+    rank = (scores > target).sum(axis=1) + 0.5 * ((scores == target).sum(axis=1) - 1)
+    broken = ~np.isfinite(scores).all(axis=1)
+    return np.where(broken, scores.shape[1] - 1, rank)
 
 
 def hit_and_ndcg(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,33 +1,31 @@
-"""The in-process backend and Flower's simulation engine give the same global model (DP on)."""
+"""The in-process backend and Flower's simulation engine (real apps, real SecAgg+) release the
+same sums and so give the same global model, epsilon and quality."""
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 from attune.server.checkpoint import load_checkpoint
-from attune.simulations.runner import DataSource, SimulationConfig, server_config, simulate
+from attune.server.config import ServerConfig
+from attune.simulations.runner import DataSource, SimulationConfig, simulate
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("context", [True, False], ids=["device-by-device", "batched-cohort"])
-def test_fast_and_flower_backends_agree_after_two_rounds(tmp_path, context):
-    # without context features and with the user vector frozen in the global phase, the fast
-    # backend trains the cohort in batched steps (attune.simulations.cohort)
-    server = server_config(rounds=2, clients_per_round=0, local_epochs=1.0, user_epochs=1.0,
-                           epsilon=8.0, delta=1e-5, noise_multiplier=None, max_grad_norm=1.0,
-                           sample_rate=0.5, lr=1.0, user_lr=0.5, server_lr=10.0, dim=8,
-                           no_dp=False, seed=5, context=context, joint_user=context)
-    source = DataSource("synthetic", synthetic_users=30)
-    results = {}
-    for backend in ("fast", "flower"):
-        results[backend] = simulate(SimulationConfig(source, server, tmp_path / backend, backend=backend))
-    fast_checkpoint = load_checkpoint(tmp_path / "fast" / "checkpoints" / "global_final.pt")
-    flower_checkpoint = load_checkpoint(tmp_path / "flower" / "checkpoints" / "global_final.pt")
-    fast_round, fast = fast_checkpoint.round, fast_checkpoint.state
-    flower_round, flower = flower_checkpoint.round, flower_checkpoint.state
-    assert fast_round == flower_round == 2
-    for name in flower:
-        # same numbers up to float32 summation order in aggregation
-        torch.testing.assert_close(fast[name], flower[name], rtol=1e-5, atol=1e-6)
-    assert results["fast"]["privacy"]["epsilon_max"] == pytest.approx(
-        results["flower"]["privacy"]["epsilon_max"], rel=1e-9)
+@pytest.mark.parametrize("mode", ["distributed", "local"])
+def test_fast_and_flower_backends_agree(tmp_path, mode):
+    server = ServerConfig.preset(mode, rounds=2, seed=5, target_epsilon=4.0)
+    server = replace(server, model=replace(server.model, dim=8))
+    source = DataSource("synthetic", synthetic_users=12)
+    results = {backend: simulate(SimulationConfig(source, server, tmp_path / backend, backend=backend,
+                                                  noise="per-device", evaluations=1))
+               for backend in ("fast", "flower")}
+    fast = load_checkpoint(tmp_path / "fast" / "checkpoints" / "global_final.pt")
+    flower = load_checkpoint(tmp_path / "flower" / "checkpoints" / "global_final.pt")
+    assert fast.round == flower.round == 2
+    for name in flower.state:  # the same integers summed: the same model up to float rounding
+        torch.testing.assert_close(fast.state[name], flower.state[name], rtol=1e-5, atol=1e-6)
+    assert results["flower"]["privacy"]["trust"]["secure_aggregation"] == (
+        "flower-secagg+ (hardened)" if mode == "distributed" else "none")
+    assert results["fast"]["privacy"]["epsilon"] == pytest.approx(results["flower"]["privacy"]["epsilon"], rel=1e-9)
     assert results["fast"]["final"]["hr@10"] == pytest.approx(results["flower"]["final"]["hr@10"], abs=1e-6)

@@ -1,4 +1,5 @@
-"""Bad input to the CLI exits non-zero with one line saying what is wrong (no traceback)."""
+"""The ``attune`` command: bad input exits non-zero with one line saying what is wrong (no
+traceback, before any work), a diverged run says so, and the CSV loader reads what it should."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ from attune.simulations.datasets import load_csv
 
 def attune(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "attune.simulations.cli", *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize(
@@ -20,17 +21,45 @@ def attune(*args: str) -> subprocess.CompletedProcess:
         (["--dataset", "movielens", "--data", "/no/such/dir"], "u.data not found"),
         (["--dataset", "csv", "--data", "/no/such.csv"], "not found"),
         (["--dataset", "csv"], "--data is required"),
-        (["--epsilon", "0"], "--epsilon must be > 0"),
-        (["--epsilon", "-3"], "--epsilon must be > 0"),
+        (["--epsilon", "0"], "target_epsilon must be a finite number > 0"),
+        (["--epsilon", "nan"], "target_epsilon must be a finite number > 0"),
+        (["--epsilon", "inf"], "target_epsilon must be a finite number > 0"),
         (["--dataset", "nope"], "unknown dataset"),
+        (["--aggregation", "foo"], "aggregation must be one of"),
+        (["--dim", "0"], "dim must be an integer >= 1"),
+        (["--mode", "secret"], "privacy mode must be one of"),
+        (["--mode", "off", "--epsilon", "8"], "target_epsilon needs a private mode"),
+        (["--backend", "nope"], "unknown backend"),
+        (["--clients-per-round", "5000"], "only 150 devices"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, message):
     result = attune("simulate", "--out", str(tmp_path / "o"), *args)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_out_pointing_at_a_file_fails_before_any_work(tmp_path):
+    target = tmp_path / "results.json"
+    target.write_text("{}")
+    result = attune("simulate", "--out", str(target))
+    assert result.returncode == 2 and "is a file" in result.stderr and target.read_text() == "{}"
+
+
+def test_a_diverged_run_says_so_and_exits_non_zero(tmp_path):
+    result = attune("simulate", "--mode", "off", "--server-lr", "1e30", "--rounds", "3", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "diverged" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_run_writes_its_results_and_one_plain_line_per_round(tmp_path):
+    result = attune("simulate", "--rounds", "2", "--synthetic-users", "30", "--dim", "8", "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("round ")]
+    assert [line.split(":")[0] for line in lines] == ["round 1/2", "round 2/2"]  # not a terminal: plain lines
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["privacy"]["mode"] == "distributed" and results["dataset"]["users"] == 30
 
 
 def test_csv_without_named_columns_and_bad_timestamps(tmp_path):

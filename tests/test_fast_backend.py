@@ -1,56 +1,79 @@
-"""The in-process backend runs the same training code and reports recomputable privacy."""
+"""The in-process backend: results that state their guarantee and recompute with dp-accounting,
+every algorithm in every mode, devices that refuse what a phone would, and runs that repeat."""
 
+import json
+from dataclasses import replace
+
+import dp_accounting
 import pytest
+from dp_accounting import rdp
 
-from attune.shared.accounting import epsilon_of
-from attune.simulations.runner import DataSource, SimulationConfig, server_config, simulate
+from attune.server.config import ServerConfig
+from attune.shared.accounting import ORDERS, epsilon_of, ledger_from_json
+from attune.shared.errors import ConfigError
+from attune.simulations.runner import DataSource, SimulationConfig, simulate
+
+SOURCE = DataSource("synthetic", synthetic_users=40)
 
 
-def test_fast_backend_private_run_reports_recomputable_epsilon(tmp_path):
-    server = server_config(rounds=2, clients_per_round=0, local_epochs=1.0, user_epochs=1.0,
-                           epsilon=4.0, delta=1e-5, noise_multiplier=None, max_grad_norm=1.0,
-                           sample_rate=1.0, lr=1.0, user_lr=0.5, server_lr=10.0, dim=8,
-                           no_dp=False, seed=1)
-    config = SimulationConfig(DataSource("synthetic", synthetic_users=40), server, tmp_path, backend="fast")
-    results = simulate(config)
+def _server(mode="distributed", **changes):
+    server = ServerConfig.preset(mode, rounds=3, seed=1, **changes)
+    return replace(server, model=replace(server.model, dim=8))
+
+
+def test_results_state_the_guarantee_and_recompute_with_dp_accounting(tmp_path):
+    results = simulate(SimulationConfig(SOURCE, _server(target_epsilon=4.0), tmp_path))
     privacy = results["privacy"]
-    assert results["backend"] == "fast" and privacy["steps_max"] == 4
-    assert privacy["epsilon_max"] == pytest.approx(4.0, abs=0.05)
-    recomputed = epsilon_of([(privacy["noise_multiplier"], privacy["sample_rate"], privacy["steps_max"])],
-                            privacy["delta"])
-    assert recomputed == pytest.approx(privacy["epsilon_max"], abs=1e-5)
-    assert len(results["rounds"]) == 2 and (tmp_path / "curve.png").exists()
+    assert privacy["mode"] == "distributed" and "secure sums" in privacy["statement"]
+    assert privacy["trust"] == {"secure_aggregation": "simulated: the sum is computed directly",
+                                "min_survivors": 32, "colluders": 0}
+    assert privacy["epsilon"] == pytest.approx(4.0, abs=0.01) and privacy["epsilon_local"] > 4.0
+    ledger = ledger_from_json(privacy["history_max"])
+    assert epsilon_of(ledger, privacy["delta"]) == pytest.approx(privacy["epsilon"], abs=1e-5)
+    accountant = rdp.RdpAccountant(orders=list(ORDERS))
+    for entry in ledger:  # the discrete Gaussian sums here have tau * dim below 1e-12: Gaussian events
+        assert entry.tau * entry.dim < 1e-12
+        accountant.compose(dp_accounting.GaussianDpEvent(entry.z), entry.count)
+    assert accountant.get_epsilon(privacy["delta"]) == pytest.approx(privacy["epsilon"], rel=1e-3)
+    assert "seed" in privacy["noise_source"] and results["rounds"][-1]["epsilon"] == pytest.approx(privacy["epsilon"],
+                                                                                                    abs=1e-5)
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "results.json").read_text())["privacy"] == privacy
 
 
-@pytest.mark.parametrize("algorithm", ["global", "finetune", "partial-local", "ditto", "ifca"])
-def test_each_algorithm_trains_privately_and_reports(tmp_path, algorithm):
-    server = server_config(rounds=2, clients_per_round=0, local_epochs=1.0, user_epochs=1.0,
-                           epsilon=8.0, delta=1e-5, noise_multiplier=None, max_grad_norm=1.0,
-                           sample_rate=1.0, lr=1.0, user_lr=0.5, server_lr=10.0, dim=8,
-                           no_dp=False, seed=1)
-    results = simulate(SimulationConfig(DataSource("synthetic", synthetic_users=40), server, tmp_path,
-                                        backend="fast", algorithm=algorithm))
+@pytest.mark.parametrize("mode", ["distributed", "local", "off"])
+@pytest.mark.parametrize("algorithm", ["partial-local", "ditto", "global"])
+def test_every_algorithm_runs_in_every_mode(tmp_path, mode, algorithm):
+    results = simulate(SimulationConfig(SOURCE, _server(mode), tmp_path, algorithm=algorithm, evaluations=1))
     metrics = results["beyond_accuracy"]
     assert results["algorithm"] == metrics["algorithm"] == algorithm
-    privacy = results["privacy"]
-    assert 0 < privacy["epsilon_max"] <= 8.0 + 1e-6  # every algorithm is accounted
-    recomputed = epsilon_of([tuple(entry) for entry in privacy["history_max"]], privacy["delta"])
-    assert recomputed == pytest.approx(privacy["epsilon_max"], abs=1e-5)
-    if algorithm == "ifca":  # training and two private segment choices, within the budget
-        assert privacy["history_max"][1] == [2.0 / privacy["choice_epsilon"], 1.0, 2]
-        assert privacy["epsilon_max"] == pytest.approx(8.0, abs=0.05)
-        assert sum(metrics["segments"]) == 40
+    assert (results["privacy"]["epsilon"] is None) == (mode == "off")
     if algorithm == "global":  # one shared model: personalization changes nobody's ranking
         assert metrics["share_users_helped"] == metrics["share_users_hurt"] == 0.0
     else:
         assert metrics["share_users_helped"] > 0
 
 
-def test_other_algorithms_need_the_fast_backend(tmp_path):
-    from attune.shared.errors import ConfigError
+def test_devices_refuse_what_a_phone_would(tmp_path):
+    """A noise below the devices' floor: every device declines, nothing is learned, and the run
+    says so instead of reporting a model."""
+    server = _server(target_epsilon=None, round=replace(_server().round, noise_multiplier=0.5))
+    results = simulate(SimulationConfig(SOURCE, server, tmp_path, evaluations=1))
+    assert all(r["contributed"] == 0 and r["refused"] == 40 for r in results["rounds"])
 
-    server = server_config(rounds=1, clients_per_round=0, local_epochs=1.0, user_epochs=1.0,
-                           epsilon=8.0, delta=1e-5, noise_multiplier=None, max_grad_norm=1.0,
-                           sample_rate=1.0, lr=1.0, user_lr=0.5, server_lr=10.0, dim=8, no_dp=False, seed=1)
-    with pytest.raises(ConfigError, match="fast backend only"):
-        SimulationConfig(DataSource("synthetic"), server, tmp_path, backend="flower", algorithm="ditto")
+
+def test_the_same_seed_gives_the_same_run(tmp_path):
+    first = simulate(SimulationConfig(SOURCE, _server(), tmp_path / "a", evaluations=1))
+    again = simulate(SimulationConfig(SOURCE, _server(), tmp_path / "b", evaluations=1))
+    assert [r["hr@10"] for r in first["rounds"]] == [r["hr@10"] for r in again["rounds"]]
+    assert first["final"] == again["final"]
+
+
+def test_bad_simulation_settings_fail_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for bad in (dict(backend="nope"), dict(algorithm="nope"), dict(noise="nope"), dict(availability=0.0),
+                dict(evaluations=0)):
+        with pytest.raises(ConfigError):
+            SimulationConfig(SOURCE, _server(), tmp_path, **bad)
+    with pytest.raises(ConfigError, match="is a file"):
+        SimulationConfig(SOURCE, _server(), tmp_path / "file")
