@@ -43,7 +43,7 @@ class ServerConfig:
     delta: float = knob(1e-5, "delta of the event-level guarantee")
     user_share: float = knob(0.3, "share of the event-level budget spent on refreshing user vectors")
     user_refreshes: int = knob(10, "user-vector refreshes a device makes over its planned rounds")
-    min_survivor_fraction: float = knob(0.8, "distributed: share of a round's cohort whose noise shares "
+    min_survivor_fraction: float = knob(0.9, "distributed: share of a round's cohort whose noise shares "
                                         "must be in the released sum")
     device_level_noise: float = knob(0.0, "device-level DP (DP-FedAvg) noise multiplier on the sum; 0: off")
     device_level_epsilon: float | None = knob(None, "device-level epsilon over all rounds (calibrates the "
@@ -126,13 +126,20 @@ class ServerConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> ServerConfig:
         """Read Flower's run config: ``kebab-case`` field names of this class, its ``model`` and its
-        ``round`` (``num-server-rounds`` is ``rounds``), starting from the preset named by
-        ``mode``. Unknown keys fail; ``0`` or ``""`` mean unset for optional values."""
+        ``round`` (``num-server-rounds`` is ``rounds``). Unknown keys fail. ``pyproject.toml`` lists
+        every key at the ``distributed`` preset (``run_config_defaults``): a key left at that value
+        takes the preset of the chosen ``mode`` instead; ``0``, ``""`` or ``-1`` mean unset for
+        optional values."""
         known = run_config_keys()
+        listed = run_config_defaults()
+        mode = str(run_config.get("mode", PrivacyMode.DISTRIBUTED.value))
+        base = cls.preset(mode)
         values: dict[str, dict[str, object]] = {"": {}, "model": {}, "round": {}}
         for key, value in run_config.items():
             if key not in known:
                 raise ConfigError(f"unknown run config key {key!r}")
+            if key != "mode" and value == listed[key] and type(value) is type(listed[key]):
+                continue  # left at the listed default: the mode's preset applies
             section, name = known[key]
             values[section][name] = value
         top = values[""]
@@ -140,10 +147,8 @@ class ServerConfig:
             if name in top:
                 top[name] = Path(str(top[name])) if top[name] else None
         for name in ("target_epsilon", "device_level_epsilon", "noise_seed"):
-            if top.get(name) in (0, 0.0, "", -1):
+            if top.get(name, "set") in (0, 0.0, "", -1):
                 top[name] = None
-        mode = values["round"].get("mode", PrivacyMode.DISTRIBUTED.value)
-        base = cls.preset(str(mode))
         try:
             return replace(base, **top, model=replace(base.model, **values["model"]),  # type: ignore[arg-type]
                            round=replace(base.round, **values["round"]))
@@ -157,6 +162,22 @@ PRESET_CHANGES: dict[PrivacyMode, dict[str, object]] = {
     PrivacyMode.LOCAL: {"secure_aggregation": False},
     PrivacyMode.OFF: {"target_epsilon": None, "secure_aggregation": False, "server_lr": 0.03},
 }
+
+
+_UNSET = {"out_dir": "", "signing_key": "", "target_epsilon": 0.0, "device_level_epsilon": 0.0, "noise_seed": -1}
+
+
+def run_config_defaults(mode: PrivacyMode | str = PrivacyMode.DISTRIBUTED) -> dict[str, object]:
+    """Every run config key with the value of ``mode``'s preset (``pyproject.toml`` lists these;
+    unset optional values are written as ``""``, ``0.0`` or ``-1``, which ``from_run_config``
+    reads back as unset)."""
+    config = ServerConfig.preset(mode)
+    out: dict[str, object] = {}
+    for key, (section, name) in run_config_keys().items():
+        holder = {"": config, "model": config.model, "round": config.round}[section]
+        value = getattr(holder, name)
+        out[key] = _UNSET.get(name, value) if value is None else value
+    return out
 
 
 def run_config_keys() -> dict[str, tuple[str, str]]:

@@ -40,7 +40,6 @@ class FederationConfig:
     host: str = "127.0.0.1"
     port: int = 18000
     insecure: bool = False
-    min_events: int = 5
     node_config: dict[str, str | int | float | bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -141,7 +140,7 @@ class LocalFederation:
         config = self.config
         node_config: dict = {"store-path": config.stores[index].resolve(),
                              "coordinator-public-key": self.credentials.verify_key,
-                             "min-events": config.min_events, **config.node_config}
+                             **config.node_config}
         if config.vocabulary is not None:
             node_config["vocabulary-path"] = config.vocabulary.resolve()
         security = ["--insecure"] if config.insecure else [

@@ -122,12 +122,19 @@ class _RoundStrategy(Strategy):
 
 
 class _Workflow(SecAggPlusWorkflow):
-    """SecAgg+ that stops before unmasking when too few devices' vectors are in the sum."""
+    """SecAgg+ that stops before unmasking when too few devices' vectors are in the sum, and that
+    does not try to rebuild the masks of a device that left before sharing its keys (Flower 1.42
+    keeps it among the sampled devices, finds no shares for it, and halts the whole round)."""
 
     def __init__(self, min_survivors: int, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.min_survivors = min_survivors
         self.stopped = ""
+
+    def share_keys_stage(self, grid, context, state) -> bool:  # type: ignore[no-untyped-def]
+        done = super().share_keys_stage(grid, context, state)
+        state.sampled_node_ids = set(state.active_node_ids)  # only these shared keys and masked with others
+        return done
 
     def unmask_stage(self, grid, context, state) -> bool:  # type: ignore[no-untyped-def]
         if len(state.active_node_ids) < self.min_survivors:

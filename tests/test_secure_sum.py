@@ -83,7 +83,8 @@ def test_the_cohort_is_capped_so_the_sum_cannot_wrap():
 
 def _config(directory, log, **changes):
     base = ServerConfig.preset("distributed", rounds=2, min_clients=log.num_users, target_epsilon=2.0,
-                               signing_key=directory / "coordinator.pem", noise_seed=3, seed=3)
+                               signing_key=directory / "coordinator.pem", noise_seed=3, seed=3,
+                               min_survivor_fraction=0.8)
     return replace(base, model=replace(base.model, num_items=log.num_items, dim=4, use_context=False), **changes)
 
 
@@ -133,3 +134,14 @@ def test_too_few_survivors_abort_the_round_before_unmasking(tmp_path):
 
     for name, value in initial_state(config).items():  # nothing was released, the model did not move
         torch.testing.assert_close(states[0][name], value)
+
+
+@pytest.mark.parametrize("drop_after", [0, 1])
+def test_a_device_gone_before_sharing_its_keys_does_not_halt_the_round(tmp_path, drop_after):
+    """Flower 1.42 would look for the key shares of a device that never sent any and halt."""
+    log, _, vocabulary = simulated_devices(tmp_path, users=5, seed=6)
+    grid = device_grid(tmp_path, 5, vocabulary, seed=6)
+    grid.drop_after[1] = drop_after
+    config = _config(tmp_path, log, rounds=1)
+    history = run(transport_for(grid, config), config)
+    assert history[0].contributed == 4 and history[0].aborted == ""
