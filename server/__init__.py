@@ -1,5 +1,6 @@
-"""Coordinator side: the Flower ServerApp (``app``), round loop, strategy and checkpoints."""
+"""Coordinator side: the Flower ServerApp (``attune.server.app``), the round loop and its transports."""
 
 from attune.server.config import ServerConfig
+from attune.server.coordinator import RoundRecord, run
 
-__all__ = ["ServerConfig"]
+__all__ = ["RoundRecord", "ServerConfig", "run"]

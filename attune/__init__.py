@@ -1,0 +1,52 @@
+"""Attune: private, on-device personalization.
+
+The app developer's names live here (``from attune import Personalizer, Event``), with every error
+Attune raises on purpose (``attune.shared.errors``). Coordinators use ``attune.server``;
+researchers the ``attune`` command and ``attune.simulations``.
+"""
+
+from attune.client.personalizer import Contribution, Personalizer, Ranked, Status, Support
+from attune.client.policy import PrivacyConfig
+from attune.client.report import PrivacyReport, RoundSpent
+from attune.client.store import Retention, StoredEvent
+from attune.shared.config import PrivacyMode, RoundConfig
+from attune.shared.errors import (
+    AttuneError,
+    ConfigError,
+    DataError,
+    InvalidEventError,
+    ModelMismatchError,
+    SignatureError,
+    StoreError,
+    WrongKeyError,
+)
+from attune.shared.events import Event, EventContext
+from attune.shared.model import ModelConfig
+from attune.shared.vocabulary import Vocabulary
+
+__all__ = [
+    "AttuneError",
+    "ConfigError",
+    "Contribution",
+    "DataError",
+    "Event",
+    "EventContext",
+    "InvalidEventError",
+    "ModelConfig",
+    "ModelMismatchError",
+    "Personalizer",
+    "PrivacyConfig",
+    "PrivacyMode",
+    "PrivacyReport",
+    "Ranked",
+    "Retention",
+    "RoundConfig",
+    "RoundSpent",
+    "SignatureError",
+    "Status",
+    "StoreError",
+    "StoredEvent",
+    "Support",
+    "Vocabulary",
+    "WrongKeyError",
+]
