@@ -119,6 +119,12 @@ class Personalizer:
     def close(self) -> None:
         self.store.close()
 
+    @staticmethod
+    def destroy(store_path: str | Path) -> None:
+        """Delete a device's store without opening it (for a store that is corrupt or whose key
+        is lost): overwritten with zeros, then removed."""
+        EventStore.destroy(store_path)
+
     def __enter__(self) -> Personalizer:
         return self
 

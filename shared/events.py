@@ -6,6 +6,7 @@ Shared because the device stores and trains on events and simulations turn datas
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import time
 from collections.abc import Mapping
@@ -62,13 +63,21 @@ class Event:
 
     def __post_init__(self) -> None:
         validate_item_id(self.item_id)
-        if self.event_type not in EVENT_WEIGHTS:
+        if not isinstance(self.event_type, str) or self.event_type not in EVENT_WEIGHTS:
             raise InvalidEventError(
                 f"event_type {self.event_type!r} is unknown; use one of {', '.join(EVENT_TYPES)}"
             )
         ts = self.timestamp
-        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+        if isinstance(ts, bool) or not isinstance(ts, numbers.Real):
+            raise InvalidEventError(f"timestamp must be a number of seconds, got {ts!r}")
+        try:
+            ts = float(ts)  # numpy numbers too; 10**400 overflows
+        except (OverflowError, ValueError):
+            shown = str(self.timestamp)[:40]
+            raise InvalidEventError(f"timestamp must be a finite number of seconds, got {shown}") from None
+        if not math.isfinite(ts):
             raise InvalidEventError(f"timestamp must be a finite number of seconds, got {ts!r}")
+        object.__setattr__(self, "timestamp", ts)
         if ts < EARLIEST_TIMESTAMP:
             raise InvalidEventError(f"timestamp {ts} is before 2000-01-01: is it in milliseconds?")
         if ts > time.time() + MAX_CLOCK_SKEW_S:

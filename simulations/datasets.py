@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -96,26 +97,38 @@ def load_csv(
         handle = path.open(newline="", encoding="utf-8")
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror})") from None
-    with handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        wanted = [user_col, item_col, time_col] + ([weight_col] if weight_col else [])
-        missing = [c for c in wanted if c not in header]
-        if missing:
-            raise DataError(f"{path}: no column(s) {', '.join(missing)} (found: {', '.join(header)})")
-        users, items, times, weights = [], [], [], []
-        for number, row in enumerate(reader, 2):
-            users.append(row[user_col])
-            items.append(row[item_col])
-            try:
-                times.append(float(row[time_col]))
-                weights.append(float(row[weight_col]) if weight_col else 1.0)
-            except (TypeError, ValueError):
-                raise DataError(
-                    f"{path}:{number}: {time_col!r} and {weight_col or 'weight'!r} must be numbers"
-                ) from None
+    try:
+        return _read_csv(path, handle, user_col, item_col, time_col, weight_col)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); convert it with "
+                        "iconv -f latin1 -t utf-8") from None
+    finally:
+        handle.close()
+
+
+def _read_csv(path: Path, handle: TextIO, user_col: str, item_col: str, time_col: str,
+              weight_col: str | None) -> EventLog:
+    reader = csv.DictReader(handle)
+    header = reader.fieldnames or []
+    wanted = [user_col, item_col, time_col] + ([weight_col] if weight_col else [])
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise DataError(f"{path}: no column(s) {', '.join(missing)} (found: {', '.join(header)})")
+    users, items, times, weights = [], [], [], []
+    for number, row in enumerate(reader, 2):
+        users.append(row[user_col])
+        items.append(row[item_col])
+        try:
+            times.append(float(row[time_col]))
+            weights.append(float(row[weight_col]) if weight_col else 1.0)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}:{number}: {time_col!r} and {weight_col or 'weight'!r} must be numbers") from None
     if any(w <= 0 or not np.isfinite(w) for w in weights):
         raise DataError(f"{path}: weights must be positive finite numbers")
+    bad = [number for number, t in enumerate(times, 2) if not (np.isfinite(t) and 0 <= t < 1e11)]
+    if bad:
+        raise DataError(f"{path}:{bad[0]}: timestamps must be unix seconds (finite, 0 to 1e11); "
+                        f"{len(bad)} row(s) are not")
     return _build(path.name, users, items, np.asarray(times), np.asarray(weights))
 
 

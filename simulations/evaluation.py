@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from attune.client.training import Cohort, fit_rank_vectors
-from attune.shared.events import EVENT_TYPES, RANKED_EVENT_TYPE, context_matrix
 from attune.shared.errors import DataError
+from attune.shared.events import EVENT_TYPES, RANKED_EVENT_TYPE, context_matrix
 from attune.shared.metrics import hit_and_ndcg
 from attune.shared.model import ModelConfig
 from attune.simulations.datasets import EventLog
@@ -39,6 +39,9 @@ def leave_one_out(log: EventLog, *, negatives: int = 99, seed: int = 0) -> Split
     if log.num_items <= negatives:
         raise DataError(f"{log.name}: leave-one-out ranks each held-out item among {negatives} items the person "
                         f"never used; the log has only {log.num_items} items")
+    if np.bincount(log.users, minlength=log.num_users).max() < 2:
+        raise DataError(f"{log.name}: every user has one event; leave-one-out holds it out and leaves nothing "
+                        "to train on")
     order = np.lexsort((np.arange(len(log)), log.timestamps, log.users))
     last = np.ones(len(log), dtype=bool)
     last[order[:-1]] = log.users[order[:-1]] != log.users[order[1:]]

@@ -1,10 +1,10 @@
 """One source for every default: the Flower run config in pyproject.toml and the ``attune simulate``
 options are generated from the config dataclasses, and agree with them."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from attune.server.config import ServerConfig, run_config_defaults, run_config_keys
 from attune.shared.config import PrivacyMode

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from device_helpers import MODEL, VOCAB, open_device, request
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
 
 from attune.client.flower_app import handle_train
 from attune.client.personalizer import Personalizer, PrivacyConfig
@@ -16,7 +16,7 @@ from attune.client.settings import DeviceSettings
 from attune.server.transport import GridTransport
 from attune.shared.mechanism import contribution_dim, share_std
 from attune.shared.records import CONFIG, contribution_content, request_content
-from attune.shared.signing import SIGNATURE_KEY, generate_keypair, load_private_key, sign
+from attune.shared.signing import generate_keypair, load_private_key, sign
 from attune.shared.wire import CONTRIBUTION
 
 

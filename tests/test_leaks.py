@@ -67,8 +67,8 @@ def _attacks(small: torch.Tensor, large: torch.Tensor, data: LocalData, extra: i
     touched = torch.zeros(MODEL.num_items, dtype=torch.bool)
     touched[data.items] = True
     touched[extra] = True
-    untouched = torch.cat([torch.arange(MODEL.num_items * MODEL.dim).view(MODEL.num_items, MODEL.dim)[~touched].reshape(-1),
-                           MODEL.num_items * MODEL.dim + (~touched).nonzero().squeeze(1)])
+    rows = torch.arange(MODEL.num_items * MODEL.dim).view(MODEL.num_items, MODEL.dim)
+    untouched = torch.cat([rows[~touched].reshape(-1), MODEL.num_items * MODEL.dim + (~touched).nonzero().squeeze(1)])
     direction = torch.zeros(small.shape[1], dtype=torch.float64)
     direction[extra * MODEL.dim:(extra + 1) * MODEL.dim] = -user[0].double()  # the positive's gradient: -(u, 1)
     direction[MODEL.num_items * MODEL.dim + extra] = -1.0

@@ -65,7 +65,8 @@ def test_one_more_event_moves_a_refresh_step_by_at_most_its_sensitivity(seed):
 
         real, training._user_noise = training._user_noise, capture
         try:
-            _refresh_users(state, model, torch.ones(1, 5), Cohort.of([data]), config, [Stream.seeded_from(seed, "u")], [0])
+            _refresh_users(state, model, torch.ones(1, 5), Cohort.of([data]), config,
+                           [Stream.seeded_from(seed, "u")], [0])
         finally:
             training._user_noise = real
         sums.append(captured["sum"][0])

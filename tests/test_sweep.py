@@ -11,8 +11,9 @@ from attune.simulations.cli import cli
 
 
 def test_sweep_writes_a_table_over_seeds_and_a_plot(tmp_path):
-    result = CliRunner().invoke(cli, ["sweep", "--modes", "distributed,local", "--algorithms", "global,partial-local",
-                                      "--epsilons", "4,none", "--seeds", "0,1", "--rounds", "1", "--out", str(tmp_path)])
+    result = CliRunner().invoke(cli, ["sweep", "--modes", "distributed,local", "--algorithms",
+                                      "global,partial-local", "--epsilons", "4,none", "--seeds", "0,1", "--rounds",
+                                      "1", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     document = json.loads((tmp_path / "sweep.json").read_text())
     # per algorithm: 2 modes x epsilon 4, and one no-DP row, each over 2 seeds

@@ -66,7 +66,8 @@ def test_the_non_private_round_is_the_plain_gradient_sum():
     items = torch.cat([data.items.unsqueeze(1), negatives], dim=1)
     labels = torch.zeros(items.shape)
     labels[:, 0] = 1
-    per_example_loss(model(items, data.context), Batch(items, labels, data.weights, data.context), "bce").sum().backward()
+    batch = Batch(items, labels, data.weights, data.context)
+    per_example_loss(model(items, data.context), batch, "bce").sum().backward()
     reference = flatten({name: param.grad for name, param in model.named_parameters() if name != "user_vector.weight"})
     torch.testing.assert_close(out.contributions[0], reference, atol=1e-5, rtol=1e-5)
 

@@ -1,0 +1,275 @@
+"""Hostile devices, careless apps and unlucky files (issue 13): every input gets a clear error or is
+refused, nothing committed is lost, and one device never hurts the federation."""
+
+import json
+import sqlite3
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from in_process_grid import device_grid, simulated_devices
+
+import attune.client.secure_aggregation as secure_client
+from attune import (
+    Event,
+    InvalidEventError,
+    ModelConfig,
+    Personalizer,
+    PrivacyConfig,
+    Retention,
+    StoreError,
+    WrongKeyError,
+)
+from attune.client.encryption import new_key
+from attune.client.store import EventStore
+from attune.server.app import transport_for
+from attune.server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from attune.server.config import ServerConfig
+from attune.server.coordinator import run
+from attune.shared.errors import AttuneError
+from attune.shared.mechanism import device_bound
+from attune.shared.records import contribution_content
+
+NOW = time.time()
+
+
+# -- careless apps: the public API never raises a raw exception ----------------------------------
+
+@pytest.mark.parametrize("call", [
+    lambda: Event("a", ["click"], NOW),
+    lambda: Event("a", "click", 10**400),
+    lambda: Event("a", "click", float("nan")),
+    lambda: Event("a", "click", "yesterday"),
+    lambda: Event(None),
+    lambda: PrivacyConfig(delta="x"),
+    lambda: PrivacyConfig(epsilon_budget=float("inf")),
+    lambda: ModelConfig(num_items=1),
+    lambda: ModelConfig(dim=0),
+    lambda: Retention(max_age_days=float("nan")),
+    lambda: Retention(max_events=0),
+    lambda: Personalizer(None),
+])
+def test_bad_values_raise_attune_errors(call):
+    with pytest.raises(AttuneError):
+        call()
+
+
+def test_numpy_timestamps_are_accepted_like_floats():
+    assert Event("a", "click", np.int64(int(NOW) - 5)).timestamp == float(int(NOW) - 5)
+    assert Event("a", "click", np.float64(NOW - 5)).timestamp == NOW - 5
+
+
+@settings(max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(item=st.one_of(st.text(max_size=200), st.integers(), st.none(), st.binary()),
+       kind=st.one_of(st.text(max_size=20), st.integers(), st.none(), st.lists(st.text())),
+       stamp=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(min_value=-10**30,
+                                                                                    max_value=10**30),
+                       st.text(), st.none()))
+def test_any_event_fields_give_a_valid_event_or_an_invalid_event_error(tmp_path, item, kind, stamp):
+    try:
+        event = Event(item, kind, stamp)
+    except InvalidEventError:
+        return
+    with EventStore(tmp_path / "h.sqlite") as store:  # a valid event stores and reads back
+        store.add(event)
+        assert store.events()[-1] == event
+
+
+# -- unlucky files --------------------------------------------------------------------------------
+
+def _store_with_data(path, key=None):
+    with EventStore(path, key=key) as store:
+        store.add_many([Event(f"item{i}", "click", NOW - 100 + i) for i in range(5)])
+        store.put_state({"consent": json.dumps({"granted": True}).encode()})
+    return path
+
+
+def test_swapped_copied_or_rolled_back_encrypted_values_fail_to_open(tmp_path):
+    key = new_key()
+    path = _store_with_data(tmp_path / "e.sqlite", key)
+    db = sqlite3.connect(path)
+    rows = db.execute("SELECT id, payload FROM events ORDER BY id").fetchall()
+    db.execute("UPDATE events SET payload = ? WHERE id = ?", (rows[1][1], rows[0][0]))  # swap into another row
+    db.commit()
+    with EventStore(path, key=key) as store, pytest.raises(WrongKeyError):
+        store.events()
+    path = _store_with_data(tmp_path / "f.sqlite", key)
+    db = sqlite3.connect(path)
+    first = db.execute("SELECT payload FROM events ORDER BY id LIMIT 1").fetchone()[0]
+    for _ in range(5):  # one blob copied into new rows
+        db.execute("INSERT INTO events (day, payload) VALUES (?, ?)", (int(NOW // 86400), first))
+    db.commit()
+    with EventStore(path, key=key) as store, pytest.raises(WrongKeyError):
+        store.events()
+    path = _store_with_data(tmp_path / "g.sqlite", key)
+    old = sqlite3.connect(path).execute("SELECT generation, value FROM state WHERE key='consent'").fetchone()
+    with EventStore(path, key=key) as store:
+        store.put_state({"consent": json.dumps({"granted": False}).encode()})  # a withdrawal
+    db = sqlite3.connect(path)
+    db.execute("UPDATE state SET generation = ?, value = ? WHERE key = 'consent'", old)  # the old grant back
+    db.commit()
+    with EventStore(path, key=key) as store, pytest.raises(WrongKeyError, match="rolled back"):
+        store.get_state("consent")
+
+
+def test_a_corrupt_store_gives_a_clear_error_and_a_way_to_delete_it(tmp_path):
+    path = _store_with_data(tmp_path / "c.sqlite")
+    data = bytearray(path.read_bytes())
+    data[4096:4112] = b"\xff" * 16  # 16 bytes over the start of a page
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="destroy"):
+        with EventStore(path) as store:
+            store.events()
+    Personalizer.destroy(path)
+    assert not path.exists()
+    with Personalizer(path) as device:  # and a fresh store can take its place
+        assert device.store.count() == 0
+
+
+def test_garbage_state_is_a_store_error_not_a_decoder_crash(tmp_path):
+    path = tmp_path / "g.sqlite"
+    with Personalizer(path, model=ModelConfig(num_items=20, dim=2)):
+        pass
+    with EventStore(path) as store:
+        store.put_state({"global_model": b"\x80\x04garbage", "device": b"{not json"})
+    with pytest.raises(StoreError):
+        Personalizer(path, model=ModelConfig(num_items=20, dim=2))
+
+
+def test_another_apps_database_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "other.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE notes (text TEXT)")
+    db.execute("INSERT INTO notes VALUES ('hello')")
+    db.commit()
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="not an Attune store"):
+        EventStore(path)
+    assert path.read_bytes() == before
+
+
+def test_an_emptied_meta_is_refused_not_restamped(tmp_path):
+    path = _store_with_data(tmp_path / "m.sqlite")
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM meta")
+    db.commit()
+    with pytest.raises(StoreError, match="metadata is missing"):
+        EventStore(path)
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM meta").fetchone()[0] == 0
+
+
+def test_a_locked_store_waits_then_says_it_is_busy(tmp_path):
+    path = _store_with_data(tmp_path / "l.sqlite")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="busy"):
+        EventStore(path, timeout=0.5)
+    assert time.monotonic() - started >= 0.4
+    holder.execute("ROLLBACK")
+    with EventStore(path) as store:
+        assert store.count() == 5
+
+
+def test_checkpoints_with_bad_checksums_or_many_rounds_are_read_right(tmp_path):
+    state = {"w": torch.zeros(2)}
+    for round in (9999, 10000):
+        save_checkpoint(tmp_path, Checkpoint(round=round, state=state))
+    assert latest_checkpoint(tmp_path).round == 10000  # by number, not by name
+    (tmp_path / "global_round_10000.pt.sha256").write_bytes(b"\xff\xfe not ascii")
+    assert latest_checkpoint(tmp_path).round == 9999  # a checksum file that cannot be read: skipped
+
+
+# -- hostile devices through the real coordinator loop ---------------------------------------------
+
+HOSTILE = 2
+
+
+def _hostile(tmp_path, monkeypatch, payload, secure):
+    """A federation of six where device ``HOSTILE`` sends ``payload`` instead of its contribution."""
+    log, _, vocabulary = simulated_devices(tmp_path, users=6, seed=8)
+    grid = device_grid(tmp_path, 6, vocabulary, seed=8)
+    config = ServerConfig.preset("distributed" if secure else "local", rounds=2, min_clients=6, target_epsilon=2.0,
+                                 signing_key=tmp_path / "coordinator.pem", noise_seed=8, seed=8,
+                                 min_survivor_fraction=0.8)
+    config = replace(config, model=replace(config.model, num_items=log.num_items, dim=4))
+    if secure:
+        real = secure_client.run_round
+
+        def lying(settings, arrays, items):
+            vector = real(settings, arrays, items)
+            if settings.simulation_seed[1] == HOSTILE and vector is not None:
+                return payload(vector)
+            return vector
+
+        monkeypatch.setattr(secure_client, "run_round", lying)
+    else:
+        real_app = grid._app
+
+        def app(message, context):
+            reply = real_app(message, context)
+            if context.node_id == HOSTILE and reply.content.array_records:
+                vector = torch.from_numpy(reply.content.array_records["contribution"]["contribution"].numpy())
+                reply.content = payload(vector)
+            return reply
+
+        grid._app = app
+    states = []
+    history = run(transport_for(grid, config), config, lambda record, state: states.append(state))
+    return history, states, config
+
+
+@pytest.mark.parametrize("name,payload", [
+    ("huge", lambda v: contribution_content(torch.full_like(v, 2**38))),
+    ("nan", lambda v: contribution_content(torch.full(v.shape, float("nan"), dtype=torch.float64))),
+    ("wrong shape", lambda v: contribution_content(v[:-3])),
+    ("list-valued metrics", lambda v: _with_metrics(contribution_content(v))),
+    ("empty", lambda v: contribution_content(torch.zeros(0, dtype=torch.long))),
+])
+def test_a_hostile_device_among_honest_ones_plain(tmp_path, monkeypatch, name, payload):
+    history, states, config = _hostile(tmp_path, monkeypatch, payload, secure=False)
+    assert all(r.contributed >= 5 for r in history)  # the coordinator is alive and the honest devices count
+    if name != "list-valued metrics":
+        assert all(r.rejected == 1 for r in history)
+    for state in states:
+        assert all(bool(torch.isfinite(v).all()) for v in state.values())
+
+
+def _with_metrics(content):
+    from flwr.app import ConfigRecord, MetricRecord
+
+    content["metrics"] = MetricRecord({"loss": [0.5, 0.5], "num-examples": 10**30})
+    content["config"] = ConfigRecord({"epsilon": "nan"})
+    return content
+
+
+def test_a_hostile_device_under_secure_aggregation_gets_the_round_refused(tmp_path, monkeypatch):
+    """The coordinator cannot see one contribution under SecAgg+, but an unmasked sum beyond what
+    honest devices can produce is refused whole; the model does not move."""
+    history, states, config = _hostile(tmp_path, monkeypatch, lambda v: torch.full_like(v, 2**36), secure=True)
+    assert all(r.contributed == 0 and "over the bound" in r.aborted for r in history)
+    from attune.server.coordinator import initial_state
+
+    for name, value in initial_state(config).items():
+        torch.testing.assert_close(states[-1][name], value)
+
+
+def test_within_its_bound_a_hostile_device_goes_unseen_under_secure_aggregation(tmp_path, monkeypatch):
+    """The limit docs/privacy.md states: a device may add anything up to device_norm * clip to a
+    round's sum, and no check on the sum alone can tell."""
+    from attune.shared.config import preset
+
+    bound = device_bound(preset("distributed"))
+
+    def within(vector):
+        boosted = torch.zeros_like(vector)
+        boosted[0] = int(bound * 0.99)
+        return boosted
+
+    history, _, _ = _hostile(tmp_path, monkeypatch, within, secure=True)
+    assert all(r.contributed == 6 and r.aborted == "" for r in history)
