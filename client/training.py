@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from attune.shared.config import RoundConfig
+from attune.shared.errors import ConfigError
 from attune.shared.loss import Batch, logit_gradients, per_example_loss
 from attune.shared.mechanism import (
     add_noise_shares,
@@ -233,7 +234,7 @@ def train_round(state: GlobalState, model: ModelConfig, users: torch.Tensor, coh
     ``refresh[k]``: whether device ``k`` refreshes its vector this round). ``shares=False``
     leaves out the noise shares: for a simulator that draws their total itself."""
     if not (len(users) == len(cohort) == len(streams) == len(refresh)):
-        raise ValueError("users, cohort, streams and refresh must describe the same devices")
+        raise ConfigError("users, cohort, streams and refresh must describe the same devices")
     due = [k for k, flag in enumerate(refresh) if flag]
     if due and config.user_steps:
         users = _refresh_users(state, model, users, cohort, config, streams, due)

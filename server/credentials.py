@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from attune.shared.errors import ConfigError
 from attune.shared.signing import generate_keypair
 
 
@@ -73,7 +74,7 @@ def create_credentials(directory: Path, hosts: list[str], supernodes: int, days:
     OpenSSH format, as ``flwr supernode register`` and ``flower-supernode`` read them) and an
     Ed25519 model-signing key pair."""
     if not hosts:
-        raise ValueError("give at least one host name or IP address for the SuperLink certificate")
+        raise ConfigError("give at least one host name or IP address for the SuperLink certificate")
     creds = Credentials(directory)
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)

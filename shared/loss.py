@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attune.shared.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -38,7 +40,7 @@ def per_example_loss(logits: torch.Tensor, batch: Batch, loss: str) -> torch.Ten
         margin = logits[:, :1] - logits[:, 1:]
         per = torch.nn.functional.softplus(-margin).sum(dim=1)
     else:
-        raise ValueError(f"unknown loss {loss!r}: use 'bce' or 'bpr'")
+        raise ConfigError(f"unknown loss {loss!r}: use 'bce' or 'bpr'")
     return per * batch.weights
 
 
@@ -51,4 +53,4 @@ def logit_gradients(logits: torch.Tensor, batch: Batch, loss: str) -> torch.Tens
     if loss == "bpr":
         push = torch.sigmoid(logits[:, 1:] - logits[:, :1]) * weights  # d softplus(-margin)
         return torch.cat([-push.sum(dim=1, keepdim=True), push], dim=1)
-    raise ValueError(f"unknown loss {loss!r}: use 'bce' or 'bpr'")
+    raise ConfigError(f"unknown loss {loss!r}: use 'bce' or 'bpr'")

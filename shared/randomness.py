@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from attune.shared.errors import ConfigError
+
 _KEY_BYTES = 32
 _NONCE = bytes(16)  # one stream per key: a key is never reused for another stream
 _CHUNK = 1 << 16  # 64-bit words per keystream read
@@ -37,7 +39,7 @@ class Stream:
 
     def __init__(self, key: bytes, *, seeded: bool) -> None:
         if len(key) != _KEY_BYTES:
-            raise ValueError(f"a stream key is {_KEY_BYTES} bytes, got {len(key)}")
+            raise ConfigError(f"a stream key is {_KEY_BYTES} bytes, got {len(key)}")
         self._cipher = Cipher(algorithms.ChaCha20(key, _NONCE), mode=None).encryptor()
         self.seeded = seeded
 

@@ -27,7 +27,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from attune.shared.config import RoundConfig
-from attune.shared.errors import ModelMismatchError
+from attune.shared.errors import ConfigError, ModelMismatchError
 from attune.shared.mechanism import contribution_dim, device_bound, share_std
 from attune.shared.model import ModelConfig
 
@@ -44,7 +44,7 @@ def mask_stream(seed: bytes, num_range: int, shapes: list[tuple[int, ...]]) -> l
     """Masks uniform on ``[0, num_range)`` (a power of 2) from the ChaCha20 keystream under
     ``SHA-256(seed)``: the whole key matters, not a 32-bit fold of it."""
     if num_range & (num_range - 1):
-        raise ValueError(f"the mask range must be a power of 2, got {num_range}")
+        raise ConfigError(f"the mask range must be a power of 2, got {num_range}")
     key = hashlib.sha256(b"attune-secagg-mask|" + bytes(seed)).digest()
     encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
     out = []
@@ -95,7 +95,7 @@ def split_secret(secret: bytes, threshold: int, num: int) -> list[bytes]:
     chunk, evaluated at 1..num. A share is its index and length (4 bytes each), then one field
     element per chunk."""
     if not 1 <= threshold <= num:
-        raise ValueError(f"need 1 <= threshold <= num, got {threshold} and {num}")
+        raise ConfigError(f"need 1 <= threshold <= num, got {threshold} and {num}")
     chunks = [secret[i:i + _CHUNK] for i in range(0, len(secret), _CHUNK)] or [b""]
     shares = [bytearray(x.to_bytes(4, "little") + len(secret).to_bytes(4, "little")) for x in range(1, num + 1)]
     for chunk in chunks:
@@ -112,7 +112,7 @@ def combine_shares(shares: list[bytes]) -> bytes:
     """The secret from at least ``threshold`` shares of it (Lagrange interpolation at 0)."""
     xs = [int.from_bytes(share[:4], "little") for share in shares]
     if len(set(xs)) != len(xs) or not shares:
-        raise ValueError("shares must come from distinct indices")
+        raise ModelMismatchError("shares must come from distinct indices")
     length = int.from_bytes(shares[0][4:8], "little")
     chunks = (len(shares[0]) - 8) // _ELEMENT
     weights = []

@@ -29,6 +29,7 @@ from scipy.stats import binom
 from attune.client.training import Cohort, LocalData, initial_user_vector, train_round
 from attune.shared.accounting import epsilon_of
 from attune.shared.config import RoundConfig, preset
+from attune.shared.errors import ConfigError
 from attune.shared.events import EVENT_WEIGHTS
 from attune.shared.mechanism import local_entries
 from attune.shared.model import ModelConfig, Personalization
@@ -59,7 +60,7 @@ def epsilon_lower_bound(guesses: int, correct: int, beta: float = 0.05, slack: f
     binomial tail must stay below ``beta - slack`` (``slack``: the delta allowance)."""
     level = beta - slack
     if level <= 0:
-        raise ValueError("delta allowance leaves no confidence budget: use more canaries or a smaller delta")
+        raise ConfigError("delta allowance leaves no confidence budget: use more canaries or a smaller delta")
 
     def tail(eps: float) -> float:
         p = 1.0 / (1.0 + math.exp(-eps))

@@ -213,7 +213,7 @@ def federation(
 ) -> None:
     """A Deployment Engine federation on this machine: SuperLink + SuperNodes on synthetic device
     stores, `flwr run` of the Attune app, then every process is stopped."""
-    from attune.server.deployment import FederationConfig, LocalFederation
+    from attune.simulations.federation import FederationConfig, LocalFederation
     from attune.simulations.datasets import synthetic
     from attune.simulations.devices import store_path, write_devices
     from attune.simulations.evaluation import leave_one_out

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attune.server.checkpoint import latest_checkpoint, load_checkpoint
-from attune.server.deployment import FederationConfig, LocalFederation
+from attune.simulations.federation import FederationConfig, LocalFederation
 from attune.simulations.datasets import synthetic
 from attune.simulations.devices import store_path, write_devices
 from attune.simulations.evaluation import leave_one_out

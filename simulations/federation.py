@@ -1,5 +1,6 @@
-"""A Flower Deployment Engine federation on one machine: a SuperLink, N SuperNodes (each pointing
-at its own device store) and ``flwr run`` of the Attune app, for the recipe, the demo and tests.
+"""A Flower Deployment Engine federation on one machine, for local experiments, the ``attune
+federation`` command and tests (not part of a deployment): a SuperLink, N SuperNodes (each
+pointing at its own device store) and ``flwr run`` of the Attune app.
 
 Everything here drives Flower's own executables (``flower-superlink``, ``flower-supernode``,
 ``flwr``); Attune adds no network code. TLS and SuperNode authentication are on unless
@@ -183,13 +184,13 @@ class LocalFederation:
         self.flwr("stop", str(run_id), CONNECTION, check=False)
 
     def run_ids(self) -> list[int]:
-        """Ids of the runs started so far, read from their logs."""
-        ids = []
-        for index in range(len(self._runs)):
-            text = (self.logs / f"run-{index}.log").read_text(errors="replace")
-            ids += [int(word) for line in text.splitlines() if "Successfully started run" in line
-                    for word in line.split() if word.isdigit()]
-        return ids
+        """Ids of the SuperLink's runs, from ``flwr ls --format json``."""
+        result = self.flwr("ls", CONNECTION, "--format", "json", check=False)
+        try:
+            runs = json.loads(result.stdout).get("runs", [])
+        except (json.JSONDecodeError, AttributeError):
+            return []
+        return [int(run.get("run-id", run.get("run_id", 0))) for run in runs if isinstance(run, dict)]
 
     def kill_supernode(self, index: int) -> None:
         """SIGKILL one SuperNode and its ClientApp processes (a device vanishing mid-round)."""
@@ -267,7 +268,7 @@ def _wait_for_port(host: str, port: int, process: subprocess.Popen, timeout: flo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with code {process.returncode}")
+            raise ConfigError(f"flower-superlink exited with code {process.returncode}; see its log")
         with socket.socket() as probe:
             if probe.connect_ex((host, port)) == 0:
                 return
