@@ -32,6 +32,7 @@ from attune.shared.errors import ConfigError
 _KEY_BYTES = 32
 _NONCE = bytes(16)  # one stream per key: a key is never reused for another stream
 _CHUNK = 1 << 16  # 64-bit words per keystream read
+_NOISE_CHUNK = 1 << 16  # coordinates per pass of the discrete Gaussian sampler
 
 
 class Stream:
@@ -108,10 +109,19 @@ def discrete_gaussian(streams: list[Stream], count: int, sigma: float) -> torch.
     """``count`` integers per stream with ``P(x) ~ exp(-x^2 / (2 sigma^2))`` (long
     ``[streams, count]``), by Canonne-Kamath-Steinke rejection from the discrete Laplace of scale
     ``t = floor(sigma) + 1``. Each row is drawn from its own stream alone, in the same order
-    whether one stream or many are given (the rejection rounds run in step across rows)."""
-    out = torch.zeros(len(streams) * count, dtype=torch.long)
+    whether one stream or many are given; coordinates go in chunks of ``_NOISE_CHUNK`` so the
+    working memory stays small whatever the model's size."""
+    out = torch.zeros(len(streams), count, dtype=torch.long)
     if sigma <= 0 or count == 0:
-        return out.view(len(streams), count)
+        return out
+    for start in range(0, count, _NOISE_CHUNK):
+        stop = min(count, start + _NOISE_CHUNK)
+        out[:, start:stop] = _discrete_gaussian_chunk(streams, stop - start, sigma)
+    return out
+
+
+def _discrete_gaussian_chunk(streams: list[Stream], count: int, sigma: float) -> torch.Tensor:
+    out = torch.zeros(len(streams) * count, dtype=torch.long)
     t = math.floor(sigma) + 1
     pending = torch.arange(len(streams) * count)  # flat positions still to draw, row by row
     while pending.numel():
