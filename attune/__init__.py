@@ -5,6 +5,7 @@ Attune raises on purpose (``attune.shared.errors``). Coordinators use ``attune.s
 researchers the ``attune`` command and ``attune.simulations``.
 """
 
+from attune.client.encryption import new_key
 from attune.client.personalizer import Contribution, Personalizer, Ranked, Status, Support
 from attune.client.policy import PrivacyConfig
 from attune.client.report import PrivacyReport, RoundSpent
@@ -49,4 +50,5 @@ __all__ = [
     "Support",
     "Vocabulary",
     "WrongKeyError",
+    "new_key",
 ]

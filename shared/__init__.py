@@ -5,5 +5,5 @@ from attune.shared.events import Event, EventContext
 from attune.shared.model import GLOBAL_PARAMS, LOCAL_PARAMS, ModelConfig, Personalization
 from attune.shared.vocabulary import Vocabulary
 
-__all__ = ["GLOBAL_PARAMS", "LOCAL_PARAMS", "Event", "EventContext", "ModelConfig", "Personalization", "PrivacyMode",
-           "RoundConfig", "Vocabulary"]
+__all__ = ["Event", "EventContext", "GLOBAL_PARAMS", "LOCAL_PARAMS", "ModelConfig", "Personalization",
+           "PrivacyMode", "RoundConfig", "Vocabulary"]

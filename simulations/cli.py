@@ -213,10 +213,10 @@ def federation(
 ) -> None:
     """A Deployment Engine federation on this machine: SuperLink + SuperNodes on synthetic device
     stores, `flwr run` of the Attune app, then every process is stopped."""
-    from attune.simulations.federation import FederationConfig, LocalFederation
     from attune.simulations.datasets import synthetic
     from attune.simulations.devices import store_path, write_devices
     from attune.simulations.evaluation import leave_one_out
+    from attune.simulations.federation import FederationConfig, LocalFederation
 
     if supernodes < 2 or rounds < 1:
         raise AttuneError("--supernodes must be at least 2 and --rounds at least 1")

@@ -49,7 +49,7 @@ def test_out_pointing_at_a_file_fails_before_any_work(tmp_path):
 
 
 def test_a_diverged_run_says_so_and_exits_non_zero(tmp_path):
-    result = attune("simulate", "--mode", "off", "--server-lr", "1e30", "--rounds", "3", "--out", str(tmp_path / "o"))
+    result = attune("simulate", "--mode", "off", "--server-lr", "1e300", "--rounds", "3", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "diverged" in result.stderr and "Traceback" not in result.stderr
 
 

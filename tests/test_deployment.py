@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from attune.server.checkpoint import latest_checkpoint, load_checkpoint
-from attune.simulations.federation import FederationConfig, LocalFederation
 from attune.simulations.datasets import synthetic
 from attune.simulations.devices import store_path, write_devices
 from attune.simulations.evaluation import leave_one_out
+from attune.simulations.federation import FederationConfig, LocalFederation
 
 ROOT = Path(__file__).resolve().parents[1]
 
