@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from attune.client.store import LedgerRow
+from attune.shared.config import RoundConfig
 from attune.shared.errors import ConfigError
 from attune.shared.wire import RoundRequest
 
@@ -50,6 +51,11 @@ def refusal(request: RoundRequest, privacy: PrivacyConfig, *, consented: bool, p
         return "paused by the person: nothing is computed or sent"
     if not config.private and not privacy.allow_non_private:
         return "non-private rounds are not allowed on this device"
+    return noise_refusal(config, privacy)
+
+
+def noise_refusal(config: RoundConfig, privacy: PrivacyConfig) -> str | None:
+    """Why a private round's noise is under this device's floor, or ``None``."""
     if config.private and min(config.noise_multiplier, config.user_noise_multiplier) < privacy.min_noise_multiplier:
         return (f"the round's noise ({config.noise_multiplier:.3g}, user vector {config.user_noise_multiplier:.3g}) "
                 f"is under this device's floor of {privacy.min_noise_multiplier}")

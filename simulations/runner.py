@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attune.client.policy import PrivacyConfig
+from attune.client.policy import PrivacyConfig, noise_refusal
 from attune.server.config import ServerConfig
 from attune.server.coordinator import RoundRecord, run
 from attune.server.planning import Plan, plan
@@ -137,6 +137,11 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
                      noise_seed=server.seed if server.noise_seed is None else server.noise_seed)
     run_plan = plan(server, log.num_users)
     privacy = device_privacy(server, config.device_privacy)
+    refused = noise_refusal(run_plan.round, privacy)
+    if refused:
+        raise ConfigError(f"every device would refuse this run: {refused} (the noise that reaches epsilon "
+                          f"{server.target_epsilon} over {run_plan.participations} planned rounds per device); "
+                          "plan more rounds or a larger cohort, or lower --target-epsilon")
     cohort = device_cohort(log, split, model.use_context)
     ranker = algorithm(config.algorithm)
     evaluate_at = evaluated_rounds(server.rounds, config.evaluations)
@@ -183,6 +188,7 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
     results = build_results(log, split, server, run_plan, progress, ledger, local, secure=secure, noise=noise)
     results.update(backend=config.backend, algorithm=ranker.name, beyond_accuracy=progress.report,
                    heterogeneity={"availability": config.availability, "data_skew": config.data_skew})
+    results["config"]["source"] = json.loads(json.dumps(asdict(config.source), default=str))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curve(results, out / "curve.png")
     return results

@@ -1,6 +1,9 @@
 """Privacy/utility sweeps: modes x algorithms x epsilon x seeds on the fast backend, one table and
 one plot.
 
+A sweep that was interrupted resumes: a cell whose ``results.json`` records the same settings is
+read back instead of run again.
+
 Each cell runs ``attune simulate --backend fast`` with each mode's preset, changing only the mode,
 the algorithm, the per-device event-level epsilon (``None``: no DP, labelled so, one row per
 algorithm whatever the modes) and the seed; only the final round is evaluated. ``sweep.csv`` and
@@ -14,7 +17,7 @@ import csv
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +68,35 @@ def _cell(config: SweepConfig, mode: str, name: str, epsilon: float | None, seed
     if config.rounds is not None:
         server = replace(server, rounds=config.rounds)
     label = f"{mode}-{name}-{'nodp' if epsilon is None else f'eps{epsilon:g}'}-seed{seed}"
-    results = simulate(SimulationConfig(config.source, server, config.out / "cells" / label, algorithm=name,
-                                        evaluations=1))
+    out = config.out / "cells" / label
+    results = _finished(out, config.source, server, name) or simulate(
+        SimulationConfig(config.source, server, out, algorithm=name, evaluations=1))
     metrics = results["beyond_accuracy"] or {}
     return {"mode": mode, "algorithm": name, "epsilon": epsilon, "seed": seed,
             "hr@10": results["final"]["hr@10"], "ndcg@10": results["final"]["ndcg@10"],
             "epsilon_spent": results["privacy"]["epsilon"] or 0.0,
             "popular_hr@10": results["baseline"]["popular"]["hr@10"],
             **{k: metrics[k] for k in METRICS if k in metrics}}
+
+
+# Filled in by the runner from the data and the output folder, so not part of a cell's identity.
+_RUN_FILLED = {"min_clients", "noise_seed", "out_dir", "num_items"}
+
+
+def _finished(out: Path, source: DataSource, server: ServerConfig, name: str) -> dict | None:
+    """An earlier run's results for this cell, if it finished with these exact settings and data."""
+    try:
+        results = json.loads((out / "results.json").read_text())
+        stored = results["config"]["server"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    wanted = json.loads(json.dumps(asdict(server), default=str))
+    stored, wanted = ({**c, "model": {k: v for k, v in c["model"].items() if k not in _RUN_FILLED}}
+                      for c in (stored, wanted))
+    same_data = results["config"].get("source") == json.loads(json.dumps(asdict(source), default=str))
+    same = same_data and results.get("algorithm") == name and all(
+        stored.get(key) == value for key, value in wanted.items() if key not in _RUN_FILLED)
+    return results if same else None
 
 
 def run_sweep(config: SweepConfig, on_cell: Callable[[dict], None] | None = None) -> list[dict]:

@@ -31,6 +31,7 @@ def attune(*args: str) -> subprocess.CompletedProcess:
         (["--mode", "off", "--epsilon", "8"], "target_epsilon needs a private mode"),
         (["--backend", "nope"], "unknown backend"),
         (["--clients-per-round", "5000"], "only 150 devices"),
+        (["--rounds", "1"], "every device would refuse this run"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, message):

@@ -36,3 +36,17 @@ def test_sweep_rejects_a_bad_list_or_mode(tmp_path):
     assert result.exit_code != 0 and "cannot read the list" in str(result.exception or result.output)
     result = CliRunner().invoke(cli, ["sweep", "--modes", "off", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "sweep modes" in str(result.exception or result.output)
+
+
+def test_an_interrupted_sweep_reuses_only_cells_run_with_the_same_settings(tmp_path):
+    args = ["sweep", "--modes", "distributed", "--algorithms", "global", "--epsilons", "4", "--seeds", "0",
+            "--out", str(tmp_path)]
+    assert CliRunner().invoke(cli, [*args, "--rounds", "1"]).exit_code == 0
+    cell = next((tmp_path / "cells").glob("*/results.json"))
+    results = json.loads(cell.read_text())
+    results["final"]["hr@10"] = 0.123456  # marks the finished cell
+    cell.write_text(json.dumps(results))
+    assert CliRunner().invoke(cli, [*args, "--rounds", "1"]).exit_code == 0
+    assert json.loads((tmp_path / "sweep.json").read_text())["cells"][0]["hr@10"] == 0.123456
+    assert CliRunner().invoke(cli, [*args, "--rounds", "2"]).exit_code == 0  # other settings: run again
+    assert json.loads((tmp_path / "sweep.json").read_text())["cells"][0]["hr@10"] != 0.123456
