@@ -44,7 +44,7 @@ class ServerConfig:
     user_share: float = knob(0.3, "share of the event-level budget spent on refreshing user vectors")
     user_refreshes: int = knob(10, "user-vector refreshes a device makes over its planned rounds")
     min_survivor_fraction: float = knob(0.9, "distributed: share of a round's cohort whose noise shares "
-                                        "must be in the released sum")
+                                        "must be in the released sum (of its lower tail under sampling)")
     device_level_noise: float = knob(0.0, "device-level DP (DP-FedAvg) noise multiplier on the sum; 0: off")
     device_level_epsilon: float | None = knob(None, "device-level epsilon over all rounds (calibrates the "
                                               "noise and stops the run at it)")

@@ -43,6 +43,13 @@ def planned_participations(rounds: int, rate: float) -> int:
     return min(rounds, math.ceil(mean + math.sqrt(mean * (1 - rate))))
 
 
+def lowest_cohort(cohort: int, rate: float) -> float:
+    """The cohort a round can count on: all of it when every device is asked, else three standard
+    deviations under the Poisson-sampled mean (a round falls under it about once in 700), so that
+    sampling alone does not abort rounds."""
+    return cohort if rate >= 1 else max(0.0, cohort - 3 * math.sqrt(cohort * (1 - rate)))
+
+
 def plan(config: ServerConfig, population: int) -> Plan:
     """The plan for ``population`` connected devices."""
     if population < 1:
@@ -57,7 +64,7 @@ def plan(config: ServerConfig, population: int) -> Plan:
     if round_config.private:  # a device refreshes its user vector user_refreshes times over its rounds
         round_config = replace(round_config, user_every=max(1, round(participations / config.user_refreshes)))
     if round_config.privacy is PrivacyMode.DISTRIBUTED:
-        survivors = max(2, math.ceil(config.min_survivor_fraction * cohort))
+        survivors = max(2, math.ceil(config.min_survivor_fraction * lowest_cohort(cohort, rate)))
         if survivors > cohort:
             raise ConfigError(f"distributed mode needs at least 2 devices per round, the plan has {cohort}")
         round_config = replace(round_config, min_survivors=survivors,

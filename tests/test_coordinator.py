@@ -1,6 +1,7 @@
 """The real coordinator loop through an in-process Grid: signed rounds, device-level DP recomputed
 by dp-accounting, Poisson sampling, dropouts, robust rules, and resume after an interruption."""
 
+import math
 import shutil
 from dataclasses import replace
 
@@ -15,6 +16,7 @@ from attune.server.app import transport_for
 from attune.server.checkpoint import latest_checkpoint
 from attune.server.config import ServerConfig
 from attune.server.coordinator import run, sample
+from attune.server.planning import plan
 from attune.shared.accounting import ORDERS
 from attune.shared.errors import StoreError
 from attune.shared.randomness import Stream
@@ -66,6 +68,16 @@ def test_device_sampling_is_poisson_from_the_coordinator_stream():
     sizes = [len(sample(list(range(1000)), 0.1, Stream.seeded_from(0, k))) for k in range(50)]
     assert min(sizes) < 100 < max(sizes) and abs(sum(sizes) / 50 - 100) < 10
     assert sample([1, 2, 3], 1.0, Stream.secure()) == [1, 2, 3]
+
+
+def test_sampled_rounds_plan_survivors_under_the_cohorts_lower_tail():
+    """With Poisson sampling the cohort varies: m is planned so that sampling alone almost never
+    aborts a round; with every device asked, m is the fraction of all of them."""
+    sampled = plan(ServerConfig.preset("distributed", clients_per_round=100), 943)
+    assert sampled.round.min_survivors == math.ceil(0.9 * (100 - 3 * math.sqrt(100 * (1 - 100 / 943))))
+    cohorts = [len(sample(list(range(943)), sampled.sample_rate, Stream.seeded_from(2, k))) for k in range(2000)]
+    assert sum(size < sampled.round.min_survivors for size in cohorts) <= 2
+    assert plan(ServerConfig.preset("distributed"), 943).round.min_survivors == math.ceil(0.9 * 943)
 
 
 def test_dropped_devices_are_counted_and_the_round_completes(devices):
