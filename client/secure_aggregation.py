@@ -54,6 +54,9 @@ def install() -> None:
 install()
 
 
+DECLINED = "this device does not contribute to this round"
+
+
 class Declined(AttuneError):
     """The device does not take part in this secure round (the protocol counts it as dropped)."""
 
@@ -66,7 +69,7 @@ class SecureDevice(NumPyClient):
         arrays = dict(zip(GLOBAL_PARAMS, parameters, strict=True))
         vector = run_round(self.settings, arrays, config)
         if vector is None:
-            raise Declined("this device does not contribute to this round")
+            raise Declined(DECLINED)
         return [vector.double().numpy()], 1, {}  # every device weighs 1
 
 

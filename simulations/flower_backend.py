@@ -5,12 +5,14 @@ simulation engine, one SuperNode and one on-device store per user, every round s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
 from attune.client.policy import PrivacyConfig
+from attune.client.secure_aggregation import DECLINED
 from attune.client.settings import DeviceSettings
 from attune.client.training import Cohort
 from attune.server.config import ServerConfig
@@ -21,6 +23,14 @@ from attune.simulations.datasets import EventLog
 from attune.simulations.devices import read_ledgers, read_user_vectors, store_path, write_devices
 from attune.simulations.evaluation import Split
 from attune.simulations.fast import Devices
+
+
+def _not_a_decline(record: logging.LogRecord) -> bool:
+    """Flower's simulation engine logs a device that declines a secure round (its budget is spent,
+    consent withdrawn) as a ClientApp error with a traceback; declining is how a device drops out."""
+    message = record.getMessage()
+    return DECLINED not in message and "An exception was raised when processing a message" not in message
+
 
 Evaluate = Callable[[RoundRecord, dict[str, torch.Tensor], Callable[[], Devices]], None]
 
@@ -52,6 +62,7 @@ def run_flower(log: EventLog, split: Split, server: ServerConfig, privacy: Priva
         return Devices(users=users, started=started, joined=torch.zeros(0, dtype=torch.long))
 
     quiet_third_parties()
+    logging.getLogger("flwr").addFilter(_not_a_decline)
     run_simulation(
         server_app=make_server_app(server, lambda record, state: evaluate(record, state, devices_now)),
         client_app=make_client_app(resolve),

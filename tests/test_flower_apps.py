@@ -128,3 +128,19 @@ def test_contributions_no_honest_device_could_send_are_rejected():
     assert torch.equal(collected.total, good)
     assert any("over the bound" in reason for reason in collected.rejections)
     assert share_std(config) > 0
+
+
+def test_a_declined_secure_round_is_not_logged_as_an_error_but_real_errors_are():
+    """Flower's simulation engine logs a ClientApp exception as an error with its traceback; a device
+    declining a secure round (its budget is spent) is the protocol's way to drop out."""
+    import logging
+
+    from attune.client.secure_aggregation import DECLINED
+    from attune.simulations.flower_backend import _not_a_decline
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("flwr", logging.ERROR, __file__, 1, message, None, None)
+
+    assert not _not_a_decline(record(f"Traceback ...\nattune.client.secure_aggregation.Declined: {DECLINED}"))
+    assert not _not_a_decline(record("An exception was raised when processing a message by RayBackend"))
+    assert _not_a_decline(record("Traceback ...\nValueError: the store is corrupt"))
