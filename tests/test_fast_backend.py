@@ -6,11 +6,15 @@ from dataclasses import replace
 
 import dp_accounting
 import pytest
+from device_helpers import request
 from dp_accounting import rdp
 
+from attune.client.policy import PrivacyConfig
 from attune.server.config import ServerConfig
 from attune.shared.accounting import ORDERS, epsilon_of, ledger_from_json
 from attune.shared.errors import ConfigError
+from attune.simulations.evaluation import leave_one_out
+from attune.simulations.fast import InProcessTransport, device_cohort
 from attune.simulations.runner import DataSource, SimulationConfig, simulate
 
 SOURCE = DataSource("synthetic", synthetic_users=40)
@@ -56,11 +60,16 @@ def test_every_algorithm_runs_in_every_mode(tmp_path, mode, algorithm):
 
 
 def test_devices_refuse_what_a_phone_would(tmp_path):
-    """A noise below the devices' floor: every device declines, nothing is learned, and the run
-    says so instead of reporting a model."""
+    """A noise below the devices' floor: the run is refused before any work, since every device
+    would decline it; and asked anyway, the in-process devices decline as a phone does."""
     server = _server(target_epsilon=None, round=replace(_server().round, noise_multiplier=0.5))
-    results = simulate(SimulationConfig(SOURCE, server, tmp_path, evaluations=1))
-    assert all(r["contributed"] == 0 and r["refused"] == 40 for r in results["rounds"])
+    with pytest.raises(ConfigError, match="every device would refuse this run"):
+        simulate(SimulationConfig(SOURCE, server, tmp_path, evaluations=1))
+    log = SOURCE.load(seed=1)
+    transport = InProcessTransport(device_cohort(log, leave_one_out(log, seed=1), use_context=False), 1,
+                                   PrivacyConfig())
+    collected = transport.collect(request(mode="distributed", noise_multiplier=0.5), transport.devices(), 1)
+    assert collected.total is None and collected.contributors == [] and collected.refused == 40
 
 
 def test_the_same_seed_gives_the_same_run(tmp_path):
