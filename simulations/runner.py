@@ -139,9 +139,10 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
     privacy = device_privacy(server, config.device_privacy)
     refused = noise_refusal(run_plan.round, privacy)
     if refused:
-        raise ConfigError(f"every device would refuse this run: {refused} (the noise that reaches epsilon "
-                          f"{server.target_epsilon} over {run_plan.participations} planned rounds per device); "
-                          "plan more rounds or a larger cohort, or lower --target-epsilon")
+        why = ("raise the noise" if server.target_epsilon is None else
+               f"the noise reaching epsilon {server.target_epsilon} over {run_plan.participations} planned rounds per "
+               "device is that low: plan more rounds or a larger cohort, or lower the epsilon")
+        raise ConfigError(f"every device would refuse this run: {refused}; {why}")
     cohort = device_cohort(log, split, model.use_context)
     ranker = algorithm(config.algorithm)
     evaluate_at = evaluated_rounds(server.rounds, config.evaluations)
