@@ -82,6 +82,7 @@ class Entry:
 Ledger = Sequence[Entry]
 
 
+@lru_cache(maxsize=256)
 def distributed_tau(share_std: float, shares: int) -> float:
     """``tau`` of Kairouz, Liu and Steinke 2021 (Theorem 1) for ``shares`` discrete Gaussian
     shares of std ``share_std`` each (0 for a single share)."""

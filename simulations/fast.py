@@ -95,7 +95,9 @@ class InProcessTransport:
                               self.availability)
             online = [d for d, up in zip(cohort, flags.tolist(), strict=True) if up]
         declined = refusal(request, self.privacy, consented=True, paused=False)  # same for every device
-        admitted = [] if declined else [d for d in online if self._admits(request, int(state.joined[d]))]
+        joined = state.joined[online].tolist()  # a budget check depends only on this count: once per count
+        admits = {} if declined else {count: self._admits(request, count) for count in set(joined)}
+        admitted = [d for d, count in zip(online, joined, strict=True) if admits.get(count, False)]
         total = None
         for first in range(0, len(admitted), BLOCK):
             block = admitted[first:first + BLOCK]

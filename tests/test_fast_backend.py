@@ -87,3 +87,14 @@ def test_bad_simulation_settings_fail_before_any_work(tmp_path):
             SimulationConfig(SOURCE, _server(), tmp_path, **bad)
     with pytest.raises(ConfigError, match="is a file"):
         SimulationConfig(SOURCE, _server(), tmp_path / "file")
+
+
+def test_a_device_sampled_more_often_than_planned_refuses_what_its_budget_cannot_pay(tmp_path):
+    """Sampled devices are planned for the mean plus one standard deviation of their rounds; one
+    drawn more often declines the rest, so no device ever spends more than its budget."""
+    server = replace(_server(target_epsilon=4.0, clients_per_round=10), rounds=30)
+    results = simulate(SimulationConfig(SOURCE, server, tmp_path, evaluations=1))
+    assert sum(r["refused"] for r in results["rounds"]) > 0
+    ledger = ledger_from_json(results["privacy"]["history_max"])
+    assert results["privacy"]["epsilon"] == pytest.approx(epsilon_of(ledger, server.delta), abs=1e-5)
+    assert results["privacy"]["epsilon"] <= 4.0 + 1e-6
