@@ -189,7 +189,7 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
     results = build_results(log, split, server, run_plan, progress, ledger, local, secure=secure, noise=noise)
     results.update(backend=config.backend, algorithm=ranker.name, beyond_accuracy=progress.report,
                    heterogeneity={"availability": config.availability, "data_skew": config.data_skew})
-    results["config"]["source"] = json.loads(json.dumps(asdict(config.source), default=str))
+    results["config"]["source"] = as_json(config.source)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curve(results, out / "curve.png")
     return results
@@ -258,9 +258,14 @@ def build_results(log: EventLog, split: Split, server: ServerConfig, run_plan: P
             "noise": noise,
             "device_level": device_level,
         },
-        "config": {"server": json.loads(json.dumps(asdict(server), default=str)), "round": asdict(round_config),
+        "config": {"server": as_json(server), "round": asdict(round_config),
                    "expected_cohort": run_plan.expected_cohort},
     }
+
+
+def as_json(config: object) -> dict:
+    """A config dataclass as ``results.json`` records it (paths and enums as strings)."""
+    return json.loads(json.dumps(asdict(config), default=str))  # type: ignore[call-overload]
 
 
 def plot_curve(results: dict, path: Path) -> None:

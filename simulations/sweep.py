@@ -17,7 +17,7 @@ import csv
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from attune.server.config import ServerConfig
 from attune.shared.config import PrivacyMode
 from attune.shared.errors import ConfigError
 from attune.simulations.algorithms import algorithm
-from attune.simulations.runner import DataSource, SimulationConfig, simulate
+from attune.simulations.runner import DataSource, SimulationConfig, as_json, simulate
 
 METRICS = ("hr@10", "ndcg@10", "worst_decile_hr@10", "catalog_coverage@10", "intra_list_diversity@10",
            "novelty@10", "popular_hr@10")
@@ -90,10 +90,10 @@ def _finished(out: Path, source: DataSource, server: ServerConfig, name: str) ->
         stored = results["config"]["server"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    wanted = json.loads(json.dumps(asdict(server), default=str))
+    wanted = as_json(server)
     stored, wanted = ({**c, "model": {k: v for k, v in c["model"].items() if k not in _RUN_FILLED}}
                       for c in (stored, wanted))
-    same_data = results["config"].get("source") == json.loads(json.dumps(asdict(source), default=str))
+    same_data = results["config"].get("source") == as_json(source)
     same = same_data and results.get("algorithm") == name and all(
         stored.get(key) == value for key, value in wanted.items() if key not in _RUN_FILLED)
     return results if same else None
