@@ -126,12 +126,12 @@ class ServerConfig:
         return replace(base, **changes)
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, object]) -> ServerConfig:
+    def from_run_config(cls, run_config: Mapping[str, object], *, exact: bool = False) -> ServerConfig:
         """Read Flower's run config: ``kebab-case`` field names of this class, its ``model`` and its
         ``round`` (``num-server-rounds`` is ``rounds``). Unknown keys fail. ``pyproject.toml`` lists
         every key at the ``distributed`` preset (``run_config_defaults``): a key left at that value
-        takes the preset of the chosen ``mode`` instead; ``0``, ``""`` or ``-1`` mean unset for
-        optional values."""
+        takes the preset of the chosen ``mode`` instead, unless ``exact`` (a run config written
+        whole by ``to_run_config``); ``0``, ``""`` or ``-1`` mean unset for optional values."""
         known = run_config_keys()
         listed = run_config_defaults()
         mode = str(run_config.get("mode", PrivacyMode.DISTRIBUTED.value))
@@ -140,7 +140,7 @@ class ServerConfig:
         for key, value in run_config.items():
             if key not in known:
                 raise ConfigError(f"unknown run config key {key!r}")
-            if key != "mode" and value == listed[key] and type(value) is type(listed[key]):
+            if not exact and key != "mode" and value == listed[key] and type(value) is type(listed[key]):
                 continue  # left at the listed default: the mode's preset applies
             section, name = known[key]
             values[section][name] = value
@@ -170,15 +170,18 @@ _UNSET = {"out_dir": "", "signing_key": "", "target_epsilon": 0.0, "device_level
 
 
 def run_config_defaults(mode: PrivacyMode | str = PrivacyMode.DISTRIBUTED) -> dict[str, object]:
-    """Every run config key with the value of ``mode``'s preset (``pyproject.toml`` lists these;
-    unset optional values are written as ``""``, ``0.0`` or ``-1``, which ``from_run_config``
-    reads back as unset)."""
-    config = ServerConfig.preset(mode)
+    """Every run config key with the value of ``mode``'s preset (``pyproject.toml`` lists these)."""
+    return to_run_config(ServerConfig.preset(mode))
+
+
+def to_run_config(config: ServerConfig) -> dict[str, object]:
+    """``config`` as Flower's run config, every key (unset optional values are written as ``""``,
+    ``0.0`` or ``-1``, which ``from_run_config`` reads back as unset); paths as strings."""
     out: dict[str, object] = {}
     for key, (section, name) in run_config_keys().items():
         holder = {"": config, "model": config.model, "round": config.round}[section]
         value = getattr(holder, name)
-        out[key] = _UNSET.get(name, value) if value is None else value
+        out[key] = _UNSET.get(name, value) if value is None else str(value) if isinstance(value, Path) else value
     return out
 
 

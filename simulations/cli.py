@@ -73,7 +73,8 @@ def _simulate(out: Path = typer.Option(Path("runs/simulate"), help="output folde
               no_dp: bool = typer.Option(False, "--no-dp", help="the same as --mode off: NO privacy"),
               **options: object) -> None:
     """Federated simulation: one virtual device per user, the same coordinator loop and device round
-    as a deployment (fast: in-process; flower: the real apps in Flower's simulation engine)."""
+    as a deployment (fast: in-process; flower: ``flwr run`` of the real apps in Flower's simulation
+    runtime)."""
     from attune.simulations.options import build
 
     if no_dp:
@@ -99,7 +100,8 @@ DEMO = {"rounds": 30, "dim": 8}
 @cli.command()
 def demo(out: Path = typer.Option(Path("runs/demo")), seed: int = typer.Option(0)) -> None:
     """A few-minute federated run on the built-in synthetic data: distributed DP (epsilon 8), the
-    real ServerApp and ClientApps in Flower's simulation engine, every round through SecAgg+."""
+    real ServerApp and ClientApps run by ``flwr run`` in Flower's simulation runtime, every round
+    through SecAgg+."""
     from attune.simulations.options import build
 
     _run(build({**DEMO, "seed": seed, "backend": "flower"}, out=out))

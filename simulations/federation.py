@@ -1,6 +1,7 @@
-"""A Flower Deployment Engine federation on one machine, for local experiments, the ``attune
-federation`` command and tests (not part of a deployment): a SuperLink, N SuperNodes (each
-pointing at its own device store) and ``flwr run`` of the Attune app.
+"""A Flower federation on one machine, for local experiments, the ``attune federation`` command,
+``attune simulate --backend flower`` and tests (not part of a deployment): a SuperLink, then either
+N SuperNodes (the Deployment Engine, each pointing at its own device store) or N virtual ones
+(the SuperLink's simulation runtime), and ``flwr run`` of an Attune app.
 
 Everything here drives Flower's own executables (``flower-superlink``, ``flower-supernode``,
 ``flwr``); Attune adds no network code. TLS and SuperNode authentication are on unless
@@ -32,20 +33,25 @@ _MARKER = "ATTUNE_FEDERATION"
 
 @dataclass(frozen=True)
 class FederationConfig:
-    """``directory`` receives credentials, Flower's home (``FLWR_HOME``) and logs."""
+    """``directory`` receives credentials, Flower's home (``FLWR_HOME``) and logs. With
+    ``simulated_devices`` the SuperLink runs Flower's simulation runtime over that many virtual
+    SuperNodes (the app finds each device's store by its ``partition-id``) instead of ``stores``."""
 
     directory: Path
     stores: tuple[Path, ...]
     app: Path  # the Flower App directory (this project's pyproject.toml)
     vocabulary: Path | None = None
     host: str = "127.0.0.1"
-    port: int = 18000
+    port: int = 18000  # 0: a free port
     insecure: bool = False
     node_config: dict[str, str | int | float | bool] = field(default_factory=dict)
+    simulated_devices: int = 0
 
     def __post_init__(self) -> None:
-        if not self.stores:
+        if not self.stores and not self.simulated_devices:
             raise ConfigError("a federation needs at least one device store")
+        if self.stores and self.simulated_devices:
+            raise ConfigError("a federation runs either SuperNodes over stores or simulated devices, not both")
         if not (self.app / "pyproject.toml").is_file():
             raise ConfigError(f"{self.app} is not a Flower App directory (no pyproject.toml)")
 
@@ -68,6 +74,7 @@ class LocalFederation:
 
     def __init__(self, config: FederationConfig) -> None:
         self.config = config
+        self.port = config.port or _free_port(config.host)
         self.directory = config.directory.resolve()  # Flower's processes get absolute paths
         self.credentials = Credentials(self.directory / "credentials")
         self.logs = self.directory / "logs"
@@ -94,7 +101,7 @@ class LocalFederation:
 
     @property
     def address(self) -> str:
-        return f"{self.config.host}:{self.config.port}"
+        return f"{self.config.host}:{self.port}"
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -119,14 +126,16 @@ class LocalFederation:
             "--ssl-keyfile", str(creds.server_key), "--enable-supernode-auth"]
         self.superlink = self._spawn("superlink", [
             "flower-superlink", *security, "--disable-runtime-dependency-installation",
-            "--host", config.host, "--port", str(config.port),
+            *(["--simulation"] if config.simulated_devices else []),
+            "--host", config.host, "--port", str(self.port),
             "--database", str(self.directory / "superlink.db")])
-        _wait_for_port(config.host, config.port, self.superlink)
+        _wait_for_port(config.host, self.port, self.superlink)
         for index in range(len(config.stores)):
             if not config.insecure:
                 self.flwr("supernode", "register", str(creds.supernode_public_key(index)), CONNECTION)
             self.supernodes.append(self._start_supernode(index))
-        self.wait_online(len(config.stores))
+        if config.stores:
+            self.wait_online(len(config.stores))
 
     def _write_flower_config(self) -> None:
         home = self.directory / "flwr"
@@ -169,9 +178,14 @@ class LocalFederation:
 
     def start_run(self, run_config: dict[str, str | int | float | bool | Path]) -> subprocess.Popen:
         """``flwr run`` of the app with ``run_config`` (streams the run's log until it ends)."""
+        simulation = []
+        if self.config.simulated_devices:  # each ClientApp takes one core: as many at once as there are cores
+            simulation = ["--federation-config", format_config({
+                "num-supernodes": self.config.simulated_devices, "client-resources-num-cpus": 1,
+                "client-resources-num-gpus": 0.0, "init-args-log-to-driver": False})]
         run = self._spawn(f"run-{len(self._runs)}", [
-            "flwr", "run", str(self.config.app), CONNECTION, "--stream",
-            "--run-config", format_config(run_config)])
+            "flwr", "run", str(self.config.app), CONNECTION, "--stream", *simulation,
+            *(["--run-config", format_config(run_config)] if run_config else [])])
         self._runs.append(run)
         return run
 

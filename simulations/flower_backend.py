@@ -1,77 +1,90 @@
-"""The Flower backend of ``attune simulate``: the real ServerApp and ClientApp in Flower's
-simulation engine, one SuperNode and one on-device store per user, every round signed, and in
-``distributed`` mode every round through hardened SecAgg+.
+"""The Flower backend of ``attune simulate``: ``flwr run`` of the real ServerApp and ClientApp on a
+SuperLink of its own (127.0.0.1, a free port) in Flower's simulation runtime, one virtual SuperNode
+and one on-device store per user, every round signed, and in ``distributed`` mode every round
+through hardened SecAgg+. The SuperLink and every process Flower starts for it stop with the run.
+
+The coordinator runs in Flower's process; this one follows its ``rounds.jsonl`` and scores the
+rounds the app saved for evaluation (``attune.simulations.flower_apps``) as they finish.
 """
 
 from __future__ import annotations
 
-import logging
+import json
+import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from attune.client.policy import PrivacyConfig
-from attune.client.secure_aggregation import DECLINED
-from attune.client.settings import DeviceSettings
-from attune.client.training import Cohort
 from attune.server.config import ServerConfig
 from attune.server.coordinator import RoundRecord
 from attune.shared.accounting import Entry, epsilon_of
+from attune.shared.errors import ConfigError
 from attune.shared.signing import generate_keypair
 from attune.simulations.datasets import EventLog
-from attune.simulations.devices import read_ledgers, read_user_vectors, store_path, write_devices
+from attune.simulations.devices import read_ledgers, write_devices
 from attune.simulations.evaluation import Split
 from attune.simulations.fast import Devices
-
-
-def _not_a_decline(record: logging.LogRecord) -> bool:
-    """Flower's simulation engine logs a device that declines a secure round (its budget is spent,
-    consent withdrawn) as a ClientApp error with a traceback; declining is how a device drops out."""
-    message = record.getMessage()
-    return DECLINED not in message and "An exception was raised when processing a message" not in message
-
+from attune.simulations.federation import FederationConfig, LocalFederation
+from attune.simulations.flower_apps import FINISHED, Harness, coordinator_keys, snapshot_path, write_app
 
 Evaluate = Callable[[RoundRecord, dict[str, torch.Tensor], Callable[[], Devices]], None]
+POLL_SECONDS = 0.5
 
 
-def run_flower(log: EventLog, split: Split, server: ServerConfig, privacy: PrivacyConfig, cohort: Cohort,
+def run_flower(log: EventLog, split: Split, server: ServerConfig, privacy: PrivacyConfig, evaluate_at: set[int],
                evaluate: Evaluate) -> tuple[list[Entry], list[Entry]]:
     """Run the federation; returns the ledger (and local ledger) of the device that spent most."""
-    from flwr.simulation import run_simulation
-
-    from attune.client.flower_app import make_client_app
-    from attune.server.app import make_server_app
-    from attune.simulations.runner import quiet_third_parties
-
     assert server.out_dir is not None
-    out = server.out_dir
-    vocabulary = write_devices(log, split, out)
-    signing_key, public_key = out / "keys" / "coordinator.pem", out / "keys" / "coordinator.pub.pem"
+    out = server.out_dir.resolve()  # Flower's processes run elsewhere
+    write_devices(log, split, out)
+    signing_key, public_key = coordinator_keys(out)
     generate_keypair(signing_key, public_key)  # every round the devices join is signed
-    server = replace(server, signing_key=signing_key)
-
-    def resolve(context) -> DeviceSettings:  # noqa: ANN001 - runs inside the engine's workers
-        torch.set_num_threads(1)
-        user = int(context.node_config["partition-id"])
-        return DeviceSettings(store_path=store_path(out, user), privacy=privacy, vocabulary_path=vocabulary,
-                              simulation_seed=(server.seed, user), coordinator_public_key=public_key)
-
-    def devices_now() -> Devices:
-        users, started = read_user_vectors(out, log.num_users, server.model.dim)
-        return Devices(users=users, started=started, joined=torch.zeros(0, dtype=torch.long))
-
-    quiet_third_parties()
-    logging.getLogger("flwr").addFilter(_not_a_decline)
-    run_simulation(
-        server_app=make_server_app(server, lambda record, state: evaluate(record, state, devices_now)),
-        client_app=make_client_app(resolve),
-        num_supernodes=log.num_users,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"log_to_driver": False, "include_dashboard": False}},
-    )
+    server = replace(server, out_dir=out, signing_key=signing_key)
+    (out / FINISHED).unlink(missing_ok=True)
+    app = write_app(out, server, Harness(log.num_users, privacy, tuple(sorted(evaluate_at))))
+    federation = LocalFederation(FederationConfig(directory=out / "flower", stores=(), app=app, port=0,
+                                                  insecure=True, simulated_devices=log.num_users))
+    with federation:
+        run = federation.start_run({})
+        _follow(out, run, evaluate_at, evaluate)
+    if not (out / FINISHED).exists():
+        raise ConfigError(f"the Flower run failed (flwr run exited with {run.returncode}); its log is in "
+                          f"{federation.logs}")
     ledgers = read_ledgers(out, log.num_users)
     spent = [epsilon_of([e for row in rows for e in row.entries], server.delta) for rows in ledgers]
     top = max(range(len(ledgers)), key=lambda k: spent[k]) if ledgers else 0
     rows = ledgers[top] if ledgers else []
     return [e for row in rows for e in row.entries], [e for row in rows for e in row.local_entries]
+
+
+def _follow(out: Path, run: subprocess.Popen, evaluate_at: set[int], evaluate: Evaluate) -> None:
+    """Hand each round to ``evaluate`` as the run records it (with its saved model and user vectors
+    on evaluated rounds), until the run ends."""
+    done = 0
+    while True:
+        ended = run.poll() is not None  # read before the files: nothing is missed after the end
+        path = out / "rounds.jsonl"
+        lines = path.read_text().split("\n")[:-1] if path.exists() else []  # whole lines only
+        for line in lines[done:]:
+            raw = json.loads(line)
+            record = RoundRecord(**{**raw, "rejections": tuple(raw["rejections"])})
+            saved = snapshot_path(out, record.round)
+            if record.round in evaluate_at and not saved.exists():
+                break  # the app saves it just after recording the round
+            state: dict[str, torch.Tensor] = {}
+            devices = Devices(torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+            if record.round in evaluate_at:
+                snapshot = torch.load(saved, weights_only=True)
+                state = snapshot["state"]
+                devices = Devices(users=snapshot["users"], started=snapshot["started"],
+                                  joined=torch.zeros(0, dtype=torch.long))
+                saved.unlink()
+            evaluate(record, state, lambda devices=devices: devices)
+            done += 1
+        if ended:
+            return
+        time.sleep(POLL_SECONDS)

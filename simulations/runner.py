@@ -1,6 +1,6 @@
 """``attune simulate``: one federation over a behavior log, one virtual device per user, through the
-in-process backend (``fast``) or the real ServerApp and ClientApp in Flower's simulation engine
-(``flower``). Both run the same coordinator loop and device round. Writes ``results.json`` and
+in-process backend (``fast``) or ``flwr run`` of the real ServerApp and ClientApp in Flower's
+simulation runtime (``flower``). Both run the same coordinator loop and device round. Writes ``results.json`` and
 ``curve.png`` to the output folder.
 
 Quality is measured by the simulator, which keeps each user's held-out event (devices send
@@ -76,7 +76,8 @@ class SimulationConfig:
     source: DataSource
     server: ServerConfig
     out: Path
-    backend: str = knob("fast", "fast (in-process) or flower (Flower's simulation engine, real SecAgg+)")
+    backend: str = knob("fast", "fast (in-process) or flower (flwr run in Flower's simulation runtime, real "
+                        "SecAgg+)")
     algorithm: str = knob("partial-local", "how devices rank: partial-local, ditto or global")
     availability: float = knob(1.0, "share of sampled devices online in a round (fast backend)")
     data_skew: float = knob(0.0, "0: every device keeps all its events; 1, 2, ...: most keep few")
@@ -180,7 +181,7 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
     else:
         from attune.simulations.flower_backend import run_flower
 
-        ledger, local = run_flower(log, split, server, privacy, cohort, evaluate)
+        ledger, local = run_flower(log, split, server, privacy, evaluate_at, evaluate)
         secure = "flower-secagg+ (hardened)" if server.secure_aggregation else "none"
         noise = "per-device" if run_plan.round.private else "none"
     if len(progress.history) < server.rounds:

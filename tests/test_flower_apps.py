@@ -136,7 +136,7 @@ def test_a_declined_secure_round_is_not_logged_as_an_error_but_real_errors_are()
     import logging
 
     from attune.client.secure_aggregation import DECLINED
-    from attune.simulations.flower_backend import _not_a_decline
+    from attune.simulations.flower_apps import _not_a_decline
 
     def record(message: str) -> logging.LogRecord:
         return logging.LogRecord("flwr", logging.ERROR, __file__, 1, message, None, None)

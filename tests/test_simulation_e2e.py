@@ -1,12 +1,13 @@
 """End to end: the demo's settings beat popularity by a quarter under distributed DP (checked on
-the in-process backend, which computes what the demo's Flower run computes), and a run through
-Flower's simulation engine with real SecAgg+ repeats exactly."""
+the in-process backend, which computes what the demo's Flower run computes), and ``flwr run`` in
+Flower's simulation runtime with real SecAgg+ repeats exactly and leaves no process behind."""
 
 import json
 
 import pytest
 
 from attune.simulations.cli import DEMO
+from attune.simulations.federation import _MARKER, _marked_pids
 from attune.simulations.options import build
 from attune.simulations.runner import simulate
 
@@ -27,3 +28,5 @@ def test_a_flower_run_with_secure_aggregation_repeats_exactly(tmp_path):
     assert first["final"] == again["final"] and first["privacy"]["epsilon"] == again["privacy"]["epsilon"]
     assert json.loads((tmp_path / "b" / "results.json").read_text())["final"] == again["final"]
     assert len(list((tmp_path / "a" / "checkpoints").glob("global_round_*.pt"))) == 2
+    for run in ("a", "b"):  # the SuperLink and everything Flower started for it stopped with the run
+        assert _marked_pids(f"{_MARKER}={(tmp_path / run / 'flower').resolve()}") == []

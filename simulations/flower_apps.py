@@ -1,0 +1,126 @@
+"""The Flower App that ``attune simulate --backend flower`` hands to ``flwr run``: the production
+coordinator loop and ClientApp, with only what a simulation needs around them.
+
+Flower's simulation runtime gives each virtual SuperNode a ``partition-id``; the device with that
+index finds its store under the run's ``out-dir``. The ServerApp runs in Flower's process, not the
+simulator's, so at each round the simulator evaluates it saves the global model and the devices'
+user vectors (read from their stores, as the in-process backend reads them) for the simulator to
+score. Devices send nothing for evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import tomli_w
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from attune.client.flower_app import make_client_app
+from attune.client.policy import PrivacyConfig
+from attune.client.secure_aggregation import DECLINED
+from attune.client.settings import DeviceSettings
+from attune.server.app import transport_for
+from attune.server.config import ServerConfig, to_run_config
+from attune.server.coordinator import RoundRecord, run
+from attune.shared.errors import ConfigError
+from attune.simulations.devices import read_user_vectors, store_path
+
+HARNESS = "flower-simulation.json"
+FINISHED = "flower-finished"
+
+
+@dataclass(frozen=True)
+class Harness:
+    """What the simulator tells its Flower App beyond the coordinator's run config."""
+
+    users: int
+    privacy: PrivacyConfig  # every simulated device's own limits
+    evaluate: tuple[int, ...]  # rounds whose model and user vectors the simulator scores
+
+    def write(self, out: Path) -> None:
+        (out / HARNESS).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def read(cls, out: Path) -> Harness:
+        raw = json.loads((out / HARNESS).read_text())
+        return cls(users=int(raw["users"]), privacy=PrivacyConfig(**raw["privacy"]),
+                   evaluate=tuple(int(r) for r in raw["evaluate"]))
+
+
+def coordinator_keys(out: Path) -> tuple[Path, Path]:
+    """The simulated coordinator's signing key and the public key every device trusts."""
+    return out / "keys" / "coordinator.pem", out / "keys" / "coordinator.pub.pem"
+
+
+def write_app(out: Path, server: ServerConfig, harness: Harness) -> Path:
+    """The folder ``flwr run`` builds the app from: a ``pyproject.toml`` naming this module's
+    components, with ``server`` as its whole run config (read back exactly)."""
+    harness.write(out)
+    app = out / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    project = {
+        "project": {"name": "attune-simulation", "version": "1.0.0", "license": "Apache-2.0",
+                    "description": "attune simulate --backend flower", "dependencies": []},
+        "tool": {"flwr": {"app": {
+            "publisher": "attune",
+            "components": {"serverapp": f"{__name__}:server_app", "clientapp": f"{__name__}:client_app"},
+            "config": to_run_config(server)}}},
+    }
+    (app / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return app
+
+
+def snapshot_path(out: Path, server_round: int) -> Path:
+    return out / "evaluation" / f"round-{server_round:06d}.pt"
+
+
+def _not_a_decline(record: logging.LogRecord) -> bool:
+    """Flower's simulation runtime logs a device that declines a secure round (its budget is spent,
+    consent withdrawn) as a ClientApp error with a traceback; declining is how a device drops out."""
+    message = record.getMessage()
+    return DECLINED not in message and "An exception was raised when processing a message" not in message
+
+
+logging.getLogger("flwr").addFilter(_not_a_decline)  # keeps the run's log to real errors
+
+
+def _device_settings(context: Context) -> DeviceSettings:
+    out = Path(str(context.run_config["out-dir"]))
+    if "partition-id" not in context.node_config:
+        raise ConfigError("this app runs in Flower's simulation runtime, where each node has a partition-id")
+    device = int(context.node_config["partition-id"])
+    torch.set_num_threads(1)
+    return DeviceSettings(store_path=store_path(out, device), privacy=Harness.read(out).privacy,
+                          vocabulary_path=out / "vocabulary.json", simulation_seed=(int(context.run_config["seed"]),
+                                                                                     device),
+                          coordinator_public_key=coordinator_keys(out)[1])
+
+
+client_app = make_client_app(_device_settings)
+server_app = ServerApp()
+
+
+@server_app.main()
+def _coordinate(grid: Grid, context: Context) -> None:
+    config = ServerConfig.from_run_config(context.run_config, exact=True)
+    if config.out_dir is None:
+        raise ConfigError("the simulation app needs out-dir")
+    out = config.out_dir
+    harness = Harness.read(out)
+
+    def save_for_evaluation(record: RoundRecord, state: dict[str, torch.Tensor]) -> None:
+        if record.round in harness.evaluate:
+            users, started = read_user_vectors(out, harness.users, config.model.dim)
+            path = snapshot_path(out, record.round)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state": state, "users": users, "started": started}, path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)  # the simulator never reads half a file
+
+    run(transport_for(grid, config), config, save_for_evaluation)
+    (out / FINISHED).touch()
