@@ -48,7 +48,7 @@ def main() -> None:
     state_bytes += args.devices * (dim * 4 + 1 + 8)  # user vector, started flag, rounds joined
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        results = simulate(build({"rounds": 1, "clients_per_round": args.cohort, "dim": dim, "evaluations": 1,
+        results = simulate(build({"rounds": 1, "devices_per_round": args.cohort, "dim": dim, "evaluations": 1,
                                   "target_epsilon": 1.0, "synthetic_users": args.devices}, out=Path(out)), log=log)
     round_s = time.perf_counter() - started
     result = {

@@ -26,7 +26,7 @@ class ServerConfig:
     """How the coordinator runs a federation.
 
     Each round samples devices (every connected device, or each with probability
-    ``clients_per_round / connected`` from a secure source), sends the signed global model and
+    ``devices_per_round / connected`` from a secure source), sends the signed global model and
     ``round`` config, sums what comes back (under SecAgg+ when ``secure_aggregation``), divides
     by the expected cohort size and takes a server optimizer step. With ``target_epsilon`` the
     noise of ``round`` is calibrated so that a device in every planned round ends at it.
@@ -35,8 +35,8 @@ class ServerConfig:
     """
 
     rounds: int = knob(100, "federated rounds")
-    clients_per_round: int = knob(0, "expected devices per round (each sampled with that chance); 0: all")
-    min_clients: int = knob(2, "devices to wait for before the first round")
+    devices_per_round: int = knob(0, "expected devices per round (each sampled with that chance); 0: all")
+    min_devices: int = knob(2, "devices to wait for before the first round")
     server_optimizer: str = knob("adam", "adam or sgd, on the mean of the released sums")
     server_lr: float = knob(0.1, "server learning rate")
     target_epsilon: float | None = knob(8.0, "per-device event-level epsilon the noise is calibrated to")
@@ -65,7 +65,7 @@ class ServerConfig:
     round: RoundConfig = field(default_factory=RoundConfig)
 
     def __post_init__(self) -> None:
-        for name, low in (("rounds", 1), ("clients_per_round", 0), ("min_clients", 1), ("user_refreshes", 1)):
+        for name, low in (("rounds", 1), ("devices_per_round", 0), ("min_devices", 1), ("user_refreshes", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")

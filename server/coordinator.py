@@ -125,7 +125,7 @@ def _resume(config: ServerConfig, fresh: RunState) -> RunState:
 def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | None = None,
         population: int | None = None) -> list[RoundRecord]:
     """Run rounds up to ``config.rounds`` (from the last checkpoint when resuming)."""
-    devices = _wait_for_devices(transport, config.min_clients)
+    devices = _wait_for_devices(transport, config.min_devices)
     run_plan = plan(config, population or len(devices))
     state = RunState(run_id=secrets.token_hex(8), round=0, params=flatten(initial_state(config)),
                      optimizer=server_optimizer(config.server_optimizer, config.server_lr), plan=run_plan,

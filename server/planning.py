@@ -54,10 +54,10 @@ def plan(config: ServerConfig, population: int) -> Plan:
     """The plan for ``population`` connected devices."""
     if population < 1:
         raise ConfigError("no device is connected")
-    if config.clients_per_round > population:
-        raise ConfigError(f"clients_per_round is {config.clients_per_round} but only {population} devices are "
+    if config.devices_per_round > population:
+        raise ConfigError(f"devices_per_round is {config.devices_per_round} but only {population} devices are "
                           "connected")
-    cohort = config.clients_per_round or population
+    cohort = config.devices_per_round or population
     rate = cohort / population
     participations = planned_participations(config.rounds, rate)
     round_config = config.round

@@ -231,7 +231,7 @@ def federation(
         console.print(f"SuperLink on {running.address} ({'insecure' if insecure else 'TLS + node auth'}), "
                       f"{supernodes} SuperNodes online; logs in {running.logs}")
         code = running.run({
-            "num-server-rounds": rounds, "min-clients": supernodes, "num-items": log.num_items, "dim": 8,
+            "num-server-rounds": rounds, "min-devices": supernodes, "num-items": log.num_items, "dim": 8,
             "use-context": False, "mode": mode, "target-epsilon": 8.0 if mode != "off" else 0.0,
             "secure-aggregation": mode == "distributed",
             "out-dir": (out / "run").resolve(), "signing-key": running.credentials.signing_key})

@@ -24,7 +24,7 @@ from attune.shared.model import ModelConfig
 from attune.simulations.runner import DataSource, SimulationConfig
 
 # Set by the simulation itself (from the data, the plan or the output folder), not by a flag.
-_SET_BY_SIMULATION = {"num_items", "num_event_types", "min_survivors", "user_every", "min_clients",
+_SET_BY_SIMULATION = {"num_items", "num_event_types", "min_survivors", "user_every", "min_devices",
                       "noise_seed", "signing_key", "resume", "out_dir", "round_timeout", "device_privacy",
                       "model", "round", "out", "source", "server"}
 ALIASES = {"target_epsilon": ["--epsilon"], "path": ["--data"], "use_context": ["--context/--no-context"]}

@@ -134,7 +134,7 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
     out.mkdir(parents=True, exist_ok=True)
     (out / "rounds.jsonl").unlink(missing_ok=True)
     model = replace(server.model, num_items=log.num_items)
-    server = replace(server, model=model, out_dir=out, min_clients=log.num_users,
+    server = replace(server, model=model, out_dir=out, min_devices=log.num_users,
                      noise_seed=server.seed if server.noise_seed is None else server.noise_seed)
     run_plan = plan(server, log.num_users)
     privacy = device_privacy(server, config.device_privacy)

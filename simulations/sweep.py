@@ -80,7 +80,7 @@ def _cell(config: SweepConfig, mode: str, name: str, epsilon: float | None, seed
 
 
 # Filled in by the runner from the data and the output folder, so not part of a cell's identity.
-_RUN_FILLED = {"min_clients", "noise_seed", "out_dir", "num_items"}
+_RUN_FILLED = {"min_devices", "noise_seed", "out_dir", "num_items"}
 
 
 def _finished(out: Path, source: DataSource, server: ServerConfig, name: str) -> dict | None:

@@ -30,7 +30,7 @@ def attune(*args: str) -> subprocess.CompletedProcess:
         (["--mode", "secret"], "privacy mode must be one of"),
         (["--mode", "off", "--epsilon", "8"], "target_epsilon needs a private mode"),
         (["--backend", "nope"], "unknown backend"),
-        (["--clients-per-round", "5000"], "only 150 devices"),
+        (["--devices-per-round", "5000"], "only 150 devices"),
         (["--rounds", "1"], "every device would refuse this run"),
     ],
 )

@@ -39,7 +39,7 @@ def test_a_whole_run_config_written_for_a_run_reads_back_exactly(mode, tmp_path)
 def test_cli_options_cover_every_field_and_default_to_the_presets(tmp_path):
     names = {f.name for _, f, _ in option_fields()}
     settable = {name for _, name in run_config_keys().values()} - {
-        "num_items", "num_event_types", "min_survivors", "user_every", "min_clients", "noise_seed", "signing_key",
+        "num_items", "num_event_types", "min_survivors", "user_every", "min_devices", "noise_seed", "signing_key",
         "resume", "out_dir", "round_timeout"}
     assert settable <= names
     for mode in PrivacyMode:

@@ -39,7 +39,7 @@ def test_deployment_engine_tls_node_auth_dead_supernode_and_resumed_server(tmp_p
     stores = tuple(store_path(tmp_path / "devices", user) for user in range(4))
     out = tmp_path / "run"
     run_config = {  # distributed mode: every round through hardened SecAgg+ across the processes
-        "num-server-rounds": 3, "min-clients": 3, "num-items": log.num_items, "dim": 8, "use-context": False,
+        "num-server-rounds": 3, "min-devices": 3, "num-items": log.num_items, "dim": 8, "use-context": False,
         "target-epsilon": 4.0, "min-survivor-fraction": 0.5, "round-timeout": 120.0, "out-dir": out,
     }
     config = FederationConfig(directory=tmp_path / "federation", stores=stores, app=ROOT,

@@ -92,7 +92,7 @@ def test_bad_simulation_settings_fail_before_any_work(tmp_path):
 def test_a_device_sampled_more_often_than_planned_refuses_what_its_budget_cannot_pay(tmp_path):
     """Sampled devices are planned for the mean plus one standard deviation of their rounds; one
     drawn more often declines the rest, so no device ever spends more than its budget."""
-    server = replace(_server(target_epsilon=4.0, clients_per_round=10), rounds=30)
+    server = replace(_server(target_epsilon=4.0, devices_per_round=10), rounds=30)
     results = simulate(SimulationConfig(SOURCE, server, tmp_path, evaluations=1))
     assert sum(r["refused"] for r in results["rounds"]) > 0
     ledger = ledger_from_json(results["privacy"]["history_max"])

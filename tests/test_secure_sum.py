@@ -82,7 +82,7 @@ def test_the_cohort_is_capped_so_the_sum_cannot_wrap():
 
 
 def _config(directory, log, **changes):
-    base = ServerConfig.preset("distributed", rounds=2, min_clients=log.num_users, target_epsilon=2.0,
+    base = ServerConfig.preset("distributed", rounds=2, min_devices=log.num_users, target_epsilon=2.0,
                                signing_key=directory / "coordinator.pem", noise_seed=3, seed=3,
                                min_survivor_fraction=0.8)
     return replace(base, model=replace(base.model, num_items=log.num_items, dim=4, use_context=False), **changes)
