@@ -1,12 +1,12 @@
-"""Whole runs, end to end: the in-process backend against Flower's simulation engine, on the demo's
+"""Whole runs, end to end: the in-process backend against Flower's simulation runtime, on the demo's
 population (150 synthetic devices with about 150 events each), distributed DP at epsilon 8.
 
 Measured in one run, wall time of `simulate` (devices, rounds and the final evaluation):
 - fast: ``--backend fast`` as `attune simulate` runs it (the honest shares' total noise drawn once);
 - fast, per-device noise: every device draws its own share, exactly what the Flower run computes;
 - fast, non-private (``--mode off``): the same round without clipping or noise;
-- flower: the real ServerApp and ClientApps in Flower's simulation engine (Ray), every round
-  through hardened SecAgg+;
+- flower: ``flwr run`` of the real ServerApp and ClientApps in Flower's simulation runtime (Ray),
+  every round through hardened SecAgg+ (from the start of the SuperLink to the final evaluation);
 - stock: what a Flower user writes from Flower's Opacus example, per device and round a fresh
   ``PrivacyEngine().make_private`` (per-sample hooks) computing the same clipped, noised gradient
   sum (timed on the first 30 devices, scaled to the population).
