@@ -92,7 +92,7 @@ def _register_simulate() -> None:
 
 _register_simulate()
 
-# What real SecAgg+ in Flower's simulation engine runs in about 4 minutes on 2 cores; dim 8 suits
+# What real SecAgg+ in Flower's simulation runtime runs in about 5 minutes on 2 cores; dim 8 suits
 # the demo's 600-item catalog (the distributed preset's 16 is for MovieLens-sized ones).
 DEMO = {"rounds": 30, "dim": 8}
 

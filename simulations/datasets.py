@@ -143,7 +143,7 @@ def synthetic(
     """Seeded behavior log: users with latent tastes, power-law popularity, timestamps, event types.
 
     The defaults (150 people with about 150 events each over 600 items) are the demo's data: an
-    app whose people interact often, small enough for Flower's simulation engine with real
+    app whose people interact often, small enough for Flower's simulation runtime with real
     SecAgg+ to run 30 rounds in a few minutes on two cores.
 
     Each user draws items from ``softmax(taste . item + log popularity)`` without repeats, so both
