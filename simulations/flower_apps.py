@@ -39,7 +39,7 @@ FINISHED = "flower-finished"
 class Harness:
     """What the simulator tells its Flower App beyond the coordinator's run config."""
 
-    users: int
+    devices: int
     privacy: PrivacyConfig  # every simulated device's own limits
     evaluate: tuple[int, ...]  # rounds whose model and user vectors the simulator scores
 
@@ -49,7 +49,7 @@ class Harness:
     @classmethod
     def read(cls, out: Path) -> Harness:
         raw = json.loads((out / HARNESS).read_text())
-        return cls(users=int(raw["users"]), privacy=PrivacyConfig(**raw["privacy"]),
+        return cls(devices=int(raw["devices"]), privacy=PrivacyConfig(**raw["privacy"]),
                    evaluate=tuple(int(r) for r in raw["evaluate"]))
 
 
@@ -94,11 +94,10 @@ def _device_settings(context: Context) -> DeviceSettings:
     out = Path(str(context.run_config["out-dir"]))
     if "partition-id" not in context.node_config:
         raise ConfigError("this app runs in Flower's simulation runtime, where each node has a partition-id")
-    device = int(context.node_config["partition-id"])
+    device, seed = int(context.node_config["partition-id"]), int(context.run_config["seed"])
     torch.set_num_threads(1)
     return DeviceSettings(store_path=store_path(out, device), privacy=Harness.read(out).privacy,
-                          vocabulary_path=out / "vocabulary.json", simulation_seed=(int(context.run_config["seed"]),
-                                                                                     device),
+                          vocabulary_path=out / "vocabulary.json", simulation_seed=(seed, device),
                           coordinator_public_key=coordinator_keys(out)[1])
 
 
@@ -116,7 +115,7 @@ def _coordinate(grid: Grid, context: Context) -> None:
 
     def save_for_evaluation(record: RoundRecord, state: dict[str, torch.Tensor]) -> None:
         if record.round in harness.evaluate:
-            users, started = read_user_vectors(out, harness.users, config.model.dim)
+            users, started = read_user_vectors(out, harness.devices, config.model.dim)
             path = snapshot_path(out, record.round)
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"state": state, "users": users, "started": started}, path.with_suffix(".tmp"))

@@ -144,3 +144,69 @@ def test_a_declined_secure_round_is_not_logged_as_an_error_but_real_errors_are()
     assert not _not_a_decline(record(f"Traceback ...\nattune.client.secure_aggregation.Declined: {DECLINED}"))
     assert not _not_a_decline(record("An exception was raised when processing a message by RayBackend"))
     assert _not_a_decline(record("Traceback ...\nValueError: the store is corrupt"))
+
+
+class _EndedRun:
+    """A ``flwr run`` process that has exited."""
+
+    returncode = 0
+
+    def poll(self) -> int:
+        return 0
+
+
+def test_the_simulator_scores_the_rounds_the_flower_app_saved_and_reads_whole_lines_only(tmp_path):
+    from dataclasses import asdict
+
+    from attune.server.coordinator import RoundRecord
+    from attune.simulations.flower_apps import snapshot_path
+    from attune.simulations.flower_backend import _follow
+
+    def line(server_round: int) -> str:
+        return json.dumps(asdict(RoundRecord(round=server_round, sampled=3, contributed=3, refused=0, rejected=0,
+                                             failed=0, aborted="", epsilon=1.0, device_level_epsilon=None)))
+
+    saved = snapshot_path(tmp_path, 2)
+    saved.parent.mkdir()
+    torch.save({"state": {"w": torch.ones(2)}, "users": torch.ones(3, 4), "started": torch.ones(3, dtype=torch.bool)},
+               saved)
+    # round 3 is being written; round 4 is evaluated but its model was never saved (the run died)
+    (tmp_path / "rounds.jsonl").write_text(f"{line(1)}\n{line(2)}\n{line(3)[:20]}")
+    seen = []
+    _follow(tmp_path, _EndedRun(), {2, 4}, lambda record, state, devices: seen.append(
+        (record.round, sorted(state), tuple(devices().users.shape))))
+    assert seen == [(1, [], (0,)), (2, ["w"], (3, 4))]
+    assert not saved.exists()  # scored once, then removed
+
+    (tmp_path / "rounds.jsonl").write_text(f"{line(1)}\n{line(2)}\n{line(3)}\n{line(4)}\n{line(5)}\n")
+    seen.clear()
+    _follow(tmp_path, _EndedRun(), {4}, lambda record, state, devices: seen.append(record.round))
+    assert seen == [1, 2, 3]  # never past an evaluated round whose model is missing
+
+
+def test_a_flower_run_that_ends_before_its_last_round_is_an_error_naming_the_log(tmp_path, monkeypatch):
+    from attune.server.config import ServerConfig
+    from attune.shared.errors import ConfigError
+    from attune.simulations import flower_backend
+    from attune.simulations.datasets import synthetic
+    from attune.simulations.evaluation import leave_one_out
+
+    class _NoFlower:  # the SuperLink starts and the run exits at once, as when the ServerApp crashes
+        def __init__(self, config) -> None:
+            self.logs = config.directory / "logs"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def start_run(self, run_config) -> _EndedRun:
+            return _EndedRun()
+
+    monkeypatch.setattr(flower_backend, "LocalFederation", _NoFlower)
+    log = synthetic(num_users=4, seed=0)
+    server = ServerConfig.preset("distributed", rounds=2, out_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"the Flower run failed .* log is in .*flower/logs"):
+        flower_backend.run_flower(log, leave_one_out(log, seed=0), server, PrivacyConfig(), {2},
+                                  lambda *args: None)
