@@ -29,7 +29,7 @@ import torch
 from opacus import PrivacyEngine
 
 from attune.shared.loss import Batch, per_example_loss
-from attune.shared.model import Personalization
+from attune.shared.model import ModelConfig, Personalization
 from attune.simulations.datasets import synthetic
 from attune.simulations.evaluation import leave_one_out
 from attune.simulations.fast import device_cohort, subset
@@ -49,8 +49,7 @@ def timed_run(options: dict, log) -> float:  # noqa: ANN001
 
 def stock_seconds(log, rounds: int) -> float:  # noqa: ANN001
     """Flower's Opacus example, one device at a time: a fresh engine per device and round."""
-    config = build({"dim": 8}, out=Path(tempfile.gettempdir()))
-    model_config = config.server.model.__class__(num_items=log.num_items, dim=8, use_context=False)
+    model_config = ModelConfig(num_items=log.num_items, dim=8, use_context=False)
     cohort = device_cohort(log, leave_one_out(log, seed=0), use_context=False)
     started = time.perf_counter()
     for device in range(STOCK_DEVICES):
