@@ -49,27 +49,36 @@ def open_device(settings: DeviceSettings, request: RoundRequest) -> Personalizer
 
 def run_round(settings: DeviceSettings, arrays: Mapping[str, np.ndarray],
               items: Mapping[str, object]) -> torch.Tensor | None:
-    """The contribution to send for this round, or ``None`` (refused, or a bad round: logged on
-    the device only; what the coordinator learns is that nothing came)."""
+    """The contribution to send for this round, or ``None``: refused, a bad round, or a failure of
+    any kind on the device. Whatever went wrong is logged on the device only; the coordinator
+    learns that nothing came, exactly as from any device that declines (``docs/privacy.md``)."""
     try:
         request = read_request(settings, arrays, items)
         device = open_device(settings, request)
     except AttuneError as error:
         log.warning("refusing round: %s", error)
         return None
-    with device:
-        outcome = device.contribute(request)
-        if outcome.status is not Status.CONTRIBUTED:
-            log.info("not contributing: %s", outcome.reason)
-            return None
-        return _send(device, outcome)
+    except Exception:  # noqa: BLE001 - nothing may escape a device round (its text would reach the coordinator)
+        log.exception("the round could not start on this device; declining it")
+        return None
+    try:
+        with device:
+            outcome = device.contribute(request)
+            if outcome.status is not Status.CONTRIBUTED:
+                log.info("not contributing: %s", outcome.reason)
+                return None
+            return _send(device, outcome)
+    except Exception:  # noqa: BLE001 - may depend on the events: it must end as an ordinary decline
+        log.exception("the round failed on this device; declining it (what it computed stays charged)")
+        return None
 
 
 def _send(device: Personalizer, outcome: Contribution) -> torch.Tensor | None:
     """Check consent once more just before the contribution leaves: withdrawn meanwhile, nothing
-    is sent and the round's ledger entry is released."""
+    is sent. The round stays charged: its user-vector refresh was computed from the events and is
+    kept (one rule: a ledger entry is released only if nothing derived from the events was
+    computed, kept or sent)."""
     if not device.consented:
-        device.release(outcome)
         log.info("consent was withdrawn during the round: nothing is sent")
         return None
     assert outcome.vector is not None

@@ -1,7 +1,8 @@
 """Flower ClientApp: a thin adapter from Flower messages to the device round.
 
 A train message holds the global side and the signed round config; the reply holds the device's
-contribution and nothing else (an empty reply when the device declines). A distributed-mode
+contribution and nothing else, or is empty: the device declined, or failed in any way (Flower
+would send an exception's text to the coordinator, so none escapes). A distributed-mode
 round arrives through SecAgg+ (``secure_aggregation``); the device refuses to send a
 distributed-noise contribution any other way, since its share of the noise is not enough alone.
 """
@@ -48,8 +49,12 @@ def make_client_app(resolve: SettingsResolver) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         if SECURE_AGGREGATION_RECORD in msg.content.config_records:  # a SecAgg+ round
-            return secure(msg, context)
-        return handle_train(msg, resolve(context))
+            return secure(msg, context)  # raises nothing but the one constant decline
+        try:
+            return handle_train(msg, resolve(context))
+        except Exception:  # noqa: BLE001 - Flower would send its text to the coordinator
+            log.exception("the round failed on this device; declining it")
+            return Message(content=RecordDict(), reply_to=msg)
 
     return app
 

@@ -60,12 +60,12 @@ class Status(str, Enum):
 @dataclass(frozen=True)
 class Contribution:
     """What ``contribute`` did. ``vector`` is set only when ``status`` is ``CONTRIBUTED``: the one
-    thing to send. ``ledger_row`` identifies what it cost (``release`` it if it is not sent)."""
+    thing to send. Its ledger entry is charged whether or not it is sent: it was computed from the
+    events, and the user-vector refresh that shaped it is kept."""
 
     status: Status
     reason: str
     vector: torch.Tensor | None = None
-    ledger_row: int | None = None
 
 
 @dataclass(frozen=True)
@@ -183,8 +183,12 @@ class Personalizer:
         return self.store.stored()
 
     def local_data(self) -> LocalData:
-        events = self.store.events()
-        items = torch.tensor(self.vocabulary.indices([e.item_id for e in events]), dtype=torch.long)
+        """The training events as tensors. An event whose item the current vocabulary no longer
+        lists is left out, as if deleted: a map of each event on its own, so one event still
+        moves a contribution by at most its sensitivity, and no round fails because of an event."""
+        rows = [(event, self.vocabulary.find(event.item_id)) for event in self.store.events()]
+        events = [event for event, index in rows if index is not None]
+        items = torch.tensor([index for _, index in rows if index is not None], dtype=torch.long)
         weights = torch.tensor([e.weight for e in events], dtype=torch.float32)
         context = None
         if self.model_config.use_context and events:
@@ -270,11 +274,12 @@ class Personalizer:
         for name, value in (("limit", limit), ("recent", recent)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        events = self.store.events()[-recent:]
+        known = [(event, self.vocabulary.find(event.item_id)) for event in self.store.events()[-recent:]]
+        events = [event for event, index in known if index is not None]
         if not events:
             return []
         table = torch.nn.functional.normalize(self._model.item_embedding.weight.detach(), dim=1)
-        indices = torch.tensor(self.vocabulary.indices([e.item_id for e in events]), dtype=torch.long)
+        indices = torch.tensor([index for _, index in known if index is not None], dtype=torch.long)
         similarity = (table[indices] @ table[target]).tolist()
         latest: dict[str, Support] = {}  # one line per item: its latest event, summed support
         for event, sim in zip(events, similarity, strict=True):
@@ -344,13 +349,7 @@ class Personalizer:
                      device_level_delta=request.device_level_delta)
         if refresh or self._rank is None:  # the ranking vector follows the user vector's refreshes
             self.refresh_ranking()
-        return Contribution(Status.CONTRIBUTED, "ok", output.contributions[0], row)
-
-    def release(self, contribution: Contribution) -> None:
-        """Undo a contribution's ledger entry because it was not sent (consent withdrawn while it
-        was computed): what never left the device costs nothing."""
-        if contribution.ledger_row is not None:
-            self.store.release(contribution.ledger_row)
+        return Contribution(Status.CONTRIBUTED, "ok", output.contributions[0])
 
     def note_sent(self, contribution: Contribution, nbytes: int) -> None:
         """Record that a contribution left the device (for the person's report)."""

@@ -9,12 +9,14 @@ the device also refuses to:
   (its noise share would be sized for devices that do not exist);
 - reveal key shares in the unmask stage for a device listed both as alive and as dropped (that
   would let the coordinator unmask that device's own vector).
-A device that declines a round raises: SecAgg+ counts it as dropped and sums the others.
+A device that declines a round, or fails in any way, raises the one constant ``Declined``: SecAgg+
+counts it as dropped and sums the others.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -36,6 +38,7 @@ from attune.shared import secure_sum
 from attune.shared.errors import AttuneError
 from attune.shared.model import GLOBAL_PARAMS
 
+log = logging.getLogger(__name__)
 SECURE_AGGREGATION_RECORD = RECORD_KEY_CONFIGS  # the ConfigRecord that marks a SecAgg+ message
 FIT_CONFIG = "fitins.config"  # where the legacy protocol carries the round's config
 
@@ -74,7 +77,20 @@ class SecureDevice(NumPyClient):
 
 
 def _checked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's ``secaggplus_mod`` with the device's own checks on the coordinator's instructions."""
+    """Flower's ``secaggplus_mod`` with the device's own checks on the coordinator's instructions.
+    Any failure, whatever its cause, leaves as the one constant ``Declined``: Flower sends an
+    exception's text to the coordinator, and a failure that depends on the events must look like
+    any other decline (a dropout at the stage where devices decline). The cause is logged here."""
+    try:
+        _check_instructions(msg, context)
+        return secaggplus_mod(msg, context, call_next)
+    except Exception as error:  # noqa: BLE001
+        if not (isinstance(error, Declined) and str(error) == DECLINED):
+            log.warning("declining the secure round: %s", error, exc_info=not isinstance(error, Declined))
+        raise Declined(DECLINED) from None
+
+
+def _check_instructions(msg: Message, context: Context) -> None:
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
     stage = configs.get(Key.STAGE) if configs is not None else None
     if stage == Stage.UNMASK:
@@ -89,7 +105,6 @@ def _checked(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
         if isinstance(survivors, int) and survivors > announced:
             raise Declined(f"the round asks for {survivors} surviving shares but SecAgg+ announced only "
                            f"{announced} devices")
-    return secaggplus_mod(msg, context, call_next)
 
 
 def make_secure_client_app(resolve: Callable[[Context], DeviceSettings]) -> ClientApp:

@@ -360,11 +360,6 @@ class EventStore:
                              (self._sealer.seal(payload, f"ledger:{row}"), row))
         return int(row)
 
-    def release(self, row_id: int) -> None:
-        """Remove a reserved ledger row whose round sent nothing (consent withdrawn mid-round)."""
-        with self.transaction():
-            self._db.execute("DELETE FROM ledger WHERE id = ?", (row_id,))
-
     # -- whole store -----------------------------------------------------------------------------
 
     def erase(self, keep_state: tuple[str, ...] = ()) -> None:

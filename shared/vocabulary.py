@@ -46,3 +46,10 @@ class Vocabulary:
 
     def indices(self, item_ids: Sequence[str]) -> list[int]:
         return [self.index(item) for item in item_ids]
+
+    def find(self, item_id: str) -> int | None:
+        """The row of a stored item id, or ``None`` when a fixed vocabulary no longer lists it (the
+        app shipped a new one): such an event is left out of training, as if deleted."""
+        if self.ids is not None:
+            return self._lookup.get(item_id)
+        return self.index(item_id)

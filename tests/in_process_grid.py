@@ -20,6 +20,12 @@ from attune.client.policy import PrivacyConfig
 from attune.client.settings import DeviceSettings
 
 
+def flower_reason(error: Exception) -> str:
+    """What a SuperNode sends the coordinator for a ClientApp exception (flwr 1.42,
+    ``supernode/runtime/run_clientapp.py``): its class and its text."""
+    return str(type(error)) + ":<'" + str(error) + "'>"
+
+
 class InProcessGrid(Grid):
     def __init__(self, devices: dict[int, DeviceSettings]) -> None:
         self.devices = devices
@@ -52,7 +58,7 @@ class InProcessGrid(Grid):
             try:
                 reply = self._app(received, self._contexts[node])
             except Exception as error:  # noqa: BLE001 - a SuperNode turns an app's exception into an error reply
-                reply = Message(error=Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=received)
+                reply = Message(error=Error(code=0, reason=flower_reason(error)), reply_to=received)
             replies.append(reply)
         return replies
 

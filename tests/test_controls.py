@@ -87,7 +87,10 @@ def test_rounds_need_consent_and_withdrawal_stops_them(tmp_path):
             device.grant_consent("v1", purpose="advertising")
 
 
-def test_withdrawal_mid_round_sends_nothing_and_releases_the_ledger(tmp_path, monkeypatch):
+def test_withdrawal_mid_round_sends_nothing_and_keeps_what_was_computed_charged(tmp_path, monkeypatch):
+    """One charging rule: a round's entry is released only if nothing derived from the events was
+    computed, kept or sent. Withdrawn mid-round, the contribution is not sent, but the refreshed
+    user vector is kept, so the whole round stays paid for (issue 19, item 2)."""
     path = tmp_path / "f.sqlite"
     open_device(path).close()
     real = personalizer_module.train_round
@@ -102,11 +105,24 @@ def test_withdrawal_mid_round_sends_nothing_and_releases_the_ledger(tmp_path, mo
     vocabulary.write_text(json.dumps(list(VOCAB.ids)))
     settings = DeviceSettings(store_path=path, privacy=PrivacyConfig(), vocabulary_path=vocabulary,
                               allow_unsigned=True)
-    message = Message(content=request_content(request(round=1), None), dst_node_id=1, message_type="train")
-    reply = handle_train(message, settings)
+    first = request(round=1)
+    reply = handle_train(Message(content=request_content(first, None), dst_node_id=1, message_type="train"),
+                         settings)
     assert not reply.has_error() and not reply.content.array_records  # nothing sent
+    due = round_entries(MODEL, first.config, refresh=True)
     with Personalizer(path, model=MODEL, vocabulary=VOCAB) as device:
-        assert device.store.ledger() == [] and device.state.contributions_sent == 0
+        assert [list(row.entries) for row in device.store.ledger()] == [due]
+        assert device.state.contributions_sent == 0 and device.state.rounds_joined == 1
+        assert device.epsilon() == pytest.approx(epsilon_of(due, 1e-5))
+        device.grant_consent("policy-2026-12")
+    monkeypatch.setattr(personalizer_module, "train_round", real)
+    second = request(round=2)
+    reply = handle_train(Message(content=request_content(second, None), dst_node_id=1, message_type="train"),
+                         settings)
+    assert reply.content.array_records
+    with Personalizer(path, model=MODEL, vocabulary=VOCAB) as device:
+        both = [*due, *round_entries(MODEL, second.config, refresh=second.config.refresh_due(1))]
+        assert device.epsilon() == pytest.approx(epsilon_of(both, 1e-5))
 
 
 def test_forget_one_event_and_keep_an_item_as_negative(device):

@@ -11,7 +11,7 @@ from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
 
 from attune.client.flower_app import handle_train
 from attune.client.personalizer import Personalizer, PrivacyConfig
-from attune.client.secure_aggregation import Declined, _checked
+from attune.client.secure_aggregation import DECLINED, Declined, _checked
 from attune.client.settings import DeviceSettings
 from attune.server.transport import GridTransport
 from attune.shared.mechanism import contribution_dim, share_std
@@ -85,13 +85,15 @@ def test_a_distributed_round_is_refused_outside_secure_aggregation(settings, key
     assert not _sent(reply)
 
 
-def test_the_device_refuses_to_unmask_a_device_listed_alive_and_dropped():
+def test_the_device_refuses_to_unmask_a_device_listed_alive_and_dropped(caplog):
     message = Message(content=RecordDict({"secaggplus_configs": ConfigRecord(
         {"stage": "unmask", "active_nids": [1, 2, 3], "dead_nids": [3]})}),
         dst_node_id=1, message_type="train")
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    with pytest.raises(Declined, match="alive and dropped"):
+    with pytest.raises(Declined) as refused:
         _checked(message, context, lambda msg, ctxt: msg)
+    assert str(refused.value) == DECLINED  # the reason stays on the device, in its log
+    assert "alive and dropped" in caplog.text
 
 
 class _Replies:
@@ -135,7 +137,6 @@ def test_a_declined_secure_round_is_not_logged_as_an_error_but_real_errors_are()
     declining a secure round (its budget is spent) is the protocol's way to drop out."""
     import logging
 
-    from attune.client.secure_aggregation import DECLINED
     from attune.simulations.flower_apps import _not_a_decline
 
     def record(message: str) -> logging.LogRecord:
