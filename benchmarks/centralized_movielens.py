@@ -16,16 +16,16 @@ import torch
 
 from attune.shared.loss import Batch, per_example_loss
 from attune.shared.metrics import hit_and_ndcg
-from attune.shared.model import ModelConfig, Personalization
+from attune.shared.model import EmbeddingNetwork, ModelConfig
 from attune.simulations.datasets import EventLog, load_movielens
 from attune.simulations.evaluation import Split, leave_one_out, popularity_baseline
 
 
 def train_centralized(log: EventLog, split: Split, dim: int, epochs: int, seed: int
-                      ) -> tuple[Personalization, torch.nn.Embedding]:
+                      ) -> tuple[EmbeddingNetwork, torch.nn.Embedding]:
     """The item side and one user vector per user, trained with all events in one place."""
     g = torch.Generator().manual_seed(seed)
-    model = Personalization(ModelConfig(num_items=log.num_items, dim=dim, use_context=False), g)
+    model = EmbeddingNetwork(ModelConfig(num_items=log.num_items, dim=dim, use_context=False), g)
     users = torch.nn.Embedding(log.num_users, dim)
     torch.nn.init.normal_(users.weight, 0, dim**-0.5, generator=g)
     params = [model.item_embedding.weight, model.item_bias.weight, users.weight]
@@ -46,7 +46,7 @@ def train_centralized(log: EventLog, split: Split, dim: int, epochs: int, seed: 
     return model, users
 
 
-def trained_on_movielens() -> tuple[argparse.Namespace, EventLog, Split, Personalization, torch.nn.Embedding]:
+def trained_on_movielens() -> tuple[argparse.Namespace, EventLog, Split, EmbeddingNetwork, torch.nn.Embedding]:
     """Parse ``--data --epochs --dim --seed``, load MovieLens and train centrally (shared by the
     benchmarks that need the centrally trained model)."""
     parser = argparse.ArgumentParser()

@@ -32,7 +32,7 @@ import resource, sys, time, torch
 torch.set_num_threads(1)
 from attune import Event, ModelConfig, Personalizer, PrivacyConfig
 from attune.shared.config import preset
-from attune.shared.model import Personalization
+from attune.shared.model import shared_model
 from attune.shared.wire import RoundRequest
 import attune.shared.accounting as accounting
 accounting.epsilon_of([accounting.Entry("gaussian", z=1.0)], 1e-5)  # Opacus's import is not part of the round
@@ -43,7 +43,7 @@ device = Personalizer(sys.argv[1], model=model, privacy=PrivacyConfig(allow_non_
 device.grant_consent("benchmark")
 now = time.time()
 device.record_many(Event(f"i{k}", "click", now - 5000 + k) for k in range(2000))
-state = Personalization(model, torch.Generator().manual_seed(0)).global_state()
+state = shared_model(model).init_state(torch.Generator().manual_seed(0))
 config = preset(mode, min_survivors=100) if mode != "off" else preset("off")
 request = RoundRequest("bench", 1, model, config, state)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

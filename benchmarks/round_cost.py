@@ -29,7 +29,7 @@ from opacus.optimizers import DPOptimizer
 from attune.client.training import Cohort, LocalData, train_round
 from attune.shared.config import preset
 from attune.shared.loss import Batch, per_example_loss
-from attune.shared.model import ModelConfig, Personalization
+from attune.shared.model import EmbeddingNetwork, ModelConfig
 from attune.shared.randomness import Stream
 
 warnings.filterwarnings("ignore")
@@ -55,7 +55,7 @@ def interleaved(steps: dict, repeats: int) -> dict[str, float]:
 def setup(items: int):
     g = torch.Generator().manual_seed(0)
     model_config = ModelConfig(num_items=items, dim=DIM, use_context=False)
-    model = Personalization(model_config, generator=g)
+    model = EmbeddingNetwork(model_config, generator=g)
     data = LocalData(torch.randint(0, items, (EVENTS,), generator=g), torch.ones(EVENTS), None)
     columns = torch.cat([data.items.unsqueeze(1), torch.randint(0, items, (EVENTS, NEGATIVES), generator=g)], 1)
     labels = torch.zeros(columns.shape)
@@ -76,7 +76,7 @@ def plain(model, batch):
 
 def attune(model_config, model, data, shares: bool):
     config = preset("distributed", noise_multiplier=1.0, min_survivors=100, negatives=NEGATIVES)
-    state, user = model.global_state(), model.user_vector.weight.detach()
+    state, user = model.shared_state(), model.user_vector.weight.detach()
     cohort = Cohort.of([data])
 
     def step():
@@ -134,10 +134,10 @@ def main() -> None:
         model_config, model, data, batch = setup(items)
         steps = {"plain": plain(model, batch), "attune_clipped": attune(model_config, model, data, False),
                  "attune_dp": attune(model_config, model, data, True)}
-        fresh = Personalization(model_config, generator=torch.Generator().manual_seed(0))
+        fresh = EmbeddingNetwork(model_config, generator=torch.Generator().manual_seed(0))
         steps["opacus_ghost"] = ghost(fresh, batch)
         if items < 100_000:
-            steps["opacus_hooks"] = hooks(Personalization(model_config, torch.Generator().manual_seed(0)), batch)
+            steps["opacus_hooks"] = hooks(EmbeddingNetwork(model_config, torch.Generator().manual_seed(0)), batch)
         times = interleaved(steps, repeats=3 if items == 100_000 else 10)
         row = {"items": items, "events": EVENTS, "dim": DIM, "trials": TRIALS,
                **{f"{k}_ms": v for k, v in times.items()},

@@ -29,7 +29,7 @@ import torch
 from opacus import PrivacyEngine
 
 from attune.shared.loss import Batch, per_example_loss
-from attune.shared.model import ModelConfig, Personalization
+from attune.shared.model import EmbeddingNetwork, ModelConfig
 from attune.simulations.datasets import synthetic
 from attune.simulations.evaluation import leave_one_out
 from attune.simulations.fast import device_cohort, subset
@@ -54,7 +54,7 @@ def stock_seconds(log, rounds: int) -> float:  # noqa: ANN001
     started = time.perf_counter()
     for device in range(STOCK_DEVICES):
         data = subset(cohort, [device]).device(0)
-        model = Personalization(model_config, torch.Generator().manual_seed(0))
+        model = EmbeddingNetwork(model_config, torch.Generator().manual_seed(0))
         model.user_vector.weight.requires_grad_(False)
         model.context_encoder.weight.requires_grad_(False)
         columns = torch.cat([data.items.unsqueeze(1), torch.randint(0, log.num_items, (len(data), 4))], 1)

@@ -41,7 +41,7 @@ from attune.shared.events import (
     context_matrix,
 )
 from attune.shared.mechanism import local_entries, round_entries
-from attune.shared.model import MODEL_VERSION, ModelConfig, Personalization
+from attune.shared.model import MODEL_VERSION, ModelConfig, shared_model
 from attune.shared.randomness import Stream, device_stream
 from attune.shared.vocabulary import Vocabulary
 from attune.shared.wire import RoundRequest, check_global_state
@@ -113,7 +113,8 @@ class Personalizer:
         self.privacy = privacy or PrivacyConfig()
         self.simulation_seed = simulation_seed
         self.store = EventStore(store_path, retention, key=encryption_key)
-        self._model = Personalization(self.model_config, generator=torch.Generator().manual_seed(0))
+        self._shared = shared_model(self.model_config)
+        self._state = self._initial_state()
         self._load()
 
     def close(self) -> None:
@@ -143,20 +144,24 @@ class Personalizer:
         raw = self.store.get_state(device_state.GLOBAL_KEY)
         if raw is not None:
             saved = decode_tensors(raw)
-            self._model.load_global_state(check_global_state(saved, self.model_config, MODEL_VERSION))
+            self._state = check_global_state(saved, self.model_config, MODEL_VERSION)
         user = self.store.get_state(device_state.USER_KEY)
         self._user = decode_tensors(user)["user"] if user is not None else None
         rank = self.store.get_state(device_state.RANK_KEY)
         self._rank = decode_tensors(rank)["rank"] if rank is not None else None
 
+    def _initial_state(self) -> dict[str, torch.Tensor]:
+        """The shared side before any round: fixed (seed 0), so ranking is stable until then."""
+        return self._shared.init_state(torch.Generator().manual_seed(0))
+
     def global_state(self) -> dict[str, torch.Tensor]:
-        return self._model.global_state()
+        return {name: value.clone() for name, value in self._state.items()}
 
     def set_global(self, state: dict[str, torch.Tensor], version: int = MODEL_VERSION) -> None:
         """Adopt a global model published by the coordinator outside a round (validated first;
         a round adopts its own model through ``contribute``)."""
         checked = check_global_state(state, self.model_config, version)
-        self._model.load_global_state(checked)
+        self._state = checked
         self.store.put_state({device_state.GLOBAL_KEY: encode_tensors(checked)})
 
     @property
@@ -210,17 +215,16 @@ class Personalizer:
         if context is not None and not isinstance(context, EventContext):
             raise InvalidEventError("context must be an EventContext or None")
         with torch.no_grad():
-            return self._model.score(self._query(context), items.unsqueeze(0))[0]
+            return self._shared.score(self._state, self._query(context), items.unsqueeze(0))[0]
 
     def _query(self, context: EventContext | None) -> torch.Tensor:
-        """The person's query ``[1, dim]``: context part plus their ranking vector (none while
-        paused or before the first round)."""
+        """The person's query ``[1, dim]``: their ranking vector (none while paused or before the
+        first round) at ``context``."""
         features = context_features(context, RANKED_EVENT_TYPE).unsqueeze(0)
-        query = self._model.person(1, features) - self._model.user_vector.weight
         own = self._rank if self._rank is not None else self._user
         if own is None or self.state.paused:
-            return query
-        return query + own
+            own = torch.zeros(self.model_config.dim)
+        return self._shared.query(self._state, own.float().unsqueeze(0), features)
 
     def refresh_ranking(self, steps: int = 40) -> None:
         """Fit the ranking vector to the current global side, on the device and without DP: it
@@ -256,7 +260,7 @@ class Personalizer:
         dismissed = set(self.not_interested())
         wanted = [i for i, item in enumerate(candidates) if item not in dismissed]
         keep = torch.tensor(wanted, dtype=torch.long)
-        vectors = self._model.item_embedding.weight.detach()[items[keep]]
+        vectors = self._shared.item_side(self._state, items[keep])[0]
         picked = mmr_order(scores[keep], vectors, float(diversity), len(wanted))
         unwanted = sorted(set(range(len(candidates))) - set(wanted), key=lambda i: -float(scores[i]))
         order = [wanted[p] for p in picked] + unwanted
@@ -278,9 +282,10 @@ class Personalizer:
         events = [event for event, index in known if index is not None]
         if not events:
             return []
-        table = torch.nn.functional.normalize(self._model.item_embedding.weight.detach(), dim=1)
         indices = torch.tensor([index for _, index in known if index is not None], dtype=torch.long)
-        similarity = (table[indices] @ table[target]).tolist()
+        vectors = torch.nn.functional.normalize(self._shared.item_side(self._state, indices)[0], dim=1)
+        wanted = torch.nn.functional.normalize(self._shared.item_side(self._state, torch.tensor([target]))[0], dim=1)
+        similarity = (vectors @ wanted[0]).tolist()
         latest: dict[str, Support] = {}  # one line per item: its latest event, summed support
         for event, sim in zip(events, similarity, strict=True):
             if sim < _MIN_EXPLAINING_SIMILARITY:
@@ -298,8 +303,8 @@ class Personalizer:
         with torch.no_grad():
             queries = torch.stack([self._query(EventContext(hour=h, weekday=w))[0]
                                    for h in range(24) for w in range(7)])
-            scorer = PersonalScorer(self._model.item_embedding.weight, self._model.item_bias.weight,
-                                    queries.reshape(24, 7, -1))
+            vectors, bias = self._shared.all_items(self._state)
+            scorer = PersonalScorer(vectors, bias, queries.reshape(24, 7, -1))
         save_scorer(scorer, self.vocabulary, target)
         return target
 
@@ -335,7 +340,7 @@ class Personalizer:
             if "budget" in row:
                 update_state(self.store, budget_exhausted=True)
             return Contribution(Status.REFUSED, row)
-        self._model.load_global_state(request.state)
+        self._state = dict(request.state)
         start = self._user if self._user is not None else initial_user_vector(
             self.model_config.dim, self._stream("user-init"))
         output = train_round(request.state, request.model, start.unsqueeze(0), Cohort.of([self.local_data()]),
@@ -433,7 +438,7 @@ class Personalizer:
         """
         self.store.erase(keep_state=_KEPT_BY_ERASE)
         self._user = self._rank = None
-        self._model = Personalization(self.model_config, generator=torch.Generator().manual_seed(0))
+        self._state = self._initial_state()
 
     def export(self) -> dict:
         """Everything stored about the person, as one JSON-ready document (access, portability)."""
@@ -454,7 +459,7 @@ class Personalizer:
         """What this device has spent and shared, and under which guarantee, in plain terms."""
         return build_report(self.store.ledger(), self.state, budget=self.privacy.epsilon_budget,
                             delta=self.privacy.delta, events=self.store.count(), consented=self.consented,
-                            encrypted=self.store.encrypted)
+                            encrypted=self.store.encrypted, shared_parameters=self._shared.layout.names)
 
     def privacy_summary(self) -> str:
         """The privacy report as plain text for the person (what the app shows in its settings)."""

@@ -9,7 +9,7 @@ from attune.client.state import DeviceState
 from attune.client.store import LedgerRow
 from attune.shared.accounting import ACCOUNTANT_NAME, epsilon_of
 from attune.shared.config import PrivacyMode
-from attune.shared.model import GLOBAL_PARAMS, MODEL_VERSION
+from attune.shared.model import MODEL_VERSION
 from attune.shared.statements import DEVICE_LEVEL, statement
 
 
@@ -54,8 +54,8 @@ class PrivacyReport:
         return asdict(self)
 
 
-def build_report(rows: list[LedgerRow], state: DeviceState, *, budget: float,
-                 delta: float, events: int, consented: bool, encrypted: bool) -> PrivacyReport:
+def build_report(rows: list[LedgerRow], state: DeviceState, *, budget: float, delta: float, events: int,
+                 consented: bool, encrypted: bool, shared_parameters: tuple[str, ...]) -> PrivacyReport:
     spent_entries = [entry for row in rows for entry in row.entries]
     local_entries = [entry for row in rows for entry in row.local_entries]
     spent = epsilon_of(spent_entries, delta)
@@ -72,7 +72,7 @@ def build_report(rows: list[LedgerRow], state: DeviceState, *, budget: float,
                      for row in rows),
         entries=tuple(entry.as_dict() for entry in spent_entries), events_stored=events,
         rounds_joined=state.rounds_joined, contributions_sent=state.contributions_sent, bytes_sent=state.bytes_sent,
-        last_sent_at=state.last_sent_at, shared_parameters=GLOBAL_PARAMS, budget_exhausted=state.budget_exhausted,
+        last_sent_at=state.last_sent_at, shared_parameters=shared_parameters, budget_exhausted=state.budget_exhausted,
         device_level=device_level, consented=consented, paused=state.paused, encrypted_at_rest=encrypted,
         model_version=MODEL_VERSION)
 

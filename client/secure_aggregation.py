@@ -36,7 +36,8 @@ from attune.client.device_round import run_round
 from attune.client.settings import DeviceSettings
 from attune.shared import secure_sum
 from attune.shared.errors import AttuneError
-from attune.shared.model import GLOBAL_PARAMS
+from attune.shared.model import shared_model
+from attune.shared.wire import model_of
 
 log = logging.getLogger(__name__)
 SECURE_AGGREGATION_RECORD = RECORD_KEY_CONFIGS  # the ConfigRecord that marks a SecAgg+ message
@@ -69,7 +70,10 @@ class SecureDevice(NumPyClient):
         self.settings = settings
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
-        arrays = dict(zip(GLOBAL_PARAMS, parameters, strict=True))
+        names = shared_model(model_of(config)).layout.names  # the signature covers names and config
+        if len(names) != len(parameters):
+            raise Declined(DECLINED)
+        arrays = dict(zip(names, parameters, strict=True))
         vector = run_round(self.settings, arrays, config)
         if vector is None:
             raise Declined(DECLINED)

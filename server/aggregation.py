@@ -1,6 +1,6 @@
 """From what devices sent to the next global model, framework-free: combine the contributions (their
 sum, or a robust rule), add device-level noise, divide by the expected cohort, and take a server
-optimizer step. Every vector here is the shared side flattened (``attune.client.training.flatten``).
+optimizer step. Every vector here is the shared side flattened (``attune.shared.layout.Layout.flatten``).
 """
 
 from __future__ import annotations

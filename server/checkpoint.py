@@ -15,6 +15,7 @@ import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -56,7 +57,9 @@ def _checksum_path(path: Path) -> Path:
 def _plan_dict(plan: Plan | None) -> dict | None:
     if plan is None:
         return None
-    return {**asdict(plan), "round": asdict(plan.round)}
+    round_config = {name: value.value if isinstance(value, Enum) else value
+                    for name, value in asdict(plan.round).items()}  # plain values: loads never unpickle classes
+    return {**asdict(plan), "round": round_config}
 
 
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:

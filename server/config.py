@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from enum import Enum
 from pathlib import Path
 
 from attune.shared.config import PrivacyMode, RoundConfig, knob, preset
@@ -59,9 +60,7 @@ class ServerConfig:
     resume: bool = knob(False, "continue from the newest checkpoint that verifies")
     seed: int = knob(0, "seed of the initial model (and of everything in simulations)")
     out_dir: Path | None = knob(None, "where checkpoints and rounds.jsonl go")
-    # dim 16 and no context encoder: at MovieLens scale under DP the context block takes clip budget
-    # from the item rows (HR@10 0.51 with it, 0.58 without, at epsilon 8)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(dim=16, use_context=False))
+    model: ModelConfig = field(default_factory=ModelConfig)
     round: RoundConfig = field(default_factory=RoundConfig)
 
     def __post_init__(self) -> None:
@@ -181,7 +180,13 @@ def to_run_config(config: ServerConfig) -> dict[str, object]:
     for key, (section, name) in run_config_keys().items():
         holder = {"": config, "model": config.model, "round": config.round}[section]
         value = getattr(holder, name)
-        out[key] = _UNSET.get(name, value) if value is None else str(value) if isinstance(value, Path) else value
+        if value is None:
+            value = _UNSET[name]
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, Enum):
+            value = value.value
+        out[key] = value
     return out
 
 

@@ -20,7 +20,6 @@ from typing import Protocol
 
 import torch
 
-from attune.client.training import flatten, unflatten
 from attune.server.aggregation import ServerOptimizer, device_level_noise, server_optimizer
 from attune.server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from attune.server.config import ServerConfig
@@ -29,7 +28,7 @@ from attune.shared.accounting import Entry, epsilon_of
 from attune.shared.config import PrivacyMode
 from attune.shared.errors import StoreError
 from attune.shared.mechanism import dequantize, device_bound, planned_entries, units
-from attune.shared.model import Personalization
+from attune.shared.model import shared_model
 from attune.shared.randomness import Stream, bernoulli
 from attune.shared.wire import RoundRequest
 
@@ -78,7 +77,7 @@ RoundCallback = Callable[[RoundRecord, dict[str, torch.Tensor]], None]
 
 
 def initial_state(config: ServerConfig) -> dict[str, torch.Tensor]:
-    return Personalization(config.model, generator=torch.Generator().manual_seed(config.seed)).global_state()
+    return shared_model(config.model).init_state(torch.Generator().manual_seed(config.seed))
 
 
 def _stream(config: ServerConfig, *labels: int | str) -> Stream:
@@ -116,7 +115,7 @@ def _resume(config: ServerConfig, fresh: RunState) -> RunState:
         raise StoreError(f"resume=true but no checkpoint in {config.out_dir / 'checkpoints'} verifies: "
                          "refusing to restart from round 1 with an empty ledger")
     fresh.optimizer.load_state_dict(found.optimizer)
-    params = found.params if found.params is not None else flatten(found.state)
+    params = found.params if found.params is not None else shared_model(config.model).layout.flatten(found.state)
     return RunState(run_id=found.run_id, round=found.round, params=params,
                     optimizer=fresh.optimizer, plan=fresh.plan if found.plan is None else found.plan,
                     device_level=found.device_level, participation=Counter(found.participation))
@@ -127,7 +126,8 @@ def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | No
     """Run rounds up to ``config.rounds`` (from the last checkpoint when resuming)."""
     devices = _wait_for_devices(transport, config.min_devices)
     run_plan = plan(config, population or len(devices))
-    state = RunState(run_id=secrets.token_hex(8), round=0, params=flatten(initial_state(config)),
+    state = RunState(run_id=secrets.token_hex(8), round=0,
+                     params=shared_model(config.model).layout.flatten(initial_state(config)),
                      optimizer=server_optimizer(config.server_optimizer, config.server_lr), plan=run_plan,
                      device_level=[], participation=Counter())
     if config.resume:
@@ -161,7 +161,8 @@ def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | No
 
 
 def _state_dict(state: RunState, config: ServerConfig) -> dict[str, torch.Tensor]:
-    return {name: value.float().clone() for name, value in unflatten(state.params, config.model).items()}
+    layout = shared_model(config.model).layout
+    return {name: value.float().clone() for name, value in layout.unflatten(state.params).items()}
 
 
 def _round(transport: Transport, config: ServerConfig, state: RunState, cohort: list[int],

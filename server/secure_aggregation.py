@@ -43,7 +43,6 @@ from flwr.serverapp import Grid
 from attune.server.coordinator import Collected
 from attune.shared import secure_sum
 from attune.shared.errors import ModelMismatchError
-from attune.shared.model import GLOBAL_PARAMS
 from attune.shared.records import request_content
 from attune.shared.wire import RoundRequest, check_contribution
 
@@ -169,7 +168,7 @@ class SecureTransport:
                              aborted=f"{len(cohort)} devices sampled, fewer than {max(2, min_survivors)}")
         content = request_content(request, self.signer(request))
         config = dict(content.config_records["config"])
-        parameters = ndarrays_to_parameters([request.arrays()[name] for name in GLOBAL_PARAMS])
+        parameters = ndarrays_to_parameters(list(request.arrays().values()))  # in layout order
         self._strategy.round = _Round(nodes=cohort, fit_ins=FitIns(parameters, config))
         manager = self._context.client_manager
         for node in cohort:

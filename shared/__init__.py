@@ -2,8 +2,8 @@
 
 from attune.shared.config import PrivacyMode, RoundConfig
 from attune.shared.events import Event, EventContext
-from attune.shared.model import GLOBAL_PARAMS, LOCAL_PARAMS, ModelConfig, Personalization
+from attune.shared.model import ModelConfig, SharedModel, register, shared_model
 from attune.shared.vocabulary import Vocabulary
 
-__all__ = ["Event", "EventContext", "GLOBAL_PARAMS", "LOCAL_PARAMS", "ModelConfig", "Personalization",
-           "PrivacyMode", "RoundConfig", "Vocabulary"]
+__all__ = ["Event", "EventContext", "ModelConfig", "PrivacyMode", "RoundConfig", "SharedModel", "Vocabulary",
+           "register", "shared_model"]

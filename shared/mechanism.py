@@ -5,13 +5,13 @@ one device. In a round a device releases (to the secure sum, or to the coordinat
 mode) one vector ``w + noise`` over the shared parameters (``contribution_dim``):
 
 1. **Sensitivity.** Each event's gradient on the shared side is clipped to L2 norm ``clip`` and
-   scaled to integer units (``2**quantum_bits`` per ``clip``), and each of its columns (the
-   event's item and its negatives: item row and bias) and its context block is rounded to the
-   nearest integer. The device sums its events' integer gradients into ``z`` and projects ``z``
-   onto the L2 ball of radius ``device_norm`` clips, rounding again. One event then moves
-   ``w`` by at most ``sensitivity``: its clipped gradient, plus half a unit per rounded
-   coordinate of the event (triangle inequality over its columns), plus one unit per coordinate
-   of the projection's rounding (the projection itself is 1-Lipschitz).
+   scaled to integer units (``2**quantum_bits`` per ``clip``), and rounded to the nearest integer
+   (each part of its gradient: the rows of the event's item and its negatives, a context block).
+   The device sums its events' integer gradients into ``z`` and projects ``z`` onto the L2 ball
+   of radius ``device_norm`` clips, rounding again. One event then moves ``w`` by at most
+   ``sensitivity``: its clipped gradient, plus half a unit per rounded coordinate of the event
+   (triangle inequality over its parts), plus one unit per coordinate of the projection's
+   rounding (the projection itself is 1-Lipschitz).
 2. **Noise.** The device adds discrete Gaussian noise of std ``share_std`` to every coordinate:
    ``noise_multiplier * 2**bits / sqrt(honest_shares)``. In ``distributed`` mode any
    ``honest_shares = min_survivors - colluders`` shares sum to the full noise; in ``local`` mode
@@ -35,7 +35,8 @@ import torch
 from attune.shared.accounting import Entry, calibrate, distributed_tau
 from attune.shared.config import RoundConfig
 from attune.shared.errors import ConfigError
-from attune.shared.model import ModelConfig
+from attune.shared.layout import rounding_bound
+from attune.shared.model import ModelConfig, shared_model
 from attune.shared.randomness import Stream, discrete_gaussian
 
 # Opacus adds this to norms before dividing (optimizers/optimizer.py); kept identical so Attune's
@@ -44,8 +45,8 @@ NORM_EPS = 1e-6
 
 
 def contribution_dim(model: ModelConfig) -> int:
-    """Length of a contribution: the shared parameters (``GLOBAL_PARAMS``) flattened in order."""
-    return model.num_items * (model.dim + 1) + model.dim * model.context_features
+    """Length of a contribution: the model's shared parameters flattened in layout order."""
+    return shared_model(model).layout.size
 
 
 def units(config: RoundConfig) -> float:
@@ -54,11 +55,11 @@ def units(config: RoundConfig) -> float:
 
 
 def event_rounding(model: ModelConfig, config: RoundConfig) -> float:
-    """Bound on the L2 norm of one event's rounding error, in units: half a unit on each of the
-    ``dim + 1`` coordinates of each of its ``1 + negatives`` columns, and of its context block."""
-    columns = (1 + config.negatives) * math.sqrt(model.dim + 1) / 2
-    context = math.sqrt(model.dim * model.context_features) / 2 if model.use_context else 0.0
-    return columns + context
+    """Bound on the L2 norm of one event's rounding error, in units: half a unit on every number
+    of every part its gradient touches (``EventShape``: for the embedding model, the ``dim + 1``
+    numbers of each of its ``1 + negatives`` items, and the context block)."""
+    shared = shared_model(model)
+    return rounding_bound(shared.layout, shared.event_shape(config.negatives))
 
 
 def sensitivity(model: ModelConfig, config: RoundConfig) -> float:

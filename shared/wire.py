@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from enum import Enum
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch
 from attune.shared.config import RoundConfig
 from attune.shared.errors import ConfigError, ModelMismatchError
 from attune.shared.mechanism import contribution_dim, device_bound, share_std
-from attune.shared.model import GLOBAL_PARAMS, MODEL_VERSION, ModelConfig
+from attune.shared.model import MODEL_VERSION, ModelConfig, shared_model
 from attune.shared.signing import Scalar
 
 RUN_KEY = "run-id"
@@ -27,14 +28,6 @@ VERSION_KEY = "model-version"
 DEVICE_LEVEL_EPSILON = "device-level-epsilon"
 DEVICE_LEVEL_DELTA = "device-level-delta"
 CONTRIBUTION = "contribution"
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    return {
-        "item_embedding.weight": (config.num_items, config.dim),
-        "item_bias.weight": (config.num_items, 1),
-        "context_encoder.weight": (config.dim, config.context_features),
-    }
 
 
 def check_global_state(
@@ -47,33 +40,14 @@ def check_global_state(
     """
     if version != MODEL_VERSION:
         raise ModelMismatchError(f"model version {version!r} received, this code speaks {MODEL_VERSION}")
-    names = set(arrays)
-    problems = []
-    if missing := sorted(set(GLOBAL_PARAMS) - names):
-        problems.append(f"missing {', '.join(missing)}")
-    if extra := sorted(names - set(GLOBAL_PARAMS)):
-        problems.append(f"unexpected {', '.join(extra)}")
-    state: dict[str, torch.Tensor] = {}
-    for name, shape in expected_shapes(config).items():
-        if name not in arrays:
-            continue
-        value = arrays[name]
-        tensor = torch.from_numpy(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
-        if tuple(tensor.shape) != shape:
-            problems.append(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
-        elif tensor.dtype != torch.float32:
-            problems.append(f"{name} has dtype {tensor.dtype}, expected torch.float32")
-        elif not bool(torch.isfinite(tensor).all()):
-            problems.append(f"{name} has non-finite values")
-        else:
-            state[name] = tensor
-    if problems:
-        raise ModelMismatchError("global model does not match: " + "; ".join(problems))
-    return state
+    return shared_model(config).layout.check(arrays)
 
 
 def _items_of(config: object) -> dict[str, Scalar]:
-    return {f.name.replace("_", "-"): getattr(config, f.name) for f in fields(config)}  # type: ignore[arg-type]
+    def plain(value: object) -> Scalar:
+        return value.value if isinstance(value, Enum) else value  # type: ignore[return-value]
+
+    return {f.name.replace("_", "-"): plain(getattr(config, f.name)) for f in fields(config)}  # type: ignore[arg-type]
 
 
 def _typed(cls: type, items: Mapping[str, object]) -> object:
@@ -86,6 +60,8 @@ def _typed(cls: type, items: Mapping[str, object]) -> object:
             raise ModelMismatchError(f"the round config lacks {key!r}")
         value = items[key]
         expected = type(getattr(cls(), f.name))
+        if issubclass(expected, Enum):
+            expected = str
         if expected is bool and not isinstance(value, bool):
             raise ModelMismatchError(f"{key} must be true or false, got {value!r}")
         if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -99,6 +75,11 @@ def _typed(cls: type, items: Mapping[str, object]) -> object:
         return cls(**kwargs)
     except ConfigError as error:
         raise ModelMismatchError(f"bad round config: {error}") from None
+
+
+def model_of(items: Mapping[str, object]) -> ModelConfig:
+    """The model a round's config entries describe (``ModelMismatchError`` if they do not)."""
+    return _typed(ModelConfig, items)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -121,7 +102,7 @@ class RoundRequest:
                 DEVICE_LEVEL_DELTA: float(self.device_level_delta)}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {name: self.state[name].detach().cpu().numpy() for name in GLOBAL_PARAMS}
+        return {name: self.state[name].detach().cpu().numpy() for name in shared_model(self.model).layout.names}
 
     @classmethod
     def parse(cls, arrays: Mapping[str, np.ndarray], items: Mapping[str, object]) -> RoundRequest:

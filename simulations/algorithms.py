@@ -20,7 +20,7 @@ import torch
 from attune.client.training import Cohort, fit_rank_vectors
 from attune.shared.errors import ConfigError
 from attune.shared.loss import Batch, per_example_loss
-from attune.shared.model import ModelConfig
+from attune.shared.model import ModelConfig, dot_scores, shared_model
 from attune.simulations.evaluation import Ranking, Split, rank_heldout, test_queries
 
 
@@ -58,9 +58,9 @@ class Ditto:
     def rank(self, state, model, users, started, cohort, split, seed):  # type: ignore[no-untyped-def]
         generator = torch.Generator().manual_seed(seed)
         vectors = fit_rank_vectors(state, model, users, cohort, generator) * started.unsqueeze(1)
-        global_bias = state["item_bias.weight"].float()[:, 0]
+        shared = shared_model(model)
+        global_bias = shared.all_items(state)[1]
         bias = global_bias.repeat(len(cohort), 1).requires_grad_(True)
-        table = state["item_embedding.weight"].float()
         device = cohort.device_of_events()
         sizes = cohort.sizes().clamp(min=1).float()
         optimizer = torch.optim.Adam([bias], lr=0.1)
@@ -69,8 +69,8 @@ class Ditto:
                                  torch.randint(0, model.num_items, (len(device), 4), generator=generator)], 1)
             labels = torch.zeros(columns.shape)
             labels[:, 0] = 1.0
-            logits = torch.bmm(table[columns], vectors[device].unsqueeze(2)).squeeze(2) \
-                + torch.gather(bias[device], 1, columns)
+            logits = dot_scores(vectors[device], shared.item_side(state, columns)[0],
+                                torch.gather(bias[device], 1, columns))
             per_event = per_example_loss(logits, Batch(columns, labels, cohort.weights, None), "bce")
             own = (torch.zeros(len(cohort)).index_add(0, device, per_event) / sizes).sum()
             loss = own + self.strength / 2 * (bias - global_bias).pow(2).sum()
@@ -80,7 +80,7 @@ class Ditto:
         bias = torch.where(started.unsqueeze(1), bias.detach(), global_bias)
         personal, global_only = test_queries(state, model, vectors, split)
         candidates = torch.from_numpy(split.candidates)
-        scores = torch.bmm(table[candidates], personal.unsqueeze(2)).squeeze(2) + torch.gather(bias, 1, candidates)
+        scores = dot_scores(personal, shared.item_side(state, candidates)[0], torch.gather(bias, 1, candidates))
         return Ranking(scores=scores, personal=personal, global_only=global_only, bias=bias)
 
 

@@ -32,7 +32,7 @@ from attune.shared.config import RoundConfig, preset
 from attune.shared.errors import ConfigError
 from attune.shared.events import EVENT_WEIGHTS
 from attune.shared.mechanism import local_entries
-from attune.shared.model import ModelConfig, Personalization
+from attune.shared.model import ITEM_BIAS, ITEM_EMBEDDING, ModelConfig, shared_model
 from attune.shared.randomness import Stream, device_stream, integers
 from attune.simulations.datasets import EventLog
 from attune.simulations.evaluation import Split
@@ -83,15 +83,15 @@ def _score(contribution: torch.Tensor, state: dict[str, torch.Tensor], model: Mo
     and those of its negatives (redrawn from the device's stream: the auditor knows all but coins)."""
     negatives = integers(stream, (len(data), config.negatives), model.num_items)[-1]
     columns = torch.cat([torch.tensor([canary]), negatives])
-    logits = state["item_embedding.weight"][columns] @ user + state["item_bias.weight"][columns, 0]
+    shared = shared_model(model)
+    logits = shared.score(state, user.unsqueeze(0), columns.unsqueeze(0))[0]
     labels = torch.zeros(len(columns))
     labels[0] = 1.0
     gradients = (torch.sigmoid(logits) - labels).double()  # d loss / d logit of each column
     score = 0.0
+    parts = shared.layout.unflatten(contribution.double())
     for column, gradient in zip(columns.tolist(), gradients, strict=True):
-        row = contribution[column * model.dim:(column + 1) * model.dim].double()
-        bias = contribution[model.num_items * model.dim + column].double()
-        score += float(gradient * (row @ user.double() + bias))
+        score += float(gradient * (parts[ITEM_EMBEDDING][column] @ user.double() + parts[ITEM_BIAS][column, 0]))
     return score
 
 
@@ -103,7 +103,7 @@ def audit(log: EventLog, split: Split, *, noise_multiplier: float | None, dim: i
     model = ModelConfig(num_items=log.num_items, dim=dim, use_context=False)
     config = preset("off", negatives=1) if noise_multiplier is None else preset(
         "local", negatives=1, noise_multiplier=noise_multiplier, user_noise_multiplier=noise_multiplier)
-    state = Personalization(model, generator=torch.Generator().manual_seed(seed)).global_state()
+    state = shared_model(model).init_state(torch.Generator().manual_seed(seed))
     seen = np.zeros((log.num_users, log.num_items), dtype=bool)
     seen[log.users, log.items] = True
     canaries = torch.tensor([rng.choice(np.flatnonzero(~seen[u])) for u in range(log.num_users)])

@@ -16,7 +16,7 @@ from attune.client.training import Cohort, fit_rank_vectors
 from attune.shared.errors import DataError
 from attune.shared.events import EVENT_TYPES, RANKED_EVENT_TYPE, context_matrix
 from attune.shared.metrics import hit_and_ndcg
-from attune.shared.model import ModelConfig
+from attune.shared.model import ModelConfig, shared_model
 from attune.simulations.datasets import EventLog
 
 
@@ -104,11 +104,11 @@ def test_queries(state: dict[str, torch.Tensor], model: ModelConfig, vectors: to
                  split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """Each user's query at its held-out time, with its own vector and with the global model only."""
     hours, days = hours_weekdays(split.test_times)
-    context = torch.zeros(len(hours), model.dim)
-    if model.use_context:
-        clicks = torch.full_like(hours, EVENT_TYPES.index(RANKED_EVENT_TYPE))
-        context = context_matrix(hours, days, clicks) @ state["context_encoder.weight"].float().T
-    return vectors + context, context
+    clicks = torch.full_like(hours, EVENT_TYPES.index(RANKED_EVENT_TYPE))
+    features = context_matrix(hours, days, clicks)
+    shared = shared_model(model)
+    global_only = shared.query(state, torch.zeros(len(hours), model.dim), features)
+    return shared.query(state, vectors, features), global_only
 
 
 def rank_heldout(state: dict[str, torch.Tensor], model: ModelConfig, users: torch.Tensor, started: torch.Tensor,
@@ -123,6 +123,5 @@ def rank_heldout(state: dict[str, torch.Tensor], model: ModelConfig, users: torc
     personal, global_only = test_queries(state, model, vectors, split)
     candidates = torch.from_numpy(split.candidates)
     with torch.no_grad():
-        table, bias = state["item_embedding.weight"].float(), state["item_bias.weight"].float()[:, 0]
-        scores = torch.bmm(table[candidates], personal.unsqueeze(2)).squeeze(2) + bias[candidates]
+        scores = shared_model(model).score(state, personal, candidates)
     return Ranking(scores=scores, personal=personal, global_only=global_only)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import MISSING, Field, fields, replace
+from enum import Enum
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -34,8 +35,8 @@ SECTIONS: tuple[tuple[str, type], ...] = (("server", ServerConfig), ("model", Mo
 
 def _base_type(annotation: Any) -> type:
     if get_origin(annotation) in (Union, UnionType):
-        return next(arg for arg in get_args(annotation) if arg is not type(None))
-    return annotation
+        annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
+    return str if isinstance(annotation, type) and issubclass(annotation, Enum) else annotation  # checked by the config
 
 
 def option_fields() -> list[tuple[str, Field, type]]:

@@ -32,6 +32,7 @@ from attune.shared.config import PrivacyMode, knob
 from attune.shared.errors import ConfigError, DataError
 from attune.shared.mechanism import planned_entries, sensitivity
 from attune.shared.metrics import hit_and_ndcg
+from attune.shared.model import shared_model
 from attune.shared.statements import DEVICE_LEVEL, DISCLOSED, statement
 from attune.simulations.algorithms import algorithm
 from attune.simulations.datasets import EventLog, load_csv, load_movielens, synthetic
@@ -161,9 +162,10 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
                                 "server learning rate")
             progress.metrics[record.round] = {"hr@10": float(hits.mean()), "ndcg@10": float(gains.mean())}
             if record.round == server.rounds:
-                bias = state["item_bias.weight"][:, 0].numpy()
+                vectors, global_bias = shared_model(model).all_items(state)
+                bias = global_bias.numpy()
                 progress.report = {"algorithm": ranker.name, **beyond_accuracy(
-                    log, split, state["item_embedding.weight"].numpy(),
+                    log, split, vectors.numpy(),
                     bias if ranking.bias is None else ranking.bias.numpy(), ranking.personal.numpy(),
                     ranking.global_only.numpy(), global_bias=bias)}
         if on_round is not None:

@@ -7,7 +7,7 @@ import torch
 from attune.client.personalizer import Personalizer, PrivacyConfig
 from attune.shared.config import preset
 from attune.shared.events import Event
-from attune.shared.model import ModelConfig, Personalization
+from attune.shared.model import ModelConfig, shared_model
 from attune.shared.vocabulary import Vocabulary
 from attune.shared.wire import RoundRequest
 
@@ -31,5 +31,5 @@ def request(round: int = 1, run: str = "run-a", mode: str = "local", state=None,
     changes.setdefault("user_noise_multiplier", 3.0)
     if mode == "off":
         changes.update(noise_multiplier=0.0, user_noise_multiplier=0.0)
-    state = state or Personalization(model, torch.Generator().manual_seed(1)).global_state()
+    state = state or shared_model(model).init_state(torch.Generator().manual_seed(1))
     return RoundRequest(run, round, model, preset(mode, **changes), state)

@@ -27,7 +27,7 @@ def attune(*args: str) -> subprocess.CompletedProcess:
         (["--dataset", "nope"], "unknown dataset"),
         (["--aggregation", "foo"], "aggregation must be one of"),
         (["--dim", "0"], "dim must be an integer >= 1"),
-        (["--mode", "secret"], "privacy mode must be one of"),
+        (["--mode", "secret"], "mode must be one of"),
         (["--mode", "off", "--epsilon", "8"], "target_epsilon needs a private mode"),
         (["--backend", "nope"], "unknown backend"),
         (["--devices-per-round", "5000"], "only 150 devices"),

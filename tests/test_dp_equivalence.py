@@ -8,10 +8,10 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from attune.client.training import Cohort, LocalData, _draw_negatives, flatten, train_round
+from attune.client.training import Cohort, LocalData, _draw_negatives, train_round
 from attune.shared.config import preset
 from attune.shared.loss import Batch, per_example_loss
-from attune.shared.model import ModelConfig, Personalization
+from attune.shared.model import EmbeddingNetwork, ModelConfig, shared_model
 from attune.shared.randomness import Stream
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
@@ -21,7 +21,7 @@ CLIP = 0.6
 def _setup(events: int, context: bool, seed: int):
     g = torch.Generator().manual_seed(seed)
     model_config = ModelConfig(num_items=13, dim=4, use_context=context)
-    model = Personalization(model_config, generator=g)
+    model = EmbeddingNetwork(model_config, generator=g)
     with torch.no_grad():  # non-trivial context encoder and biases
         model.context_encoder.weight.normal_(0, 0.5, generator=g)
         model.item_bias.weight.normal_(0, 0.5, generator=g)
@@ -64,11 +64,11 @@ def test_shared_side_sum_matches_opacus_hooks(events, loss, context):
     # the round's private path without rounding and noise: clip, then sum (units of 2**bits per clip)
     private = preset("local", loss=loss, negatives=3, clip=CLIP, quantum_bits=24, device_norm=1e9,
                      noise_multiplier=1e-12, user_noise_multiplier=1e-12)
-    out = train_round(model.global_state(), model_config, model.user_vector.weight.detach(), Cohort.of([data]),
+    out = train_round(model.shared_state(), model_config, model.user_vector.weight.detach(), Cohort.of([data]),
                       private, [Stream.seeded_from(0, "x")], [False], shares=False)
     got = out.contributions[0].double() / 2.0**24 * CLIP
-    want = flatten({name: expected.get(name, torch.zeros_like(value))
-                    for name, value in model.global_state().items()})
+    want = shared_model(model_config).layout.flatten({name: expected.get(name, torch.zeros_like(value))
+                    for name, value in model.shared_state().items()})
     torch.testing.assert_close(got, want, atol=2e-6 * max(1, events), rtol=0)
 
 
@@ -79,7 +79,7 @@ def test_user_vector_refresh_clips_like_opacus():
     negatives = _draw_negatives(Cohort.of([data]), config, 13, [Stream.seeded_from(0, "y")], [0])
     expected = _opacus_clipped_sum(model, data, negatives, "bce", ["user_vector.weight"])["user_vector.weight"][0]
     start = model.user_vector.weight.detach()
-    out = train_round(model.global_state(), model_config, start, Cohort.of([data]), config,
+    out = train_round(model.shared_state(), model_config, start, Cohort.of([data]), config,
                       [Stream.seeded_from(0, "y")], [True], shares=False)
     step = (start[0] - out.users[0]).double()  # user_lr times the normalised noised sum
     torch.testing.assert_close(step, (expected / expected.norm()).double(), atol=1e-6, rtol=0)

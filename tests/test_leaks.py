@@ -21,7 +21,7 @@ from attune.client.training import Cohort, LocalData, initial_user_vector, train
 from attune.shared.accounting import epsilon_of
 from attune.shared.config import preset
 from attune.shared.mechanism import local_entries, round_entries, units
-from attune.shared.model import ModelConfig, Personalization
+from attune.shared.model import ModelConfig, shared_model
 from attune.shared.randomness import Stream, integers
 from attune.shared.records import contribution_content
 
@@ -51,7 +51,7 @@ def _held_out_accuracy(a: np.ndarray, b: np.ndarray) -> float:
 def _rounds(data: LocalData, config, side: str, user: torch.Tensor, devices: int = 1) -> torch.Tensor:
     """``TRIALS`` independent releases: each the sum over ``devices`` devices (the first holding
     ``data``, the others a fixed log) of one round's contribution, noise included."""
-    state = Personalization(MODEL, torch.Generator().manual_seed(0)).global_state()
+    state = shared_model(MODEL).init_state(torch.Generator().manual_seed(0))
     others = [LocalData(torch.arange(10 * k, 10 * k + 10), torch.ones(10), None) for k in range(1, devices)]
     total = None
     for k, dataset in enumerate([data, *others]):
@@ -130,7 +130,7 @@ def test_the_attacks_catch_the_old_normalisation():
 def test_what_is_sent_has_the_same_size_whatever_the_events():
     config = preset("local", noise_multiplier=4.8)
     user = initial_user_vector(MODEL.dim, Stream.seeded_from(0, "user")).unsqueeze(0)
-    state = Personalization(MODEL, torch.Generator().manual_seed(0)).global_state()
+    state = shared_model(MODEL).init_state(torch.Generator().manual_seed(0))
     sizes = set()
     for n in (0, 1, 40, 400):
         data = LocalData(integers(Stream.seeded_from(n, "i"), (n,), MODEL.num_items), torch.ones(n), None)

@@ -19,7 +19,7 @@ from attune.shared.mechanism import (
     share_std,
     user_sensitivity,
 )
-from attune.shared.model import ModelConfig, Personalization
+from attune.shared.model import ModelConfig, shared_model
 from attune.shared.randomness import Stream
 
 
@@ -38,7 +38,7 @@ def _pair(n: int, seed: int, context: bool):
 @pytest.mark.parametrize("norm", [1e6, 3.0])
 def test_one_more_event_moves_a_contribution_by_at_most_the_sensitivity(seed, norm):
     model, small, large = _pair(n=5 + seed * 7, seed=seed, context=seed % 2 == 0)
-    state = Personalization(model, torch.Generator().manual_seed(seed)).global_state()
+    state = shared_model(model).init_state(torch.Generator().manual_seed(seed))
     config = preset("local", negatives=1 + seed % 4, device_norm=norm, quantum_bits=8 + seed % 8, clip=0.5)
     user = torch.randn(1, 5, generator=torch.Generator().manual_seed(100 + seed)) * 3
     released = [train_round(state, model, user, Cohort.of([data]), config, [Stream.seeded_from(seed, "s")], [False],
@@ -51,7 +51,7 @@ def test_one_more_event_moves_a_contribution_by_at_most_the_sensitivity(seed, no
 @pytest.mark.parametrize("seed", range(8))
 def test_one_more_event_moves_a_refresh_step_by_at_most_its_sensitivity(seed):
     model, small, large = _pair(n=3 + seed * 5, seed=seed, context=False)
-    state = Personalization(model, torch.Generator().manual_seed(seed)).global_state()
+    state = shared_model(model).init_state(torch.Generator().manual_seed(seed))
     config = preset("local", user_steps=1, user_clip=0.3, quantum_bits=10, user_noise_multiplier=1e-9)
     sums = []
     for data in (small, large):  # the step is user_lr along the noised sum: recover the sum itself
@@ -65,7 +65,7 @@ def test_one_more_event_moves_a_refresh_step_by_at_most_its_sensitivity(seed):
 
         real, training._user_noise = training._user_noise, capture
         try:
-            _refresh_users(state, model, torch.ones(1, 5), Cohort.of([data]), config,
+            _refresh_users(state, shared_model(model), torch.ones(1, 5), Cohort.of([data]), config,
                            [Stream.seeded_from(seed, "u")], [0])
         finally:
             training._user_noise = real

@@ -5,10 +5,10 @@ import torch
 from device_helpers import MODEL, VOCAB, open_device, request
 
 from attune.client.personalizer import Personalizer, Status
-from attune.client.training import flatten, unflatten
 from attune.shared.accounting import Entry, epsilon_of
 from attune.shared.errors import ConfigError, InvalidEventError, ModelMismatchError
 from attune.shared.mechanism import local_entries, round_entries
+from attune.shared.model import shared_model
 from attune.shared.wire import RoundRequest
 
 
@@ -92,7 +92,8 @@ def test_a_contribution_holds_only_the_shared_side_and_the_model_learns(tmp_path
         state = device.global_state()
         for round in range(1, 6):  # a non-private server step at this device's own gradient
             outcome = device.contribute(request(round=round, mode="off", state=state))
-            state = {k: v.float() for k, v in unflatten(flatten(state) - 0.02 * outcome.vector, MODEL).items()}
+            layout = shared_model(MODEL).layout
+            state = {k: v.float() for k, v in layout.unflatten(layout.flatten(state) - 0.02 * outcome.vector).items()}
         device.contribute(request(round=6, mode="off", state=state))
         device.refresh_ranking()
         after = device.score(["item1", "item35"])

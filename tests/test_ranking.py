@@ -12,7 +12,7 @@ from attune.client.personalizer import Personalizer, Status
 from attune.client.ranking import mmr_order
 from attune.shared.events import Event, EventContext
 from attune.shared.metrics import intra_list_diversity
-from attune.shared.model import ModelConfig, Personalization
+from attune.shared.model import ModelConfig, shared_model
 from attune.shared.vocabulary import Vocabulary
 
 MODEL = ModelConfig(num_items=40, dim=4)
@@ -21,7 +21,7 @@ VOCAB = Vocabulary.of([f"item{i}" for i in range(40)])
 
 def _clustered_global() -> dict[str, torch.Tensor]:
     """Items 0-9 point one way, 10-19 another, 20-39 a third; bias favours cluster 0."""
-    state = Personalization(MODEL, generator=torch.Generator().manual_seed(0)).global_state()
+    state = shared_model(MODEL).init_state(torch.Generator().manual_seed(0))
     axes = torch.eye(4)
     table = torch.cat([axes[0].repeat(10, 1), axes[1].repeat(10, 1), axes[2].repeat(20, 1)])
     table += 0.05 * torch.randn(40, 4, generator=torch.Generator().manual_seed(1))

@@ -8,15 +8,13 @@ from attune.client.training import (
     Cohort,
     LocalData,
     fit_rank_vectors,
-    flatten,
     initial_user_vector,
     train_round,
-    unflatten,
 )
 from attune.shared.config import preset
 from attune.shared.loss import Batch, per_example_loss
 from attune.shared.mechanism import contribution_dim, device_bound
-from attune.shared.model import ModelConfig, Personalization
+from attune.shared.model import EmbeddingNetwork, ModelConfig, shared_model
 from attune.shared.randomness import Stream, integers
 
 MODEL = ModelConfig(num_items=50, dim=4, use_context=True)
@@ -30,7 +28,7 @@ def _devices(sizes, seed=1):
 
 @pytest.mark.parametrize("mode", ["distributed", "local", "off"])
 def test_a_device_alone_computes_what_it_computes_in_a_cohort(mode):
-    state = Personalization(MODEL, torch.Generator().manual_seed(0)).global_state()
+    state = shared_model(MODEL).init_state(torch.Generator().manual_seed(0))
     datasets = _devices([5, 0, 12, 1])
     config = preset(mode, min_survivors=3 if mode == "distributed" else 1,
                     noise_multiplier=0.0 if mode == "off" else 2.0)
@@ -53,27 +51,27 @@ def test_a_device_alone_computes_what_it_computes_in_a_cohort(mode):
 
 
 def test_the_non_private_round_is_the_plain_gradient_sum():
-    state = Personalization(MODEL, torch.Generator().manual_seed(0)).global_state()
+    state = shared_model(MODEL).init_state(torch.Generator().manual_seed(0))
     (data,) = _devices([12])
     user = torch.randn(1, 4, generator=torch.Generator().manual_seed(4))
     out = train_round(state, MODEL, user, Cohort.of([data]), preset("off", device_norm=1e9),
                       [Stream.seeded_from(0, "d")], [False])
-    model = Personalization(MODEL)
-    model.load_global_state(state)
+    model = EmbeddingNetwork(MODEL)
     with torch.no_grad():
-        model.user_vector.weight.copy_(user)
+        for name, param in model.named_parameters():
+            param.copy_(user if name == "user_vector.weight" else state[name])
     negatives = integers(Stream.seeded_from(0, "d"), (12, 4), 50)  # what the round drew
     items = torch.cat([data.items.unsqueeze(1), negatives], dim=1)
     labels = torch.zeros(items.shape)
     labels[:, 0] = 1
     batch = Batch(items, labels, data.weights, data.context)
     per_example_loss(model(items, data.context), batch, "bce").sum().backward()
-    reference = flatten({name: param.grad for name, param in model.named_parameters() if name != "user_vector.weight"})
+    reference = shared_model(MODEL).layout.flatten({name: param.grad for name, param in model.named_parameters()})
     torch.testing.assert_close(out.contributions[0], reference, atol=1e-5, rtol=1e-5)
 
 
 def test_every_private_contribution_is_bounded_before_noise():
-    state = Personalization(MODEL, torch.Generator().manual_seed(0)).global_state()
+    state = shared_model(MODEL).init_state(torch.Generator().manual_seed(0))
     datasets = _devices([400, 3])
     config = preset("local", device_norm=4.0, noise_multiplier=1.0)
     out = train_round(state, MODEL, torch.randn(2, 4) * 5, Cohort.of(datasets), config,
@@ -84,8 +82,9 @@ def test_every_private_contribution_is_bounded_before_noise():
 
 
 def test_flatten_and_unflatten_are_inverse():
-    state = Personalization(MODEL, torch.Generator().manual_seed(0)).global_state()
-    again = unflatten(flatten(state), MODEL)
+    state = shared_model(MODEL).init_state(torch.Generator().manual_seed(0))
+    layout = shared_model(MODEL).layout
+    again = layout.unflatten(layout.flatten(state))
     for name, value in state.items():
         torch.testing.assert_close(again[name].float(), value)
 
@@ -99,7 +98,7 @@ def test_first_user_vector_depends_on_the_stream_only():
 
 def test_rank_vector_prefers_the_persons_items_and_leaves_the_state_untouched():
     model = ModelConfig(num_items=30, dim=6, use_context=False)
-    state = Personalization(model, torch.Generator().manual_seed(0)).global_state()
+    state = shared_model(model).init_state(torch.Generator().manual_seed(0))
     before = {k: v.clone() for k, v in state.items()}
     data = LocalData(items=torch.tensor([1, 2, 3, 4, 5] * 4), weights=torch.ones(20), context=None)
     vector = fit_rank_vectors(state, model, torch.zeros(1, 6), Cohort.of([data]), torch.Generator().manual_seed(0),
