@@ -26,7 +26,7 @@ def transport_for(grid: Grid, config: ServerConfig) -> Transport:
         return None if key is None else sign(key, request.arrays(), request.items())
 
     timeout = config.round_timeout or None
-    if config.secure_aggregation:
+    if config.uses_secure_aggregation:
         return SecureTransport(grid, signer, SecureAggregationConfig(timeout=timeout))
     return GridTransport(grid, signer, timeout=timeout, rule=config.aggregation, trim_fraction=config.trim_fraction)
 
@@ -37,7 +37,7 @@ def make_server_app(config: ServerConfig | None = None, on_round: RoundCallback 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        settings = config or ServerConfig.from_run_config(context.run_config)
+        settings = config or ServerConfig.parse(context.run_config)
         run(transport_for(grid, settings), settings, on_round)
 
     return app

@@ -1,200 +1,190 @@
-"""The coordinator's run configuration: one frozen dataclass, the only source of every default.
+"""The coordinator's settings: what a person gave, and nothing derived.
 
-``ServerConfig.preset(mode)`` gives the defaults of a privacy mode (``PRESET_CHANGES`` plus the
-round preset of ``attune.shared.config``); ``from_run_config`` reads Flower's run config (kebab-case
-keys, starting from the preset its ``mode`` names), and the ``attune`` command builds its options
-from these same fields, so a default is written once.
+One pipeline turns them into rounds: ``ServerConfig`` (settings, read once at the edge by
+``parse`` from the ``attune`` command's options or Flower's run config) -> ``plan`` (what is
+derived: the mode's presets for what was not given, survivors, the refresh schedule, calibrated
+noise; ``attune.server.planning``) -> the ``RoundConfig`` the plan signs and sends. A value is
+*given* when it is present, never because it differs from a default; a field left ``None`` is
+absent. Two given values that contradict each other are an error naming both.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
-from attune.shared.config import PrivacyMode, RoundConfig, knob, preset
+from attune.shared.config import PrivacyMode, RoundSettings, knob, validate
 from attune.shared.errors import ConfigError
 from attune.shared.model import ModelConfig
 
-OPTIMIZERS = ("adam", "sgd")
-AGGREGATIONS = ("sum", "trimmed-mean", "median")
+
+class Optimizer(str, Enum):
+    """The coordinator's optimizer on the mean of the released sums."""
+
+    ADAM = "adam"
+    SGD = "sgd"
+
+
+class Aggregation(str, Enum):
+    """How contributions combine: their sum, or a rule robust to a minority of hostile devices
+    (these need each contribution: no secure aggregation)."""
+
+    SUM = "sum"
+    TRIMMED_MEAN = "trimmed-mean"
+    MEDIAN = "median"
+
+
+@dataclass(frozen=True)
+class ModePreset:
+    """What a privacy mode brings for the coordinator's settings left absent (its round knobs are
+    ``attune.shared.config.PRESETS``)."""
+
+    server_lr: float
+    secure_aggregation: bool
+    target_epsilon: float | None  # unless a noise multiplier is given
+
+
+MODE_PRESETS: dict[PrivacyMode, ModePreset] = {
+    PrivacyMode.DISTRIBUTED: ModePreset(server_lr=0.1, secure_aggregation=True, target_epsilon=8.0),
+    PrivacyMode.LOCAL: ModePreset(server_lr=0.1, secure_aggregation=False, target_epsilon=8.0),
+    PrivacyMode.OFF: ModePreset(server_lr=0.03, secure_aggregation=False, target_epsilon=None),
+}
+DEFAULT_USER_REFRESHES = 10
+DEFAULT_MIN_SURVIVOR_FRACTION = 0.9
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How the coordinator runs a federation.
+    """How the coordinator runs a federation, as given.
 
     Each round samples devices (every connected device, or each with probability
     ``devices_per_round / connected`` from a secure source), sends the signed global model and
-    ``round`` config, sums what comes back (under SecAgg+ when ``secure_aggregation``), divides
-    by the expected cohort size and takes a server optimizer step. With ``target_epsilon`` the
-    noise of ``round`` is calibrated so that a device in every planned round ends at it.
-    ``device_level_noise`` (or ``device_level_epsilon``) adds DP-FedAvg noise for all of one
-    device's data together on top (McMahan et al. 2018).
+    round config, sums what comes back (under SecAgg+ when secure aggregation is on), divides by
+    the expected cohort size and takes a server optimizer step. With a target epsilon the noise is
+    calibrated so that a device in every planned round ends at it. Device-level DP (DP-FedAvg,
+    McMahan et al. 2018) adds noise for all of one device's data together on top.
     """
 
-    rounds: int = knob(100, "federated rounds")
-    devices_per_round: int = knob(0, "expected devices per round (each sampled with that chance); 0: all")
-    min_devices: int = knob(2, "devices to wait for before the first round")
-    server_optimizer: str = knob("adam", "adam or sgd, on the mean of the released sums")
-    server_lr: float = knob(0.1, "server learning rate")
-    target_epsilon: float | None = knob(8.0, "per-device event-level epsilon the noise is calibrated to")
-    delta: float = knob(1e-5, "delta of the event-level guarantee")
-    user_share: float = knob(0.3, "share of the event-level budget spent on refreshing user vectors")
-    user_refreshes: int = knob(10, "user-vector refreshes a device makes over its planned rounds")
-    min_survivor_fraction: float = knob(0.9, "distributed: share of a round's cohort whose noise shares "
-                                        "must be in the released sum (of its lower tail under sampling)")
-    device_level_noise: float = knob(0.0, "device-level DP (DP-FedAvg) noise multiplier on the sum; 0: off")
-    device_level_epsilon: float | None = knob(None, "device-level epsilon over all rounds (calibrates the "
-                                              "noise and stops the run at it)")
-    device_level_delta: float = knob(1e-5, "delta of the device-level guarantee")
-    aggregation: str = knob("sum", "sum, trimmed-mean or median (the last two need each contribution: "
-                            "no secure aggregation)")
-    trim_fraction: float = knob(0.1, "trimmed-mean: share cut at each end")
-    secure_aggregation: bool = knob(True, "sum contributions under SecAgg+ (required by distributed mode)")
-    round_timeout: float = knob(0.0, "seconds to wait for replies; 0: wait for every sampled device")
-    noise_seed: int | None = knob(None, "simulations only: seeds the coordinator's noise and sampling")
+    mode: PrivacyMode = knob(PrivacyMode.DISTRIBUTED, "privacy mode: distributed, local or off")
+    rounds: int = knob(100, "federated rounds", low=1, high=10**6)
+    devices_per_round: int = knob(0, "expected devices per round (each sampled with that chance); 0: all", low=0)
+    min_devices: int = knob(2, "devices to wait for before the first round", low=1)
+    server_optimizer: Optimizer = knob(Optimizer.ADAM, "adam or sgd, on the mean of the released sums")
+    server_lr: float | None = knob(None, "server learning rate [mode preset: 0.1; off 0.03]", above=0.0)
+    target_epsilon: float | None = knob(None, "per-device event-level epsilon the noise is calibrated to "
+                                        "[private modes: 8, unless a noise multiplier is given]", above=0.0)
+    delta: float = knob(1e-5, "delta of the event-level guarantee", above=0.0, high=0.1)
+    user_share: float = knob(0.3, "share of the event-level budget spent on refreshing user vectors",
+                             low=0.0, high=0.95)
+    user_refreshes: int | None = knob(None, "user-vector refreshes a device makes over its planned rounds "
+                                      f"[{DEFAULT_USER_REFRESHES}, unless user-every is given]", low=1)
+    min_survivor_fraction: float | None = knob(None, "distributed: share of a round's cohort (of its lower tail "
+                                               "under sampling) whose noise shares must be in the released sum "
+                                               f"[{DEFAULT_MIN_SURVIVOR_FRACTION}, unless min-survivors is given]",
+                                               above=0.0, high=1.0)
+    device_level_noise: float | None = knob(None, "device-level DP (DP-FedAvg) noise multiplier on the sum", above=0.0)
+    device_level_epsilon: float | None = knob(None, "device-level epsilon over all rounds (calibrates the noise "
+                                              "and stops the run at it)", above=0.0)
+    device_level_delta: float = knob(1e-5, "delta of the device-level guarantee", above=0.0, high=0.1)
+    aggregation: Aggregation = knob(Aggregation.SUM, "sum, trimmed-mean or median (the last two need each "
+                                    "contribution: no secure aggregation)")
+    trim_fraction: float = knob(0.1, "trimmed-mean: share cut at each end", low=0.0, high=0.49)
+    secure_aggregation: bool | None = knob(None, "sum contributions under SecAgg+ [distributed: required; "
+                                           "local and off: no]")
+    round_timeout: float = knob(0.0, "seconds to wait for replies; 0: wait for every sampled device", low=0.0)
+    noise_seed: int | None = knob(None, "simulations only: seeds the coordinator's noise and sampling", low=0)
     signing_key: Path | None = knob(None, "Ed25519 key that signs every round")
     resume: bool = knob(False, "continue from the newest checkpoint that verifies")
-    seed: int = knob(0, "seed of the initial model (and of everything in simulations)")
+    seed: int = knob(0, "seed of the initial model (and of everything in simulations)", low=0, high=2**63 - 1)
     out_dir: Path | None = knob(None, "where checkpoints and rounds.jsonl go")
     model: ModelConfig = field(default_factory=ModelConfig)
-    round: RoundConfig = field(default_factory=RoundConfig)
+    round: RoundSettings = field(default_factory=RoundSettings)
 
     def __post_init__(self) -> None:
-        for name, low in (("rounds", 1), ("devices_per_round", 0), ("min_devices", 1), ("user_refreshes", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.server_optimizer not in OPTIMIZERS:
-            raise ConfigError(f"server_optimizer must be one of {', '.join(OPTIMIZERS)}, "
-                              f"got {self.server_optimizer!r}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ConfigError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
-        checks = [("server_lr", self.server_lr, 0.0, False), ("delta", self.delta, 0.0, False),
-                  ("device_level_delta", self.device_level_delta, 0.0, False),
-                  ("user_share", self.user_share, 0.0, True), ("trim_fraction", self.trim_fraction, 0.0, True),
-                  ("device_level_noise", self.device_level_noise, 0.0, True),
-                  ("round_timeout", self.round_timeout, 0.0, True),
-                  ("min_survivor_fraction", self.min_survivor_fraction, 0.0, False)]
-        for name, value, low, inclusive in checks:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < low or (not inclusive and value == low):
-                raise ConfigError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, "
-                                  f"got {value!r}")
-        for name in ("delta", "device_level_delta", "min_survivor_fraction"):
-            if getattr(self, name) > 1 or (name != "min_survivor_fraction" and getattr(self, name) == 1):
-                raise ConfigError(f"{name} must be below 1, got {getattr(self, name)}")
-        if self.user_share >= 1 or self.trim_fraction >= 0.5:
-            raise ConfigError("user_share must be < 1 and trim_fraction < 0.5")
-        for name in ("target_epsilon", "device_level_epsilon"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value <= 0):
-                raise ConfigError(f"{name} must be a finite number > 0 (or unset), got {value!r}")
-        if self.target_epsilon is not None and not self.round.private:
-            raise ConfigError("target_epsilon needs a private mode; unset it for mode 'off'")
-        if self.round.privacy is PrivacyMode.DISTRIBUTED and not self.secure_aggregation:
+        validate(self)
+        given, mode = self.round.given(), self.mode
+        both = [(a, b) for a, b, present in (
+            ("noise-multiplier", "target-epsilon", "noise_multiplier" in given and self.target_epsilon is not None),
+            ("user-noise-multiplier", "target-epsilon",
+             "user_noise_multiplier" in given and self.target_epsilon is not None),
+            ("min-survivors", "min-survivor-fraction",
+             "min_survivors" in given and self.min_survivor_fraction is not None),
+            ("user-every", "user-refreshes", "user_every" in given and self.user_refreshes is not None),
+            ("device-level-noise", "device-level-epsilon",
+             self.device_level_noise is not None and self.device_level_epsilon is not None)) if present]
+        if both:
+            a, b = both[0]
+            raise ConfigError(f"{a} and {b} were both given: {b} calibrates {a}; give one of them")
+        if mode is PrivacyMode.OFF:
+            if self.target_epsilon is not None:
+                raise ConfigError("target_epsilon needs a private mode; unset it for mode 'off'")
+            for name in ("noise_multiplier", "user_noise_multiplier"):
+                if given.get(name):
+                    raise ConfigError(f"mode 'off' adds no noise: {name.replace('_', '-')} must not be given")
+        if mode is not PrivacyMode.DISTRIBUTED:
+            for name in ("min_survivors", "colluders"):
+                if name in given:
+                    raise ConfigError(f"{name.replace('_', '-')} applies to distributed mode only (mode is "
+                                      f"{mode.value})")
+            if self.min_survivor_fraction is not None:
+                raise ConfigError(f"min-survivor-fraction applies to distributed mode only (mode is {mode.value})")
+        secure = self.uses_secure_aggregation
+        if mode is PrivacyMode.DISTRIBUTED and not secure:
             raise ConfigError("distributed mode adds only a share of the noise on each device: it needs "
                               "secure_aggregation=true, or the coordinator would see under-noised updates")
-        if self.secure_aggregation and not self.round.private:
+        if secure and mode is PrivacyMode.OFF:
             raise ConfigError("secure aggregation sums integer (private) contributions: mode 'off' cannot use it")
-        if self.aggregation != "sum" and self.secure_aggregation:
-            raise ConfigError(f"{self.aggregation} needs every contribution; secure aggregation yields only "
+        if self.aggregation is not Aggregation.SUM and secure:
+            raise ConfigError(f"{self.aggregation.value} needs every contribution; secure aggregation yields only "
                               "their sum")
-        if self.aggregation != "sum" and self.device_level_dp:
+        if self.aggregation is not Aggregation.SUM and self.device_level_dp:
             raise ConfigError("device-level DP bounds the sum's sensitivity: use aggregation='sum'")
         if self.resume and self.out_dir is None:
             raise ConfigError("resume needs out_dir (where the checkpoints are)")
 
     @property
-    def device_level_dp(self) -> bool:
-        return self.device_level_noise > 0 or self.device_level_epsilon is not None
+    def preset(self) -> ModePreset:
+        return MODE_PRESETS[self.mode]
 
     @property
-    def mode(self) -> PrivacyMode:
-        return self.round.privacy
+    def uses_secure_aggregation(self) -> bool:
+        """Given, or the mode's: SecAgg+ in distributed mode only."""
+        return self.preset.secure_aggregation if self.secure_aggregation is None else self.secure_aggregation
+
+    @property
+    def device_level_dp(self) -> bool:
+        return self.device_level_noise is not None or self.device_level_epsilon is not None
 
     @classmethod
-    def preset(cls, mode: PrivacyMode | str = PrivacyMode.DISTRIBUTED, **changes: object) -> ServerConfig:
-        """The defaults of ``mode`` (rounds, optimizer, model and round config), with ``changes``."""
-        base = preset(mode)  # validates the mode's name
-        base = cls(round=base, **PRESET_CHANGES[base.privacy])  # type: ignore[arg-type]
-        return replace(base, **changes)
-
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, object], *, exact: bool = False) -> ServerConfig:
-        """Read Flower's run config: ``kebab-case`` field names of this class, its ``model`` and its
-        ``round`` (``num-server-rounds`` is ``rounds``). Unknown keys fail. ``pyproject.toml`` lists
-        every key at the ``distributed`` preset (``run_config_defaults``): a key left at that value
-        takes the preset of the chosen ``mode`` instead, unless ``exact`` (a run config written
-        whole by ``to_run_config``); ``0``, ``""`` or ``-1`` mean unset for optional values."""
+    def parse(cls, given: Mapping[str, object]) -> ServerConfig:
+        """The settings from given values by run-config key (``kebab-case`` field names of this class,
+        its ``model`` and its ``round``; ``num-server-rounds`` is ``rounds``): what both the
+        ``attune`` command and Flower's run config hand in. An absent key is absent; ``""`` is
+        absent too (``pyproject.toml`` lists it for every value a mode or the plan derives).
+        Unknown keys fail."""
         known = run_config_keys()
-        listed = run_config_defaults()
-        mode = str(run_config.get("mode", PrivacyMode.DISTRIBUTED.value))
-        base = cls.preset(mode)
-        values: dict[str, dict[str, object]] = {"": {}, "model": {}, "round": {}}
-        for key, value in run_config.items():
+        sections: dict[str, dict[str, Any]] = {"": {}, "model": {}, "round": {}}
+        for key, value in given.items():
             if key not in known:
                 raise ConfigError(f"unknown run config key {key!r}")
-            if not exact and key != "mode" and value == listed[key] and type(value) is type(listed[key]):
-                continue  # left at the listed default: the mode's preset applies
+            if value == "" and key in _ABSENT:
+                continue
             section, name = known[key]
-            values[section][name] = value
-        top = values[""]
-        for name in ("out_dir", "signing_key"):
-            if name in top:
-                top[name] = Path(str(top[name])) if top[name] else None
-        for name in ("target_epsilon", "device_level_epsilon", "noise_seed"):
-            if top.get(name, "set") in (0, 0.0, "", -1):
-                top[name] = None
+            sections[section][name] = value
         try:
-            return replace(base, **top, model=replace(base.model, **values["model"]),  # type: ignore[arg-type]
-                           round=replace(base.round, **values["round"]))
+            return cls(**sections[""], model=ModelConfig(**sections["model"]), round=RoundSettings(**sections["round"]))
         except TypeError as error:
             raise ConfigError(f"bad run config value: {error}") from None
-
-
-# What each mode changes in ServerConfig's defaults (its round config comes from shared.config).
-PRESET_CHANGES: dict[PrivacyMode, dict[str, object]] = {
-    PrivacyMode.DISTRIBUTED: {},
-    PrivacyMode.LOCAL: {"secure_aggregation": False},
-    PrivacyMode.OFF: {"target_epsilon": None, "secure_aggregation": False, "server_lr": 0.03},
-}
-
-
-_UNSET = {"out_dir": "", "signing_key": "", "target_epsilon": 0.0, "device_level_epsilon": 0.0, "noise_seed": -1}
-
-
-def run_config_defaults(mode: PrivacyMode | str = PrivacyMode.DISTRIBUTED) -> dict[str, object]:
-    """Every run config key with the value of ``mode``'s preset (``pyproject.toml`` lists these)."""
-    return to_run_config(ServerConfig.preset(mode))
-
-
-def to_run_config(config: ServerConfig) -> dict[str, object]:
-    """``config`` as Flower's run config, every key (unset optional values are written as ``""``,
-    ``0.0`` or ``-1``, which ``from_run_config`` reads back as unset); paths as strings."""
-    out: dict[str, object] = {}
-    for key, (section, name) in run_config_keys().items():
-        holder = {"": config, "model": config.model, "round": config.round}[section]
-        value = getattr(holder, name)
-        if value is None:
-            value = _UNSET[name]
-        elif isinstance(value, Path):
-            value = str(value)
-        elif isinstance(value, Enum):
-            value = value.value
-        out[key] = value
-    return out
 
 
 def run_config_keys() -> dict[str, tuple[str, str]]:
     """Every run config key and where it goes: ``(section, field)`` with section "", "model" or
     "round"."""
     known: dict[str, tuple[str, str]] = {"num-server-rounds": ("", "rounds")}
-    for section, klass in (("", ServerConfig), ("model", ModelConfig), ("round", RoundConfig)):
+    for section, klass in (("", ServerConfig), ("model", ModelConfig), ("round", RoundSettings)):
         for f in fields(klass):
             if f.name not in ("model", "round", "rounds"):
                 key = f.name.replace("_", "-")
@@ -202,3 +192,30 @@ def run_config_keys() -> dict[str, tuple[str, str]]:
                     raise RuntimeError(f"run config key {key!r} is ambiguous")
                 known[key] = (section, f.name)
     return known
+
+
+# Keys that may be absent: every field whose default is None.
+_ABSENT = {key for key, (section, name) in run_config_keys().items()
+           if next(f for f in fields({"": ServerConfig, "model": ModelConfig, "round": RoundSettings}[section])
+                   if f.name == name).default is None}
+
+
+def to_run_config(config: ServerConfig) -> dict[str, object]:
+    """``config`` as Flower's run config, every key: absent values as ``""``, enums and paths as
+    strings. ``ServerConfig.parse`` reads it back to the same settings."""
+    out: dict[str, object] = {}
+    for key, (section, name) in run_config_keys().items():
+        value = getattr({"": config, "model": config.model, "round": config.round}[section], name)
+        if value is None:
+            value = ""
+        elif isinstance(value, Enum):
+            value = value.value
+        elif isinstance(value, Path):
+            value = str(value)
+        out[key] = value
+    return out
+
+
+def with_round(config: ServerConfig, **given: object) -> ServerConfig:
+    """``config`` with more round knobs given."""
+    return replace(config, round=replace(config.round, **given))

@@ -128,7 +128,7 @@ def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | No
     run_plan = plan(config, population or len(devices))
     state = RunState(run_id=secrets.token_hex(8), round=0,
                      params=shared_model(config.model).layout.flatten(initial_state(config)),
-                     optimizer=server_optimizer(config.server_optimizer, config.server_lr), plan=run_plan,
+                     optimizer=server_optimizer(config.server_optimizer, run_plan.server_lr), plan=run_plan,
                      device_level=[], participation=Counter())
     if config.resume:
         state = _resume(config, state)

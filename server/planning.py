@@ -7,18 +7,19 @@ Used by the coordinator loop and by simulations, so both plan exactly alike.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 
-from attune.server.config import ServerConfig
-from attune.shared.accounting import Entry, calibrate, epsilon_of
-from attune.shared.config import PrivacyMode, RoundConfig
+from attune.server.config import DEFAULT_MIN_SURVIVOR_FRACTION, DEFAULT_USER_REFRESHES, ServerConfig
+from attune.shared.accounting import Entry, calibrate
+from attune.shared.config import PrivacyMode, RoundConfig, preset
 from attune.shared.errors import ConfigError
-from attune.shared.mechanism import calibrated, planned_entries
+from attune.shared.mechanism import calibrated
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A run's plan: ``round`` is sent to every device every round (signed)."""
+    """A run's plan: everything derived from the settings and the connected population. ``round``
+    is sent to every device every round (signed)."""
 
     round: RoundConfig
     population: int  # devices connected at the start
@@ -26,6 +27,8 @@ class Plan:
     sample_rate: float  # each device's chance to be sampled in a round
     participations: int  # rounds a device is planned to join (its noise is planned for these)
     device_level_noise: float  # DP-FedAvg noise multiplier on the sum (0: off)
+    server_lr: float
+    target_epsilon: float | None  # what the noise was calibrated to (None: the noise was given)
 
     def device_level_entry(self) -> Entry:
         """One round of device-level DP: a Poisson-sampled Gaussian on the sum (add/remove one
@@ -51,7 +54,9 @@ def lowest_cohort(cohort: int, rate: float) -> float:
 
 
 def plan(config: ServerConfig, population: int) -> Plan:
-    """The plan for ``population`` connected devices."""
+    """The plan for ``population`` connected devices: the mode's preset for every round knob not
+    given, then what the settings leave to derive (never over a given value): the refresh
+    schedule, the survivors, and the noise calibrated to the target epsilon."""
     if population < 1:
         raise ConfigError("no device is connected")
     if config.devices_per_round > population:
@@ -60,26 +65,33 @@ def plan(config: ServerConfig, population: int) -> Plan:
     cohort = config.devices_per_round or population
     rate = cohort / population
     participations = planned_participations(config.rounds, rate)
-    round_config = config.round
-    if round_config.private:  # a device refreshes its user vector user_refreshes times over its rounds
-        round_config = replace(round_config, user_every=max(1, round(participations / config.user_refreshes)))
-    if round_config.privacy is PrivacyMode.DISTRIBUTED:
-        survivors = max(2, math.ceil(config.min_survivor_fraction * lowest_cohort(cohort, rate)))
-        if survivors > cohort:
-            raise ConfigError(f"distributed mode needs at least 2 devices per round, the plan has {cohort}")
-        round_config = replace(round_config, min_survivors=survivors,
-                               colluders=min(round_config.colluders, survivors - 1))
-    if config.target_epsilon is not None:
-        round_config = calibrated(config.model, round_config, epsilon=config.target_epsilon, delta=config.delta,
+    mode, given = config.mode, config.round.given()
+    values = {**asdict(preset(mode)), **given}
+    if mode is not PrivacyMode.OFF and "user_every" not in given:  # user_refreshes refreshes over its rounds
+        refreshes = config.user_refreshes or DEFAULT_USER_REFRESHES
+        values["user_every"] = max(1, round(participations / refreshes))
+    if mode is PrivacyMode.DISTRIBUTED:
+        if "min_survivors" not in given:
+            fraction = config.min_survivor_fraction or DEFAULT_MIN_SURVIVOR_FRACTION
+            values["min_survivors"] = max(2, math.ceil(fraction * lowest_cohort(cohort, rate)))
+        if values["min_survivors"] > cohort:
+            raise ConfigError(f"distributed mode needs min_survivors={values['min_survivors']} devices in every round, "
+                              f"the plan has {cohort} per round")
+        if values["min_survivors"] < 2:
+            raise ConfigError("distributed mode needs min_survivors >= 2: one share alone is not the noise")
+    round_config = RoundConfig(**values)
+    noise_given = bool({"noise_multiplier", "user_noise_multiplier"} & set(given))
+    target = config.target_epsilon
+    if target is None and not noise_given:
+        target = config.preset.target_epsilon
+    if target is not None:
+        round_config = calibrated(config.model, round_config, epsilon=target, delta=config.delta,
                                   participations=participations, user_share=config.user_share)
-    noise = config.device_level_noise
+    noise = config.device_level_noise or 0.0
     if config.device_level_epsilon is not None:
         noise = calibrate(lambda z: [Entry("gaussian", count=config.rounds, z=z, q=rate)],
                           config.device_level_epsilon, config.device_level_delta)
     return Plan(round=round_config, population=population, expected_cohort=float(cohort), sample_rate=rate,
-                participations=participations, device_level_noise=noise)
-
-
-def planned_epsilon(plan_: Plan, config: ServerConfig) -> float:
-    """Event-level epsilon of a device that joins every planned round."""
-    return epsilon_of(planned_entries(config.model, plan_.round, plan_.participations), config.delta)
+                participations=participations, device_level_noise=noise,
+                server_lr=config.server_lr if config.server_lr is not None else config.preset.server_lr,
+                target_epsilon=target)

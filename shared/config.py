@@ -181,3 +181,36 @@ def preset(mode: PrivacyMode | str, **changes: object) -> RoundConfig:
         raise ConfigError(f"privacy mode must be one of {', '.join(m.value for m in PrivacyMode)}, "
                           f"got {mode!r}") from None
     return replace(base, **changes)
+
+
+def _given(name: str) -> Any:
+    """A settings field mirroring ``RoundConfig``'s ``name`` (its help and bounds), absent by default."""
+    return field(default=None, metadata=next(f for f in fields(RoundConfig) if f.name == name).metadata)
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """The round knobs a person gave; ``None`` is absent: the mode's preset applies, or the
+    coordinator's plan derives the value (``min_survivors``, ``user_every``, the noise multipliers).
+    The plan turns these into the ``RoundConfig`` it signs."""
+
+    negatives: int | None = _given("negatives")
+    loss: Loss | None = _given("loss")
+    clip: float | None = _given("clip")
+    noise_multiplier: float | None = _given("noise_multiplier")
+    min_survivors: int | None = _given("min_survivors")
+    colluders: int | None = _given("colluders")
+    device_norm: float | None = _given("device_norm")
+    quantum_bits: int | None = _given("quantum_bits")
+    user_every: int | None = _given("user_every")
+    user_steps: int | None = _given("user_steps")
+    user_lr: float | None = _given("user_lr")
+    user_clip: float | None = _given("user_clip")
+    user_noise_multiplier: float | None = _given("user_noise_multiplier")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def given(self) -> dict[str, Any]:
+        """The knobs that were given, by field name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

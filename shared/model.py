@@ -204,7 +204,7 @@ class EmbeddingModel(SharedModel):
                 context = torch.zeros(len(items), self.config.context_features)
             vectors = state[ITEM_EMBEDDING].float()[items]
             query_grads = torch.bmm(logit_grads.unsqueeze(1), vectors).squeeze(1)  # [b, d]
-            outer = (query_grads.unsqueeze(2) * context.unsqueeze(1)).reshape(len(items), self.config.dim * self.config.context_features)
+            outer = (query_grads.unsqueeze(2) * context.unsqueeze(1)).flatten(1)
             parts.append(DenseGradient(Dense(CONTEXT_ENCODER), outer))
         return EventGradients(tuple(parts))
 

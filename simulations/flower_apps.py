@@ -107,7 +107,7 @@ server_app = ServerApp()
 
 @server_app.main()
 def _coordinate(grid: Grid, context: Context) -> None:
-    config = ServerConfig.from_run_config(context.run_config, exact=True)
+    config = ServerConfig.parse(context.run_config)
     if config.out_dir is None:
         raise ConfigError("the simulation app needs out-dir")
     out = config.out_dir

@@ -1,36 +1,53 @@
 """Command-line options built from the config dataclasses, so every default is written once.
 
-Each field of ``ServerConfig``, its ``ModelConfig`` and ``RoundConfig``, ``SimulationConfig`` and
-``DataSource`` (minus the ones a simulation sets itself) becomes one option with the field's help.
-Options default to "unset": the chosen privacy mode's preset applies, and the help shows the
-``distributed`` preset's value.
+Each field of ``ServerConfig``, its ``ModelConfig`` and ``RoundSettings``, ``SimulationConfig`` and
+``DataSource`` (minus the ones a simulation sets itself) becomes one option with the field's help,
+in a help panel (data, privacy, training, run). Every option defaults to absent: the coordinator's
+settings get only what was typed (``ServerConfig.parse``, the same parser as Flower's run config),
+and the help shows what an absent value becomes.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import MISSING, Field, fields, replace
+from dataclasses import MISSING, Field, asdict, fields
 from enum import Enum
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import typer
+from rich.markup import escape
 
 from attune.server.config import ServerConfig
-from attune.shared.config import PrivacyMode, RoundConfig
+from attune.shared.config import PRESETS, PrivacyMode, RoundSettings
 from attune.shared.errors import ConfigError
 from attune.shared.model import ModelConfig
 from attune.simulations.runner import DataSource, SimulationConfig
 
-# Set by the simulation itself (from the data, the plan or the output folder), not by a flag.
-_SET_BY_SIMULATION = {"num_items", "num_event_types", "min_survivors", "user_every", "min_devices",
-                      "noise_seed", "signing_key", "resume", "out_dir", "round_timeout", "device_privacy",
-                      "model", "round", "out", "source", "server"}
-ALIASES = {"target_epsilon": ["--epsilon"], "path": ["--data"], "use_context": ["--context/--no-context"]}
-SECTIONS: tuple[tuple[str, type], ...] = (("server", ServerConfig), ("model", ModelConfig), ("round", RoundConfig),
-                                          ("simulation", SimulationConfig), ("source", DataSource))
+# Set by the simulation itself (from the data or the output folder), not by a flag.
+_SET_BY_SIMULATION = {"num_items", "num_event_types", "architecture", "min_devices", "noise_seed", "signing_key",
+                      "resume", "out_dir", "round_timeout", "device_privacy", "model", "round", "out", "source",
+                      "server"}
+ALIASES = {"target_epsilon": ["--epsilon"], "path": ["--data"], "use_context": ["--context"]}
+SECTIONS: tuple[tuple[str, type], ...] = (("server", ServerConfig), ("model", ModelConfig),
+                                          ("round", RoundSettings), ("simulation", SimulationConfig),
+                                          ("source", DataSource))
+_PRIVACY = {"mode", "target_epsilon", "delta", "user_share", "user_refreshes", "min_survivor_fraction",
+            "device_level_noise", "device_level_epsilon", "device_level_delta", "secure_aggregation", "clip",
+            "noise_multiplier", "min_survivors", "colluders", "device_norm", "quantum_bits", "user_every",
+            "user_clip", "user_noise_multiplier", "noise"}
+_RUN = {"rounds", "devices_per_round", "seed", "backend", "evaluations", "availability", "aggregation",
+        "trim_fraction"}
+
+
+def _panel(section: str, name: str) -> str:
+    if section == "source" or name == "data_skew":
+        return "Data"
+    if name in _PRIVACY:
+        return "Privacy"
+    return "Run" if name in _RUN else "Training"
 
 
 def _base_type(annotation: Any) -> type:
@@ -50,25 +67,31 @@ def option_fields() -> list[tuple[str, Field, type]]:
     return out
 
 
-def _shown_default(section: str, f: Field) -> object:
-    preset = ServerConfig.preset(PrivacyMode.DISTRIBUTED)
-    holder = {"server": preset, "model": preset.model, "round": preset.round}.get(section)
-    if holder is not None:
-        return getattr(holder, f.name)
-    return f.default if f.default is not MISSING else None
+def _shown_default(section: str, f: Field) -> str:
+    """What an absent option becomes (a mode or plan default is in the field's help already)."""
+    if section == "round":
+        if f.name in ("min_survivors", "user_every", "noise_multiplier", "user_noise_multiplier"):
+            return " [derived by the plan]"
+        value = asdict(PRESETS[PrivacyMode.DISTRIBUTED])[f.name]
+        return f" [default: {value.value if isinstance(value, Enum) else value}]"
+    if f.default is None or "[" in f.metadata.get("help", ""):
+        return ""
+    default = f.default if f.default is not MISSING else None
+    return f" [default: {default.value if isinstance(default, Enum) else default}]"
 
 
 def parameters() -> list[inspect.Parameter]:
-    """typer parameters for ``option_fields``: every one defaults to ``None`` (preset applies)."""
+    """typer parameters for ``option_fields``: every one defaults to ``None`` (absent)."""
     params = []
     for section, f, kind in option_fields():
         flag = "--" + f.name.replace("_", "-")
-        names = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        names = [flag]  # a flag turns a switch on; off is every switch's default
         if f.name in ALIASES:
             names = ALIASES[f.name] if kind is bool else [flag, *ALIASES[f.name]]
-        help_text = f"{f.metadata.get('help', '')} [default: {_shown_default(section, f)}]"
+        help_text = escape(f"{f.metadata.get('help', '')}{_shown_default(section, f)}")
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                                        default=typer.Option(None, *names, help=help_text, show_default=False),
+                                        default=typer.Option(None, *names, help=help_text, show_default=False,
+                                                             rich_help_panel=_panel(section, f.name)),
                                         annotation=kind | None))
     return params
 
@@ -82,18 +105,16 @@ def with_options(function: Callable[..., None], extra: list[inspect.Parameter]) 
 def build(values: dict[str, Any], *, out: Path, **simulation: Any) -> SimulationConfig:
     """The simulation the options describe, validated (bad values fail here, before any work)."""
     given = {name: value for name, value in values.items() if value is not None}
-    by_section: dict[str, dict[str, Any]] = {section: {} for section, _ in SECTIONS}
+    server: dict[str, Any] = {}
+    others: dict[str, dict[str, Any]] = {"simulation": {}, "source": {}}
     for section, f, _ in option_fields():
         if f.name in given:
-            by_section[section][f.name] = given[f.name]
-    mode = by_section["round"].pop("mode", PrivacyMode.DISTRIBUTED.value)
-    if "noise_multiplier" in given and "target_epsilon" not in given:  # an explicit noise, not calibrated
-        by_section["server"]["target_epsilon"] = None
+            if section in others:
+                others[section][f.name] = given[f.name]
+            else:
+                server["num-server-rounds" if f.name == "rounds" else f.name.replace("_", "-")] = given[f.name]
     try:
-        server = ServerConfig.preset(mode)
-        server = replace(server, **by_section["server"], model=replace(server.model, **by_section["model"]),
-                         round=replace(server.round, **by_section["round"]))
-        source = DataSource(**by_section["source"])
-        return SimulationConfig(source=source, server=server, out=out, **{**by_section["simulation"], **simulation})
+        return SimulationConfig(source=DataSource(**others["source"]), server=ServerConfig.parse(server), out=out,
+                                **{**others["simulation"], **simulation})
     except TypeError as error:
         raise ConfigError(str(error)) from None

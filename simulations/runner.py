@@ -108,10 +108,11 @@ def evaluated_rounds(rounds: int, count: int) -> set[int]:
     return {round(rounds * (k + 1) / count) for k in range(min(count, rounds))} | {rounds}
 
 
-def device_privacy(server: ServerConfig, base: PrivacyConfig) -> PrivacyConfig:
+def device_privacy(server: ServerConfig, run_plan: Plan, base: PrivacyConfig) -> PrivacyConfig:
     """Simulated devices hold the run's target as their budget (what a deployment would set)."""
-    budget = server.target_epsilon if server.round.private and server.target_epsilon else base.epsilon_budget
-    return replace(base, epsilon_budget=budget, delta=server.delta, allow_non_private=not server.round.private)
+    private = run_plan.round.private
+    budget = run_plan.target_epsilon if private and run_plan.target_epsilon else base.epsilon_budget
+    return replace(base, epsilon_budget=budget, delta=server.delta, allow_non_private=not private)
 
 
 @dataclass
@@ -138,12 +139,12 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
     server = replace(server, model=model, out_dir=out, min_devices=log.num_users,
                      noise_seed=server.seed if server.noise_seed is None else server.noise_seed)
     run_plan = plan(server, log.num_users)
-    privacy = device_privacy(server, config.device_privacy)
+    privacy = device_privacy(server, run_plan, config.device_privacy)
     refused = noise_refusal(run_plan.round, privacy)
     if refused:
-        why = ("raise the noise" if server.target_epsilon is None else
-               f"the noise reaching epsilon {server.target_epsilon} over {run_plan.participations} planned rounds per "
-               "device is that low: plan more rounds or a larger cohort, or lower the epsilon")
+        why = ("raise the noise" if run_plan.target_epsilon is None else
+               f"the noise reaching epsilon {run_plan.target_epsilon} over {run_plan.participations} planned "
+               "rounds per device is that low: plan more rounds or a larger cohort, or lower the epsilon")
         raise ConfigError(f"every device would refuse this run: {refused}; {why}")
     cohort = device_cohort(log, split, model.use_context)
     ranker = algorithm(config.algorithm)
@@ -184,7 +185,7 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
         from attune.simulations.flower_backend import run_flower
 
         ledger, local = run_flower(log, split, server, privacy, evaluate_at, evaluate)
-        secure = "flower-secagg+ (hardened)" if server.secure_aggregation else "none"
+        secure = "flower-secagg+ (hardened)" if server.uses_secure_aggregation else "none"
         noise = "per-device" if run_plan.round.private else "none"
     if len(progress.history) < server.rounds:
         raise ConfigError(f"the run stopped after {len(progress.history)} of {server.rounds} rounds "
@@ -248,7 +249,7 @@ def build_results(log: EventLog, split: Split, server: ServerConfig, run_plan: P
             "epsilon": _r(epsilon_of(ledger, server.delta)) if private else None,
             "epsilon_local": _r(epsilon_of(local, server.delta)) if private else None,
             "delta": server.delta,
-            "target_epsilon": server.target_epsilon,
+            "target_epsilon": run_plan.target_epsilon,
             "noise_multiplier": round_config.noise_multiplier if private else 0.0,
             "user_noise_multiplier": round_config.user_noise_multiplier if private else 0.0,
             "clip": round_config.clip,

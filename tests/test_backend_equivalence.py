@@ -14,7 +14,7 @@ from attune.simulations.runner import DataSource, SimulationConfig, simulate
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["distributed", "local"])
 def test_fast_and_flower_backends_agree(tmp_path, mode):
-    server = ServerConfig.preset(mode, rounds=2, seed=5, target_epsilon=4.0)
+    server = ServerConfig(mode=mode, rounds=2, seed=5, target_epsilon=4.0)
     server = replace(server, model=replace(server.model, dim=8))
     source = DataSource("synthetic", synthetic_users=12)
     results = {backend: simulate(SimulationConfig(source, server, tmp_path / backend, backend=backend,

@@ -36,7 +36,7 @@ def devices(tmp_path):
 
 
 def _config(directory, log, mode="local", **changes):
-    base = ServerConfig.preset(mode, rounds=3, min_devices=DEVICES, target_epsilon=4.0, noise_seed=11, seed=11,
+    base = ServerConfig(mode=mode, rounds=3, min_devices=DEVICES, target_epsilon=4.0, noise_seed=11, seed=11,
                                signing_key=directory / "coordinator.pem", out_dir=directory / "run")
     return replace(base, model=replace(base.model, num_items=log.num_items, dim=4, use_context=False), **changes)
 
@@ -73,11 +73,11 @@ def test_device_sampling_is_poisson_from_the_coordinator_stream():
 def test_sampled_rounds_plan_survivors_under_the_cohorts_lower_tail():
     """With Poisson sampling the cohort varies: m is planned so that sampling alone almost never
     aborts a round; with every device asked, m is the fraction of all of them."""
-    sampled = plan(ServerConfig.preset("distributed", devices_per_round=100), 943)
+    sampled = plan(ServerConfig(mode="distributed", devices_per_round=100), 943)
     assert sampled.round.min_survivors == math.ceil(0.9 * (100 - 3 * math.sqrt(100 * (1 - 100 / 943))))
     cohorts = [len(sample(list(range(943)), sampled.sample_rate, Stream.seeded_from(2, k))) for k in range(2000)]
     assert sum(size < sampled.round.min_survivors for size in cohorts) <= 2
-    assert plan(ServerConfig.preset("distributed"), 943).round.min_survivors == math.ceil(0.9 * 943)
+    assert plan(ServerConfig(mode="distributed"), 943).round.min_survivors == math.ceil(0.9 * 943)
 
 
 def test_dropped_devices_are_counted_and_the_round_completes(devices):

@@ -65,7 +65,7 @@ def _stage(message) -> str:
 
 def _config(directory, log, mode, **changes) -> ServerConfig:
     changes = {"min_devices": log.num_users, **changes}
-    base = ServerConfig.preset(mode, rounds=1, target_epsilon=2.0, signing_key=directory / "coordinator.pem",
+    base = ServerConfig(mode=mode, rounds=1, target_epsilon=2.0, signing_key=directory / "coordinator.pem",
                                noise_seed=3, seed=3, **changes)
     return replace(base, model=replace(base.model, num_items=log.num_items, dim=4))
 

@@ -21,7 +21,7 @@ SOURCE = DataSource("synthetic", synthetic_users=40)
 
 
 def _server(mode="distributed", **changes):
-    server = ServerConfig.preset(mode, rounds=3, seed=1, **changes)
+    server = ServerConfig(mode=mode, rounds=3, seed=1, **changes)
     return replace(server, model=replace(server.model, dim=8))
 
 

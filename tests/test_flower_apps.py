@@ -207,7 +207,7 @@ def test_a_flower_run_that_ends_before_its_last_round_is_an_error_naming_the_log
 
     monkeypatch.setattr(flower_backend, "LocalFederation", _NoFlower)
     log = synthetic(num_users=4, seed=0)
-    server = ServerConfig.preset("distributed", rounds=2, out_dir=tmp_path)
+    server = ServerConfig(mode="distributed", rounds=2, out_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"the Flower run failed .* log is in .*flower/logs"):
         flower_backend.run_flower(log, leave_one_out(log, seed=0), server, PrivacyConfig(), {2},
                                   lambda *args: None)

@@ -194,9 +194,9 @@ def _hostile(tmp_path, monkeypatch, payload, secure):
     """A federation of six where device ``HOSTILE`` sends ``payload`` instead of its contribution."""
     log, _, vocabulary = simulated_devices(tmp_path, users=6, seed=8)
     grid = device_grid(tmp_path, 6, vocabulary, seed=8)
-    config = ServerConfig.preset("distributed" if secure else "local", rounds=2, min_devices=6, target_epsilon=2.0,
+    config = ServerConfig(mode="distributed" if secure else "local", rounds=2, min_devices=6, target_epsilon=2.0,
                                  signing_key=tmp_path / "coordinator.pem", noise_seed=8, seed=8,
-                                 min_survivor_fraction=0.8)
+                                 **({"min_survivor_fraction": 0.8} if secure else {}))
     config = replace(config, model=replace(config.model, num_items=log.num_items, dim=4))
     if secure:
         real = secure_client.run_round

@@ -52,7 +52,7 @@ def test_beyond_accuracy_matches_a_plain_reference():
 
 
 def test_fast_backend_results_carry_the_metrics(tmp_path):
-    server = replace(ServerConfig.preset("distributed", rounds=2, target_epsilon=4.0), seed=1)
+    server = replace(ServerConfig(mode="distributed", rounds=2, target_epsilon=4.0), seed=1)
     server = replace(server, model=replace(server.model, dim=8))
     results = simulate(SimulationConfig(DataSource("synthetic", synthetic_users=40), server, tmp_path))
     metrics = results["beyond_accuracy"]

@@ -14,6 +14,7 @@ from in_process_grid import device_grid, simulated_devices
 from attune.server.app import transport_for
 from attune.server.config import ServerConfig
 from attune.server.coordinator import run
+from attune.server.planning import plan
 from attune.shared import secure_sum
 from attune.shared.config import preset
 from attune.shared.errors import ModelMismatchError
@@ -82,7 +83,7 @@ def test_the_cohort_is_capped_so_the_sum_cannot_wrap():
 
 
 def _config(directory, log, **changes):
-    base = ServerConfig.preset("distributed", rounds=2, min_devices=log.num_users, target_epsilon=2.0,
+    base = ServerConfig(mode="distributed", rounds=2, min_devices=log.num_users, target_epsilon=2.0,
                                signing_key=directory / "coordinator.pem", noise_seed=3, seed=3,
                                min_survivor_fraction=0.8)
     return replace(base, model=replace(base.model, num_items=log.num_items, dim=4, use_context=False), **changes)
@@ -91,7 +92,7 @@ def _config(directory, log, **changes):
 def test_secagg_releases_exactly_the_sum_the_in_process_backend_computes(tmp_path):
     log, split, vocabulary = simulated_devices(tmp_path, users=5, seed=3)
     config = _config(tmp_path, log)
-    privacy = device_privacy(config, preset_privacy())
+    privacy = device_privacy(config, plan(config, 5), preset_privacy())
     states = []
     secure = run(transport_for(device_grid(tmp_path, 5, vocabulary, seed=3, privacy=privacy), config), config,
                  lambda record, state: states.append(state))
