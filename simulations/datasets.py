@@ -136,7 +136,9 @@ def synthetic(
     *,
     num_users: int = 150,
     num_items: int = 600,
-    events_per_user: int = 150,
+    events_per_user: int | tuple[int, int] = 150,
+    zipf: float = 0.8,
+    taste: float = 3.0,
     dim: int = 8,
     seed: int = 0,
 ) -> EventLog:
@@ -144,32 +146,52 @@ def synthetic(
 
     The defaults (150 people with about 150 events each over 600 items) are the demo's data: an
     app whose people interact often, small enough for Flower's simulation runtime with real
-    SecAgg+ to run 30 rounds in a few minutes on two cores.
+    SecAgg+ to run 30 rounds in a few minutes on two cores. ``num_items``, ``zipf`` (item ``r`` of
+    the catalog has popularity ``1 / r**zipf``, in a random order) and ``events_per_user`` (a
+    Poisson mean, or a ``(low, high)`` range drawn uniformly) set the data's shape; ``taste`` how
+    strongly a person's taste decides what they pick, against popularity.
 
     Each user draws items from ``softmax(taste . item + log popularity)`` without repeats, so both
     personal taste and popularity matter (and a personalized model can beat the popular list).
-    The weight of each event is its type's weight (view, click, like, purchase).
+    The weight of each event is its type's weight (view, click, like, purchase). Every catalog
+    item is in the vocabulary, touched or not.
     """
+    if num_items < 2 or num_users < 1 or not zipf >= 0:
+        raise DataError("synthetic data needs at least 1 user, 2 items and a zipf exponent >= 0")
     rng = np.random.default_rng(seed)
     tastes = rng.normal(size=(num_users, dim))
     items = rng.normal(size=(num_items, dim))
-    popularity = 1.0 / np.arange(1, num_items + 1) ** 0.8
+    popularity = 1.0 / np.arange(1, num_items + 1) ** zipf
     rng.shuffle(popularity)
     type_weights = np.array([0.5, 1.0, 2.0, 3.0], dtype=np.float32)
     type_probs = np.array([0.4, 0.4, 0.15, 0.05])
     start = 1.7e9
     users, chosen, times, weights = [], [], [], []
     for user in range(num_users):
-        count = max(12, int(rng.poisson(events_per_user)))
-        logits = 3.0 * items @ tastes[user] / np.sqrt(dim) + np.log(popularity)
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        # numpy draws without replacement in order of likelihood: shuffle so that time order
-        # (and so the held-out latest event) is independent of how much the person likes an item
-        picks = rng.permutation(rng.choice(num_items, size=min(count, num_items), replace=False, p=probs))
+        if isinstance(events_per_user, tuple):
+            count = int(rng.integers(events_per_user[0], events_per_user[1] + 1))
+        else:
+            count = max(12, int(rng.poisson(events_per_user)))
+        logits = taste * items @ tastes[user] / np.sqrt(dim) + np.log(popularity)
+        # the largest logits after Gumbel noise: a draw without replacement from softmax(logits)
+        # (Efraimidis and Spirakis 2006), in time linear in the catalog; shuffled so that time
+        # order (and so the held-out latest event) is independent of how much the person likes it
+        keys = logits + rng.gumbel(size=num_items)
+        size = min(count, num_items)
+        picks = rng.permutation(np.argpartition(-keys, size - 1)[:size])
         stamps = np.sort(start + rng.uniform(0, 90 * 86400, size=picks.shape[0]))
         users += [str(user)] * picks.shape[0]
-        chosen += [str(i) for i in picks]
+        chosen.append(picks)
         times.append(stamps)
         weights.append(type_weights[rng.choice(4, size=picks.shape[0], p=type_probs)])
-    return _build("synthetic", users, chosen, np.concatenate(times), np.concatenate(weights))
+    log = _build("synthetic", users, [str(i) for i in np.concatenate(chosen)], np.concatenate(times),
+                 np.concatenate(weights))
+    return _whole_catalog(log, num_items)
+
+
+def _whole_catalog(log: EventLog, num_items: int) -> EventLog:
+    """``log`` over every item ``0..num_items-1`` (ids are the item numbers), touched or not."""
+    numbers = np.array([int(i) for i in log.item_ids])
+    return EventLog(users=log.users, items=numbers[log.items], timestamps=log.timestamps, weights=log.weights,
+                    num_users=log.num_users, num_items=num_items, item_ids=tuple(str(i) for i in range(num_items)),
+                    name=log.name)

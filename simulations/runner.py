@@ -28,7 +28,7 @@ from attune.server.config import ServerConfig
 from attune.server.coordinator import RoundRecord, run
 from attune.server.planning import Plan, plan
 from attune.shared.accounting import ACCOUNTANT_NAME, Entry, epsilon_of, ledger_to_json
-from attune.shared.config import PrivacyMode, knob
+from attune.shared.config import PrivacyMode, knob, validate
 from attune.shared.errors import ConfigError, DataError
 from attune.shared.mechanism import planned_entries, sensitivity
 from attune.shared.metrics import hit_and_ndcg
@@ -53,15 +53,40 @@ class DataSource:
     item_col: str = knob("item", "CSV column of item ids")
     time_col: str = knob("timestamp", "CSV column of unix timestamps")
     weight_col: str | None = knob(None, "CSV column of event weights")
-    synthetic_users: int = knob(150, "synthetic: people (devices)")
+    synthetic_users: int = knob(150, "synthetic: people (devices)", low=2, high=10**7)
+    synthetic_items: int = knob(600, "synthetic: items in the catalog", low=100, high=10**7)
+    synthetic_zipf: float = knob(0.8, "synthetic: popularity skew, item r of the catalog has popularity 1/r^zipf",
+                                 low=0.0, high=4.0)
+    synthetic_taste: float = knob(3.0, "synthetic: how strongly taste decides a pick, against popularity",
+                                  low=0.0, high=20.0)
+    synthetic_events: str = knob("150", "synthetic: events per person, a mean (Poisson) or a range LOW-HIGH "
+                                 "(uniform)")
 
     def __post_init__(self) -> None:
         if self.dataset not in ("synthetic", "movielens", "csv"):
             raise DataError(f"unknown dataset {self.dataset!r}: use synthetic, movielens or csv")
+        validate(self)
+        self.events_per_user()
+
+    def events_per_user(self) -> int | tuple[int, int]:
+        """``synthetic_events`` read: a mean, or a ``(low, high)`` range."""
+        text = str(self.synthetic_events).strip()
+        low, dash, high = text.partition("-")
+        try:
+            values = (int(low), int(high)) if dash else int(low)
+        except ValueError:
+            values = None
+        ranges = values if isinstance(values, tuple) else (values, values)
+        if values is None or not 2 <= ranges[0] <= ranges[1] <= 10**6:  # type: ignore[operator]
+            raise DataError(f"synthetic_events must be a mean like 150 or a range like 30-150 (2 to 1e6), "
+                            f"got {self.synthetic_events!r}")
+        return values  # type: ignore[return-value]
 
     def load(self, seed: int) -> EventLog:
         if self.dataset == "synthetic":
-            return synthetic(num_users=self.synthetic_users, seed=seed)
+            return synthetic(num_users=self.synthetic_users, num_items=self.synthetic_items,
+                             zipf=self.synthetic_zipf, taste=self.synthetic_taste,
+                             events_per_user=self.events_per_user(), seed=seed)
         if self.path is None:
             raise DataError(f"--data is required with --dataset {self.dataset}")
         if self.dataset == "movielens":
