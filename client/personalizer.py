@@ -31,6 +31,7 @@ from attune.client.state import DeviceState, decode_tensors, encode_tensors, rea
 from attune.client.store import EventStore, Retention, StoredEvent
 from attune.client.training import Cohort, LocalData, fit_rank_vectors, initial_user_vector, train_round
 from attune.shared.accounting import epsilon_of
+from attune.shared.config import RoundTask
 from attune.shared.errors import ConfigError, InvalidEventError
 from attune.shared.events import (
     EVENT_TYPES,
@@ -330,7 +331,8 @@ class Personalizer:
         reason = refusal(request, self.privacy, consented=self.consented, paused=current.paused)
         if reason is not None:
             return Contribution(Status.REFUSED, reason)
-        refresh = request.config.refresh_due(current.rounds_joined)
+        training = request.config.task is RoundTask.TRAIN  # else a count round: items counted, nothing trained
+        refresh = training and request.config.refresh_due(current.rounds_joined)
         row = self.store.reserve(round_entries(request.model, request.config, refresh),
                                  local_entries(request.model, request.config, refresh),
                                  budget=self.privacy.epsilon_budget, delta=self.privacy.delta,
@@ -345,14 +347,13 @@ class Personalizer:
             self.model_config.dim, self._stream("user-init"))
         output = train_round(request.state, request.model, start.unsqueeze(0), Cohort.of([self.local_data()]),
                              request.config, [self._stream(request.round)], [refresh])
-        self._user = output.users[0].float()
-        self.store.put_state({
-            device_state.GLOBAL_KEY: encode_tensors(request.state),
-            device_state.USER_KEY: encode_tensors({"user": self._user})})
-        update_state(self.store, rounds_joined=lambda n: n + 1, last_run=request.run_id, last_round=request.round,
-                     device_level_epsilon=request.device_level_epsilon,
+        self._user = output.users[0].float() if training else self._user
+        self.store.put_state({device_state.GLOBAL_KEY: encode_tensors(request.state)}
+                             | ({device_state.USER_KEY: encode_tensors({"user": self._user})} if training else {}))
+        update_state(self.store, rounds_joined=lambda n: n + int(training), last_run=request.run_id,
+                     last_round=request.round, device_level_epsilon=request.device_level_epsilon,
                      device_level_delta=request.device_level_delta)
-        if refresh or self._rank is None:  # the ranking vector follows the user vector's refreshes
+        if training and (refresh or self._rank is None):  # the ranking vector follows the user vector's refreshes
             self.refresh_ranking()
         return Contribution(Status.CONTRIBUTED, "ok", output.contributions[0])
 

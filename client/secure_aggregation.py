@@ -70,7 +70,7 @@ class SecureDevice(NumPyClient):
         self.settings = settings
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
-        names = shared_model(model_of(config)).layout.names  # the signature covers names and config
+        names = shared_model(model_of(config)).layout.sent  # the signature covers names and config
         if len(names) != len(parameters):
             raise Declined(DECLINED)
         arrays = dict(zip(names, parameters, strict=True))

@@ -67,11 +67,15 @@ def update_state(store: EventStore, **changes: object) -> DeviceState:
     return DeviceState(**store.update_json(DEVICE_KEY, change))  # type: ignore[arg-type]
 
 
+_FORMATS = {torch.float32: "<f4", torch.int64: "<i8"}
+
+
 def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
-    """A header (names, shapes) and the float32 bytes of each tensor: no pickle, no code."""
-    header = json.dumps({name: list(t.shape) for name, t in tensors.items()}).encode()
-    body = b"".join(t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
-                    for t in tensors.values())
+    """A header (names, shapes, dtypes) and the little-endian bytes of each tensor (float32, or
+    int64 for index tensors): no pickle, no code."""
+    formats = {name: _FORMATS.get(t.dtype, "<f4") for name, t in tensors.items()}
+    header = json.dumps({name: [list(t.shape), formats[name]] for name, t in tensors.items()}).encode()
+    body = b"".join(t.detach().contiguous().numpy().astype(formats[name]).tobytes() for name, t in tensors.items())
     return struct.pack("<I", len(header)) + header + body
 
 
@@ -80,11 +84,13 @@ def decode_tensors(raw: bytes) -> dict[str, torch.Tensor]:
         (length,) = struct.unpack_from("<I", raw)
         shapes = json.loads(raw[4:4 + length])
         out, start = {}, 4 + length
-        for name, shape in shapes.items():
+        for name, (shape, dtype) in shapes.items():
+            if dtype not in _FORMATS.values():
+                raise ValueError(f"unknown dtype {dtype!r}")
             count = int(np.prod(shape, dtype=np.int64))
-            values = np.frombuffer(raw, dtype="<f4", count=count, offset=start)
-            out[name] = torch.from_numpy(values.copy()).reshape(shape)
-            start += 4 * count
+            values = np.frombuffer(raw, dtype=dtype, count=count, offset=start)
+            out[name] = torch.from_numpy(values.astype(dtype[1:]).copy()).reshape(shape)
+            start += values.itemsize * count
         if start != len(raw):
             raise ValueError(f"{len(raw) - start} trailing bytes")
         return out

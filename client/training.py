@@ -26,13 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-from attune.shared.config import Loss, RoundConfig
+from attune.shared.config import Loss, RoundConfig, RoundTask
 from attune.shared.errors import ConfigError
-from attune.shared.layout import State
+from attune.shared.layout import EventGradients, Layout, State
 from attune.shared.loss import Batch, logit_gradients, per_example_loss
 from attune.shared.mechanism import add_noise_shares, bound_devices, bound_floats, clip_factors, to_units
 from attune.shared.model import ModelConfig, SharedModel, dot_scores, shared_model
 from attune.shared.randomness import Stream, discrete_gaussian, integers, normal
+from attune.shared.selection import count_gradients, count_layout
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,14 @@ class RoundOutput:
 
 
 def _draw_negatives(cohort: Cohort, config: RoundConfig, num_items: int, streams: list[Stream],
-                    among: list[int]) -> torch.Tensor:
-    """Negative items of every event of the devices in ``among``, each from its own stream."""
+                    among: list[int], pool: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative items of every event of the devices in ``among``, each from its own stream:
+    uniform over ``pool`` (the items with a trained row), or over the catalog."""
     sizes = cohort.sizes().tolist()
-    parts = [integers(streams[k], (sizes[k], config.negatives), num_items) for k in among]
-    return torch.cat(parts) if parts else torch.zeros(0, config.negatives, dtype=torch.long)
+    high = num_items if pool is None or len(pool) == 0 else len(pool)
+    parts = [integers(streams[k], (sizes[k], config.negatives), high) for k in among]
+    drawn = torch.cat(parts) if parts else torch.zeros(0, config.negatives, dtype=torch.long)
+    return drawn if pool is None or len(pool) == 0 else pool[drawn]
 
 
 def _rows(cohort: Cohort, among: list[int]) -> torch.Tensor:
@@ -122,7 +126,8 @@ def _refresh_users(state: State, model: SharedModel, users: torch.Tensor, cohort
     device = position[cohort.device_of_events()[rows]]
     dim = model.config.dim
     for _ in range(config.user_steps):
-        batch = _examples(cohort, rows, _draw_negatives(cohort, config, model.config.num_items, streams, among))
+        batch = _examples(cohort, rows, _draw_negatives(cohort, config, model.config.num_items, streams, among,
+                                                        model.negative_pool(state)))
         chosen = users[torch.tensor(among, dtype=torch.long)]
         query = model.query(state, chosen[device], batch.context)
         vectors, bias = model.item_side(state, batch.items)
@@ -152,17 +157,33 @@ def _contributions(state: State, model: SharedModel, users: torch.Tensor, cohort
     count = len(cohort)
     rows = torch.arange(int(cohort.offsets[-1]))
     batch = _examples(cohort, rows, _draw_negatives(cohort, config, model.config.num_items, streams,
-                                                    list(range(count))))
+                                                    list(range(count)), model.negative_pool(state)))
     device = cohort.device_of_events()
     query = model.query(state, users[device], batch.context)
     logits = model.score(state, query, batch.items)
     gradients = model.event_gradients(state, query, batch.items, logit_gradients(logits, batch, config.loss),
                                       batch.context)
+    return _release(gradients, model.layout, device, count, config, streams, shares)
+
+
+def _counts(model: SharedModel, cohort: Cohort, config: RoundConfig, streams: list[Stream],
+            shares: bool) -> torch.Tensor:
+    """Each device's count round contribution: its events' items, counted by the same mechanism
+    (``attune.shared.selection``)."""
+    gradients = count_gradients(cohort.items, config.clip)
+    return _release(gradients, count_layout(model.config.num_items), cohort.device_of_events(), len(cohort), config,
+                    streams, shares)
+
+
+def _release(gradients: EventGradients, layout: Layout, device: torch.Tensor, count: int, config: RoundConfig,
+             streams: list[Stream], shares: bool) -> torch.Tensor:
+    """Per-event gradients to each device's contribution: clipped, rounded, summed, bounded, plus
+    its noise share (not clipped or noised, only bounded, when the round is not private)."""
     if not config.private:
-        return bound_floats(gradients.scatter(model.layout, device, count, torch.float64), config)
+        return bound_floats(gradients.scatter(layout, device, count, torch.float64), config)
     factors = clip_factors(gradients.squared_norms().clamp(min=0.0).sqrt(), config.clip)
     clipped = gradients.map(lambda values: values * factors.view(-1, *[1] * (values.dim() - 1)))
-    sums = clipped.map(lambda values: to_units(values, config)).scatter(model.layout, device, count, torch.long)
+    sums = clipped.map(lambda values: to_units(values, config)).scatter(layout, device, count, torch.long)
     bounded = bound_devices(sums, config)
     return add_noise_shares(bounded, config, streams) if shares else bounded
 
@@ -181,6 +202,8 @@ def train_round(state: State, model: ModelConfig, users: torch.Tensor, cohort: C
     if not (len(users) == len(cohort) == len(streams) == len(refresh)):
         raise ConfigError("users, cohort, streams and refresh must describe the same devices")
     shared = shared_model(model)
+    if config.task is RoundTask.COUNT:
+        return RoundOutput(_counts(shared, cohort, config, streams, shares), users)
     due = [k for k, flag in enumerate(refresh) if flag]
     if due and config.user_steps:
         users = _refresh_users(state, shared, users, cohort, config, streams, due)
@@ -201,9 +224,11 @@ def fit_rank_vectors(state: State, model: ModelConfig, starts: torch.Tensor, coh
     device = cohort.device_of_events()
     sizes = cohort.sizes().clamp(min=1).float()
     optimizer = torch.optim.Adam([vectors], lr=lr, weight_decay=weight_decay)
+    pool = shared.negative_pool(state)
     for _ in range(steps):
-        columns = torch.cat([cohort.items.unsqueeze(1),
-                             torch.randint(0, model.num_items, (len(device), negatives), generator=generator)], 1)
+        drawn = torch.randint(0, model.num_items if pool is None or len(pool) == 0 else len(pool),
+                              (len(device), negatives), generator=generator)
+        columns = torch.cat([cohort.items.unsqueeze(1), drawn if pool is None or len(pool) == 0 else pool[drawn]], 1)
         labels = torch.zeros(columns.shape)
         labels[:, 0] = 1.0
         batch = Batch(columns, labels, cohort.weights, None)

@@ -39,6 +39,8 @@ class Checkpoint:
     device_level: list[Entry] = field(default_factory=list)  # the device-level ledger
     participation: dict[int, int] = field(default_factory=dict)  # device -> rounds contributed
     params: torch.Tensor | None = None  # the flattened model in float64: a resumed run continues exactly
+    counted: bool = True  # the count round (if the model has one) released its sum
+    counts: dict[int, int] = field(default_factory=dict)  # device -> count rounds contributed
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -57,9 +59,11 @@ def _checksum_path(path: Path) -> Path:
 def _plan_dict(plan: Plan | None) -> dict | None:
     if plan is None:
         return None
-    round_config = {name: value.value if isinstance(value, Enum) else value
-                    for name, value in asdict(plan.round).items()}  # plain values: loads never unpickle classes
-    return {**asdict(plan), "round": round_config}
+    def plain(config: RoundConfig | None) -> dict | None:  # plain values: loads never unpickle classes
+        return None if config is None else {name: value.value if isinstance(value, Enum) else value
+                                            for name, value in asdict(config).items()}
+
+    return {**asdict(plan), "round": plain(plan.round), "count": plain(plan.count)}
 
 
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
@@ -71,7 +75,8 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
                 "optimizer": checkpoint.optimizer, "run_id": checkpoint.run_id,
                 "plan": _plan_dict(checkpoint.plan), "device_level": ledger_to_json(checkpoint.device_level),
                 "participation": {str(k): int(v) for k, v in checkpoint.participation.items()},
-                "params": checkpoint.params}, buffer)
+                "params": checkpoint.params, "counted": checkpoint.counted,
+                "counts": {str(k): int(v) for k, v in checkpoint.counts.items()}}, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest().encode()
     path = directory / f"global_round_{checkpoint.round:04d}.pt"
@@ -94,12 +99,15 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         payload = torch.load(io.BytesIO(data), weights_only=True)
         raw_plan = payload["plan"]
-        plan = None if raw_plan is None else Plan(**{**raw_plan, "round": RoundConfig(**raw_plan["round"])})
+        plan = None if raw_plan is None else Plan(**{
+            **raw_plan, "round": RoundConfig(**raw_plan["round"]),
+            "count": None if raw_plan["count"] is None else RoundConfig(**raw_plan["count"])})
         return Checkpoint(round=int(payload["round"]), state=payload["state"], optimizer=payload["optimizer"],
                           run_id=str(payload["run_id"]), plan=plan,
                           device_level=ledger_from_json(payload["device_level"]),
                           participation={int(k): int(v) for k, v in payload["participation"].items()},
-                          params=payload["params"])
+                          params=payload["params"], counted=bool(payload["counted"]),
+                          counts={int(k): int(v) for k, v in payload["counts"].items()})
     except (KeyError, TypeError, ValueError, RuntimeError, AttuneError) as error:
         raise StoreError(f"checkpoint {path} cannot be read: {error}") from None
 

@@ -10,6 +10,8 @@ absent. Two given values that contradict each other are an error naming both.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
@@ -79,6 +81,10 @@ class ServerConfig:
     delta: float = knob(1e-5, "delta of the event-level guarantee", above=0.0, high=0.1)
     user_share: float = knob(0.3, "share of the event-level budget spent on refreshing user vectors",
                              low=0.0, high=0.95)
+    count_share: float = knob(0.1, "share of the event-level budget spent on the count that selects the trained "
+                              "items (models with trained_items)", low=0.0, high=0.9)
+    min_item_count: float = knob(10.0, "events an item's noisy count must reach to get a trained row (models with "
+                                 "trained_items)", low=0.0)
     user_refreshes: int | None = knob(None, "user-vector refreshes a device makes over its planned rounds "
                                       f"[{DEFAULT_USER_REFRESHES}, unless user-every is given]", low=1)
     min_survivor_fraction: float | None = knob(None, "distributed: share of a round's cohort (of its lower tail "
@@ -214,6 +220,31 @@ def to_run_config(config: ServerConfig) -> dict[str, object]:
             value = str(value)
         out[key] = value
     return out
+
+
+def run_config_toml() -> str:
+    """``pyproject.toml``'s ``[tool.flwr.app.config]`` table: every key at ``ServerConfig()``,
+    each absent one with what it becomes (``tests/test_config_defaults.py`` checks they agree)."""
+    helps = {f.name: f.metadata.get("help", "") for klass in (ServerConfig, ModelConfig, RoundSettings)
+             for f in fields(klass)}
+    lines = []
+    for key, value in to_run_config(ServerConfig()).items():
+        line = f"{key} = {json.dumps(value)}"
+        if key in _ABSENT:
+            name = run_config_keys()[key][1]
+            default = re.search(r"\[(.*)\]", helps[name])
+            what = default.group(1) if default else (
+                "derived by the plan" if name in _DERIVED else "none" if section_of(key) == "" else "the mode's preset")
+            line = f"{line:<28}# absent: {what}"
+        lines.append(line)
+    return "\n".join(["[tool.flwr.app.config]", *lines])
+
+
+def section_of(key: str) -> str:
+    return run_config_keys()[key][0]
+
+
+_DERIVED = {"min_survivors", "user_every", "noise_multiplier", "user_noise_multiplier"}
 
 
 def with_round(config: ServerConfig, **given: object) -> ServerConfig:

@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -28,8 +28,9 @@ from attune.shared.accounting import Entry, epsilon_of
 from attune.shared.config import PrivacyMode
 from attune.shared.errors import StoreError
 from attune.shared.mechanism import dequantize, device_bound, planned_entries, units
-from attune.shared.model import shared_model
+from attune.shared.model import ModelConfig, shared_model
 from attune.shared.randomness import Stream, bernoulli
+from attune.shared.selection import select
 from attune.shared.wire import RoundRequest
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,13 @@ class RunState:
     run_id: str
     round: int
     params: torch.Tensor  # flattened float64
+    buffers: dict[str, torch.Tensor]  # the model's untrained buffers (which items have rows)
     optimizer: ServerOptimizer
     plan: Plan
     device_level: list[Entry]
-    participation: Counter  # device id -> rounds its contribution was in a released sum
+    participation: Counter  # device id -> training rounds its contribution was in a released sum
+    counted: bool = False  # the count round released its sum (or the model has none)
+    counts: Counter = field(default_factory=Counter)  # device id -> count rounds it was in a released sum
 
 
 def _resume(config: ServerConfig, fresh: RunState) -> RunState:
@@ -115,10 +119,11 @@ def _resume(config: ServerConfig, fresh: RunState) -> RunState:
         raise StoreError(f"resume=true but no checkpoint in {config.out_dir / 'checkpoints'} verifies: "
                          "refusing to restart from round 1 with an empty ledger")
     fresh.optimizer.load_state_dict(found.optimizer)
-    params = found.params if found.params is not None else shared_model(config.model).layout.flatten(found.state)
-    return RunState(run_id=found.run_id, round=found.round, params=params,
-                    optimizer=fresh.optimizer, plan=fresh.plan if found.plan is None else found.plan,
-                    device_level=found.device_level, participation=Counter(found.participation))
+    layout = shared_model(config.model).layout
+    return RunState(run_id=found.run_id, round=found.round, params=found.params,
+                    buffers={p.name: found.state[p.name] for p in layout.buffers}, optimizer=fresh.optimizer,
+                    plan=found.plan, device_level=found.device_level, participation=Counter(found.participation),
+                    counted=found.counted, counts=Counter(found.counts))
 
 
 def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | None = None,
@@ -126,10 +131,11 @@ def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | No
     """Run rounds up to ``config.rounds`` (from the last checkpoint when resuming)."""
     devices = _wait_for_devices(transport, config.min_devices)
     run_plan = plan(config, population or len(devices))
-    state = RunState(run_id=secrets.token_hex(8), round=0,
-                     params=shared_model(config.model).layout.flatten(initial_state(config)),
+    layout, start = shared_model(config.model).layout, initial_state(config)
+    state = RunState(run_id=secrets.token_hex(8), round=0, params=layout.flatten(start),
+                     buffers={p.name: start[p.name] for p in layout.buffers},
                      optimizer=server_optimizer(config.server_optimizer, run_plan.server_lr), plan=run_plan,
-                     device_level=[], participation=Counter())
+                     device_level=[], participation=Counter(), counted=run_plan.count is None)
     if config.resume:
         state = _resume(config, state)
         log.info("resuming run %s after round %d", state.run_id, state.round)
@@ -152,7 +158,8 @@ def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | No
             save_checkpoint(config.out_dir / "checkpoints", Checkpoint(
                 round=server_round, state=_state_dict(state, config), optimizer=state.optimizer.state_dict(),
                 run_id=state.run_id, plan=run_plan, device_level=state.device_level,
-                participation=dict(state.participation), params=state.params))
+                participation=dict(state.participation), params=state.params, counted=state.counted,
+                counts=dict(state.counts)))
             with (config.out_dir / "rounds.jsonl").open("a") as handle:
                 handle.write(json.dumps(asdict(record)) + "\n")
         if on_round is not None:
@@ -162,7 +169,8 @@ def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | No
 
 def _state_dict(state: RunState, config: ServerConfig) -> dict[str, torch.Tensor]:
     layout = shared_model(config.model).layout
-    return {name: value.float().clone() for name, value in layout.unflatten(state.params).items()}
+    params = {name: value.float().clone() for name, value in layout.unflatten(state.params).items()}
+    return params | {name: value.clone() for name, value in state.buffers.items()}
 
 
 def _round(transport: Transport, config: ServerConfig, state: RunState, cohort: list[int],
@@ -171,34 +179,65 @@ def _round(transport: Transport, config: ServerConfig, state: RunState, cohort: 
     guarantee = 0.0
     if run_plan.device_level_noise > 0:  # what the released model will guarantee after this round
         guarantee = epsilon_of([*state.device_level, run_plan.device_level_entry()], config.device_level_delta)
-    request = RoundRequest(run_id=state.run_id, round=server_round, model=config.model, config=run_plan.round,
+    counting = not state.counted  # until a count round released its sum, rounds count the items
+    round_config = run_plan.count if counting and run_plan.count is not None else run_plan.round
+    request = RoundRequest(run_id=state.run_id, round=server_round, model=config.model, config=round_config,
                            state=_state_dict(state, config), device_level_epsilon=guarantee,
                            device_level_delta=config.device_level_delta if guarantee else 0.0)
-    survivors = run_plan.round.min_survivors if run_plan.round.privacy is PrivacyMode.DISTRIBUTED else 1
+    survivors = round_config.min_survivors if round_config.privacy is PrivacyMode.DISTRIBUTED else 1
     collected = transport.collect(request, cohort, survivors) if cohort else Collected(None, [])
     if collected.total is not None and len(collected.contributors) < survivors:  # never release it
         collected = Collected(None, [], collected.refused, collected.rejected, collected.failed,
                               f"{len(collected.contributors)} survivors, fewer than {survivors}", collected.rejections)
     if collected.total is not None:
-        gradient = dequantize(collected.total, run_plan.round) if run_plan.round.private else collected.total.double()
-        bound = device_bound(run_plan.round) / units(run_plan.round) if run_plan.round.private \
-            else run_plan.round.device_norm * run_plan.round.clip
+        gradient = dequantize(collected.total, round_config) if round_config.private else collected.total.double()
+        bound = device_bound(round_config) / units(round_config) if round_config.private \
+            else round_config.device_norm * round_config.clip
         gradient = device_level_noise(gradient, bound, run_plan.device_level_noise,
                                       _stream(config, "device-level", server_round))
-        state.params = state.optimizer.step(state.params, gradient / run_plan.expected_cohort)
-        state.participation.update(collected.contributors)
+        if counting:
+            _select(state, config, gradient / (round_config.clip * run_plan.sample_rate))
+            state.counts.update(collected.contributors)
+        else:
+            state.params = state.optimizer.step(state.params, gradient / run_plan.expected_cohort)
+            state.participation.update(collected.contributors)
     if run_plan.device_level_noise > 0 and cohort:
         state.device_level.append(run_plan.device_level_entry())
     state.round = server_round
-    most = max(state.participation.values(), default=0)
     return RoundRecord(
         round=server_round, sampled=len(cohort), contributed=len(collected.contributors),
         refused=collected.refused, rejected=collected.rejected, failed=collected.failed,
         aborted=collected.aborted,
-        epsilon=epsilon_of(planned_entries(config.model, run_plan.round, most), config.delta),
+        epsilon=most_spent(config.model, run_plan, state.participation, state.counts, config.delta)[0],
         device_level_epsilon=epsilon_of(state.device_level, config.device_level_delta)
         if run_plan.device_level_noise > 0 else None,
         rejections=tuple(collected.rejections[:20]))
+
+
+def most_spent(model: ModelConfig, run_plan: Plan, joined: Mapping[int, int], counted: Mapping[int, int],
+               delta: float) -> tuple[float, int, int]:
+    """Epsilon of the device that spent most, and its training and count rounds: device ``d``
+    joined ``joined[d]`` training and ``counted[d]`` count rounds of the plan (each distinct pair
+    is accounted once)."""
+    pairs = sorted({(joined.get(d, 0), counted.get(d, 0)) for d in {*joined, *counted}} or {(0, 0)})
+    spent = [epsilon_of(planned_entries(model, run_plan.round, j, count=run_plan.count, counts=c), delta)
+             for j, c in pairs]
+    top = max(range(len(spent)), key=spent.__getitem__)
+    return spent[top], *pairs[top]
+
+
+def _select(state: RunState, config: ServerConfig, counts: torch.Tensor) -> None:
+    """Post-processing of a released count: which items get rows, every item's prior, and the first
+    bias of each row (``attune.shared.selection``)."""
+    model = shared_model(config.model)
+    chosen = select(counts, config.model.rows, min_count=config.min_item_count,
+                    negatives=state.plan.round.negatives)
+    adopted = model.adopt(_state_dict(state, config), chosen)
+    state.params = model.layout.flatten(adopted)
+    state.buffers = {p.name: adopted[p.name] for p in model.layout.buffers}
+    state.counted = True
+    log.info("count round: %d of %d items get a trained row (noisy count >= %g)",
+             int((chosen.row_items >= 0).sum()), config.model.num_items, config.min_item_count)
 
 
 def _wait_for_devices(transport: Transport, minimum: int) -> list[int]:

@@ -7,13 +7,14 @@ Used by the coordinator loop and by simulations, so both plan exactly alike.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from attune.server.config import DEFAULT_MIN_SURVIVOR_FRACTION, DEFAULT_USER_REFRESHES, ServerConfig
 from attune.shared.accounting import Entry, calibrate
-from attune.shared.config import PrivacyMode, RoundConfig, preset
+from attune.shared.config import PrivacyMode, RoundConfig, RoundTask, preset
 from attune.shared.errors import ConfigError
 from attune.shared.mechanism import calibrated
+from attune.shared.model import shared_model
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Plan:
     is sent to every device every round (signed)."""
 
     round: RoundConfig
+    count: RoundConfig | None  # the count round that selects the trained items (round 1), if the model has one
     population: int  # devices connected at the start
     expected_cohort: float  # devices per round in expectation (the sum's divisor)
     sample_rate: float  # each device's chance to be sampled in a round
@@ -64,7 +66,10 @@ def plan(config: ServerConfig, population: int) -> Plan:
                           "connected")
     cohort = config.devices_per_round or population
     rate = cohort / population
-    participations = planned_participations(config.rounds, rate)
+    counting = shared_model(config.model).counts_items
+    if counting and config.rounds < 2:
+        raise ConfigError("a model with trained_items needs at least 2 rounds: round 1 counts the items")
+    participations = planned_participations(config.rounds - counting, rate)
     mode, given = config.mode, config.round.given()
     values = {**asdict(preset(mode)), **given}
     if mode is not PrivacyMode.OFF and "user_every" not in given:  # user_refreshes refreshes over its rounds
@@ -80,18 +85,20 @@ def plan(config: ServerConfig, population: int) -> Plan:
         if values["min_survivors"] < 2:
             raise ConfigError("distributed mode needs min_survivors >= 2: one share alone is not the noise")
     round_config = RoundConfig(**values)
+    count = replace(round_config, task=RoundTask.COUNT) if counting else None
     noise_given = bool({"noise_multiplier", "user_noise_multiplier"} & set(given))
     target = config.target_epsilon
     if target is None and not noise_given:
         target = config.preset.target_epsilon
     if target is not None:
-        round_config = calibrated(config.model, round_config, epsilon=target, delta=config.delta,
-                                  participations=participations, user_share=config.user_share)
+        round_config, count = calibrated(config.model, round_config, epsilon=target, delta=config.delta,
+                                         participations=participations, user_share=config.user_share, count=count,
+                                         count_share=config.count_share)
     noise = config.device_level_noise or 0.0
     if config.device_level_epsilon is not None:
         noise = calibrate(lambda z: [Entry("gaussian", count=config.rounds, z=z, q=rate)],
                           config.device_level_epsilon, config.device_level_delta)
-    return Plan(round=round_config, population=population, expected_cohort=float(cohort), sample_rate=rate,
+    return Plan(round=round_config, count=count, population=population, expected_cohort=float(cohort), sample_rate=rate,
                 participations=participations, device_level_noise=noise,
                 server_lr=config.server_lr if config.server_lr is not None else config.preset.server_lr,
                 target_epsilon=target)

@@ -32,6 +32,14 @@ class PrivacyMode(str, Enum):
     OFF = "off"
 
 
+class RoundTask(str, Enum):
+    """What a round asks of devices: train the shared side, or count their items (the DP count
+    that selects which items get a trained row, ``attune.shared.selection``)."""
+
+    TRAIN = "train"
+    COUNT = "count"
+
+
 class Loss(str, Enum):
     """The training loss of an event against its sampled negatives."""
 
@@ -111,6 +119,7 @@ class RoundConfig:
     the coordinator's plan, signed and sent with every round; every field is set."""
 
     mode: PrivacyMode = knob(PrivacyMode.DISTRIBUTED, "privacy mode: distributed, local or off")
+    task: RoundTask = knob(RoundTask.TRAIN, "train the shared side, or count the devices' items")
     negatives: int = knob(4, "sampled negative items per event", low=1, high=1000)
     loss: Loss = knob(Loss.BCE, "bce or bpr")
     clip: float = knob(1.0, "L2 bound of one event's gradient on the shared side", above=0.0)

@@ -25,10 +25,11 @@ State = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Param:
-    """One shared parameter: its name on the wire and its shape."""
+    """One shared parameter (or buffer): its name on the wire, its shape and its dtype."""
 
     name: str
     shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
 
     @property
     def size(self) -> int:
@@ -42,18 +43,26 @@ class Param:
 
 @dataclass(frozen=True)
 class Layout:
-    """The shared parameters in their flat order."""
+    """The shared parameters in their flat order (what devices train and contribute to), and the
+    buffers sent and signed with them that nobody trains (which items have rows, say)."""
 
     params: tuple[Param, ...]
+    buffers: tuple[Param, ...] = ()
 
     def __post_init__(self) -> None:
-        names = [p.name for p in self.params]
+        names = [p.name for p in (*self.params, *self.buffers)]
         if len(set(names)) != len(names):
             raise ValueError(f"parameter names repeat: {names}")
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The trained parameters."""
         return tuple(p.name for p in self.params)
+
+    @property
+    def sent(self) -> tuple[str, ...]:
+        """Everything a round sends: the parameters, then the buffers."""
+        return tuple(p.name for p in (*self.params, *self.buffers))
 
     @property
     def size(self) -> int:
@@ -84,23 +93,23 @@ class Layout:
         return out
 
     def check(self, arrays: Mapping[str, np.ndarray | torch.Tensor]) -> State:
-        """Received parameters as float32 tensors, or ``ModelMismatchError`` naming every
+        """Received parameters and buffers as tensors, or ``ModelMismatchError`` naming every
         difference: missing or extra names, shapes, dtypes, non-finite values."""
         problems = []
-        if missing := sorted(set(self.names) - set(arrays)):
+        if missing := sorted(set(self.sent) - set(arrays)):
             problems.append(f"missing {', '.join(missing)}")
-        if extra := sorted(set(arrays) - set(self.names)):
+        if extra := sorted(set(arrays) - set(self.sent)):
             problems.append(f"unexpected {', '.join(extra)}")
         state: State = {}
-        for p in self.params:
+        for p in (*self.params, *self.buffers):
             if p.name not in arrays:
                 continue
             value = arrays[p.name]
             tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
             if tuple(tensor.shape) != p.shape:
                 problems.append(f"{p.name} has shape {tuple(tensor.shape)}, expected {p.shape}")
-            elif tensor.dtype != torch.float32:
-                problems.append(f"{p.name} has dtype {tensor.dtype}, expected torch.float32")
+            elif tensor.dtype != p.dtype:
+                problems.append(f"{p.name} has dtype {tensor.dtype}, expected {p.dtype}")
             elif not bool(torch.isfinite(tensor).all()):
                 problems.append(f"{p.name} has non-finite values")
             else:

@@ -33,20 +33,27 @@ from dataclasses import replace
 import torch
 
 from attune.shared.accounting import Entry, calibrate, distributed_tau
-from attune.shared.config import RoundConfig
+from attune.shared.config import RoundConfig, RoundTask
 from attune.shared.errors import ConfigError
-from attune.shared.layout import rounding_bound
+from attune.shared.layout import Layout, rounding_bound
 from attune.shared.model import ModelConfig, shared_model
 from attune.shared.randomness import Stream, discrete_gaussian
+from attune.shared.selection import COUNT_SHAPE, count_layout
 
 # Opacus adds this to norms before dividing (optimizers/optimizer.py); kept identical so Attune's
 # closed-form clipping and Opacus's reference per-sample path clip by exactly the same factor.
 NORM_EPS = 1e-6
 
 
-def contribution_dim(model: ModelConfig) -> int:
-    """Length of a contribution: the model's shared parameters flattened in layout order."""
-    return shared_model(model).layout.size
+def layout_of(model: ModelConfig, task: RoundTask = RoundTask.TRAIN) -> Layout:
+    """What a round's contribution covers: the model's trained parameters, or in a count round
+    one count per catalog item (``attune.shared.selection``)."""
+    return count_layout(model.num_items) if task is RoundTask.COUNT else shared_model(model).layout
+
+
+def contribution_dim(model: ModelConfig, task: RoundTask = RoundTask.TRAIN) -> int:
+    """Length of a contribution: its layout flattened."""
+    return layout_of(model, task).size
 
 
 def units(config: RoundConfig) -> float:
@@ -58,13 +65,15 @@ def event_rounding(model: ModelConfig, config: RoundConfig) -> float:
     """Bound on the L2 norm of one event's rounding error, in units: half a unit on every number
     of every part its gradient touches (``EventShape``: for the embedding model, the ``dim + 1``
     numbers of each of its ``1 + negatives`` items, and the context block)."""
+    if config.task is RoundTask.COUNT:
+        return rounding_bound(layout_of(model, config.task), COUNT_SHAPE)
     shared = shared_model(model)
     return rounding_bound(shared.layout, shared.event_shape(config.negatives))
 
 
 def sensitivity(model: ModelConfig, config: RoundConfig) -> float:
     """L2 change of a device's released vector (before noise) when one event is added or removed."""
-    return 2.0**config.quantum_bits + event_rounding(model, config) + math.sqrt(contribution_dim(model))
+    return 2.0**config.quantum_bits + event_rounding(model, config) + math.sqrt(contribution_dim(model, config.task))
 
 
 def user_sensitivity(model: ModelConfig, config: RoundConfig) -> float:
@@ -89,7 +98,7 @@ def round_entries(model: ModelConfig, config: RoundConfig, refresh: bool) -> lis
     honest = config.honest_shares
     entries = [Entry("discrete-gaussian-sum", z=config.noise_multiplier * 2.0**config.quantum_bits
                      / sensitivity(model, config),
-                     tau=distributed_tau(share_std(config), honest), dim=contribution_dim(model))]
+                     tau=distributed_tau(share_std(config), honest), dim=contribution_dim(model, config.task))]
     if refresh and config.user_steps:
         entries.append(user_entry(model, config))
     return entries
@@ -108,7 +117,7 @@ def local_entries(model: ModelConfig, config: RoundConfig, refresh: bool) -> lis
     if not config.private:
         return []
     entries = [Entry("discrete-gaussian-sum", z=share_std(config) / sensitivity(model, config),
-                     dim=contribution_dim(model))]
+                     dim=contribution_dim(model, config.task))]
     if refresh and config.user_steps:
         entries.append(user_entry(model, config))
     return entries
@@ -154,13 +163,17 @@ def dequantize(total: torch.Tensor, config: RoundConfig) -> torch.Tensor:
 
 
 def planned_entries(model: ModelConfig, config: RoundConfig, participations: int, *,
-                    local: bool = False) -> list[Entry]:
-    """The ledger of a device that joins ``participations`` rounds (what noise is planned for);
-    ``local``: what its own contributions alone reveal (``local_entries``)."""
-    if not config.private or participations == 0:
+                    local: bool = False, count: RoundConfig | None = None, counts: int = 1) -> list[Entry]:
+    """The ledger of a device that joins ``counts`` count rounds ``count`` (if any) and
+    ``participations`` training rounds (what noise is planned for); ``local``: what its own
+    contributions alone reveal (``local_entries``)."""
+    if not config.private:
         return []
-    first = (local_entries if local else round_entries)(model, config, refresh=False)
-    entries = [entry.times(participations) for entry in first]
+    release = local_entries if local else round_entries
+    entries = [e.times(counts) for e in release(model, count, refresh=False)] if count is not None and counts else []
+    if participations == 0:
+        return entries
+    entries += [entry.times(participations) for entry in release(model, config, refresh=False)]
     refreshes = config.refreshes(participations)
     if refreshes:
         entry = user_entry(model, config)
@@ -168,22 +181,29 @@ def planned_entries(model: ModelConfig, config: RoundConfig, participations: int
     return entries
 
 
-def calibrated(model: ModelConfig, config: RoundConfig, *, epsilon: float, delta: float,
-               participations: int, user_share: float) -> RoundConfig:
-    """``config`` with both noise multipliers set so that ``participations`` rounds spend
-    ``epsilon``: the user-vector refreshes get ``user_share`` of the zCDP budget, the released
+def calibrated(model: ModelConfig, config: RoundConfig, *, epsilon: float, delta: float, participations: int,
+               user_share: float, count: RoundConfig | None = None,
+               count_share: float = 0.0) -> tuple[RoundConfig, RoundConfig | None]:
+    """``config`` (and the count round ``count``) with their noise multipliers set so that the
+    count round and ``participations`` training rounds spend ``epsilon``: in zCDP terms the
+    user-vector refreshes get ``user_share`` of the budget, the count ``count_share``, the released
     sums the rest (one common scale, solved by bisection against the ledger)."""
     if not config.private:
-        return config
-    if not 0 <= user_share < 1:
-        raise ConfigError(f"user_share must be in [0, 1), got {user_share}")
+        return config, count
     refresh_steps = config.refreshes(participations) * config.user_steps
-    share = user_share if refresh_steps else 0.0
+    user = user_share if refresh_steps else 0.0
+    counted = count_share if count is not None else 0.0
+    if not (0 <= user and 0 <= counted and user + counted < 1):
+        raise ConfigError(f"user_share and count_share must be >= 0 and leave a share for training, got "
+                          f"{user_share} and {count_share}")
 
-    def at(scale: float) -> RoundConfig:
-        item = scale * math.sqrt(participations / (2 * (1 - share)))
-        user = scale * math.sqrt(refresh_steps / (2 * share)) if share else config.user_noise_multiplier
-        return replace(config, noise_multiplier=item, user_noise_multiplier=user)
+    def at(scale: float) -> tuple[RoundConfig, RoundConfig | None]:
+        item = scale * math.sqrt(participations / (2 * (1 - user - counted)))
+        user_noise = scale * math.sqrt(refresh_steps / (2 * user)) if user else config.user_noise_multiplier
+        counting = None if count is None else replace(
+            count, noise_multiplier=scale * math.sqrt(1 / (2 * counted)) if counted else count.noise_multiplier,
+            user_noise_multiplier=user_noise)
+        return replace(config, noise_multiplier=item, user_noise_multiplier=user_noise), counting
 
-    scale = calibrate(lambda s: planned_entries(model, at(s), participations), epsilon, delta)
+    scale = calibrate(lambda s: planned_entries(model, at(s)[0], participations, count=at(s)[1]), epsilon, delta)
     return at(scale)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from attune.shared.config import knob, validate
-from attune.shared.errors import ConfigError
+from attune.shared.errors import ConfigError, ModelMismatchError
 from attune.shared.layout import (
     Dense,
     DenseGradient,
@@ -38,6 +38,7 @@ from attune.shared.layout import (
     RowsGradient,
     State,
 )
+from attune.shared.selection import Selection
 
 MODEL_VERSION = 2
 # Context features: hour of day and weekday on the unit circle, then a one-hot event type.
@@ -53,10 +54,13 @@ class ModelConfig:
     without, at epsilon 8)."""
 
     num_items: int = knob(4096, "rows of the item table (the dataset sets it in simulations)", low=2)
-    dim: int = knob(16, "size of item and user vectors", low=1, high=4096)
+    dim: int = knob(8, "size of item and user vectors", low=1, high=4096)
     num_event_types: int = knob(5, "event types in the context features", low=0)
     use_context: bool = knob(False, "train the context encoder (hour, weekday, event type)")
     architecture: str = knob("embedding", "the model class (attune.shared.model.register)")
+    trained_items: int = knob(4096, "at most this many items get a trained row, the most counted by a DP count; "
+                              "the others rank by their noisy popularity (0: every item has a row, no count)",
+                              low=0)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -69,6 +73,11 @@ class ModelConfig:
     @property
     def context_features(self) -> int:
         return TIME_FEATURES + self.num_event_types
+
+    @property
+    def rows(self) -> int:
+        """Trained rows of the item table: ``trained_items`` at most, the catalog at most."""
+        return min(self.trained_items, self.num_items) if self.trained_items else self.num_items
 
 
 def dot_scores(query: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -119,6 +128,24 @@ class SharedModel(ABC):
         vectors, bias = self.item_side(state, items)
         return dot_scores(query, vectors, bias)
 
+    def check(self, state: State) -> None:
+        """Refuse a received state whose values this model cannot use (``ModelMismatchError``);
+        the layout has checked names, shapes, dtypes and finiteness."""
+        return None
+
+    def negative_pool(self, state: State) -> torch.Tensor | None:
+        """The items negatives are drawn from (``None``: the whole catalog)."""
+        return None
+
+    @property
+    def counts_items(self) -> bool:
+        """Whether a run of this model starts with a count round (``attune.shared.selection``)."""
+        return False
+
+    def adopt(self, state: State, selection: Selection) -> State:
+        """``state`` once a count round chose which items get rows (models with ``trained_items``)."""
+        raise ConfigError(f"the {self.config.architecture} model has no trained_items to select")
+
     def all_items(self, state: State) -> tuple[torch.Tensor, torch.Tensor]:
         """Every item's vector ``[num_items, dim]`` and bias ``[num_items]``."""
         return self.item_side(state, torch.arange(self.config.num_items))
@@ -155,35 +182,93 @@ def shared_model(config: ModelConfig) -> SharedModel:
 ITEM_EMBEDDING = "item_embedding.weight"
 ITEM_BIAS = "item_bias.weight"
 CONTEXT_ENCODER = "context_encoder.weight"
+ROW_ITEMS = "row_items"  # buffer: the catalog item of each trained row (-1: none)
+ITEM_PRIOR = "item_prior"  # buffer: the score of every item without a row (its noisy popularity)
 
 
 @register("embedding")
 class EmbeddingModel(SharedModel):
     """A learned row and bias per item, and a bias-free linear context encoder when ``use_context``.
 
-    One event's gradient on the shared side: for each of its ``1 + negatives`` items ``i`` the row
-    ``g_i * [q, 1]`` (embedding and bias), and ``(sum_i g_i v_i) c^T`` on the context encoder.
+    With ``trained_items = K > 0`` only ``K`` rows are trained: the items a DP count selected
+    (``attune.shared.selection``), named by the buffer ``row_items``; every other item scores its
+    ``item_prior`` (its noisy popularity) with no vector. Rows then cost ``K``, not the catalog.
+
+    One event's gradient on the shared side: for each of its ``1 + negatives`` items ``i`` that has
+    a row, the row ``g_i * [q, 1]`` (embedding and bias), and ``(sum_i g_i v_i) c^T`` on the
+    context encoder.
     """
 
     ROWS = (ITEM_EMBEDDING, ITEM_BIAS)
 
+    @property
+    def rows(self) -> int:
+        return self.config.rows
+
+    @property
+    def counts_items(self) -> bool:
+        return bool(self.config.trained_items)
+
     @staticmethod
     def shared_layout(config: ModelConfig) -> Layout:
-        params = [Param(ITEM_EMBEDDING, (config.num_items, config.dim)), Param(ITEM_BIAS, (config.num_items, 1))]
+        rows = config.rows
+        params = [Param(ITEM_EMBEDDING, (rows, config.dim)), Param(ITEM_BIAS, (rows, 1))]
         if config.use_context:
             params.append(Param(CONTEXT_ENCODER, (config.dim, config.context_features)))
-        return Layout(tuple(params))
+        buffers = () if not config.trained_items else (
+            Param(ROW_ITEMS, (rows,), torch.int64), Param(ITEM_PRIOR, (config.num_items,)))
+        return Layout(tuple(params), buffers)
 
     def init_state(self, generator: torch.Generator) -> State:
         config = self.config
-        rows = torch.empty(config.num_items, config.dim).normal_(0.0, config.dim**-0.5, generator=generator)
-        state = {ITEM_EMBEDDING: rows, ITEM_BIAS: torch.zeros(config.num_items, 1)}
+        rows = torch.empty(self.rows, config.dim).normal_(0.0, config.dim**-0.5, generator=generator)
+        state = {ITEM_EMBEDDING: rows, ITEM_BIAS: torch.zeros(self.rows, 1)}
         if config.use_context:
             state[CONTEXT_ENCODER] = torch.zeros(config.dim, config.context_features)
+        if config.trained_items:  # no row is anyone's until a count selects them
+            state[ROW_ITEMS] = torch.full((self.rows,), -1, dtype=torch.long)
+            state[ITEM_PRIOR] = torch.zeros(config.num_items)
         return state
 
+    def check(self, state: State) -> None:
+        if not self.config.trained_items:
+            return
+        items = state[ROW_ITEMS]
+        named = items[items >= 0]
+        if bool((items < -1).any()) or bool((items >= self.config.num_items).any()) \
+                or named.unique().numel() != named.numel():
+            raise ModelMismatchError(f"{ROW_ITEMS} must hold distinct items in 0..{self.config.num_items - 1} or -1")
+
+    def row_of(self, state: State, items: torch.Tensor) -> torch.Tensor:
+        """The row of each item (``-1``: it has none)."""
+        if not self.config.trained_items:
+            return items
+        owners = state[ROW_ITEMS]
+        rows = torch.full((self.config.num_items,), -1, dtype=torch.long)
+        named = owners >= 0
+        rows[owners[named]] = torch.arange(len(owners))[named]
+        return rows[items]
+
+    def adopt(self, state: State, selection: Selection) -> State:
+        """Rows for the selected items, every item's prior, each row's bias started at its item's."""
+        named = selection.row_items >= 0
+        bias = torch.where(named, selection.prior[selection.row_items.clamp(min=0)], 0.0).unsqueeze(1)
+        return state | {ROW_ITEMS: selection.row_items, ITEM_PRIOR: selection.prior, ITEM_BIAS: bias.float()}
+
+    def negative_pool(self, state: State) -> torch.Tensor | None:
+        if not self.config.trained_items:
+            return None
+        owners = state[ROW_ITEMS]
+        return owners[owners >= 0]
+
     def item_side(self, state: State, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return state[ITEM_EMBEDDING].float()[items], state[ITEM_BIAS].float()[items, 0]
+        if not self.config.trained_items:
+            return state[ITEM_EMBEDDING].float()[items], state[ITEM_BIAS].float()[items, 0]
+        rows = self.row_of(state, items)
+        has = rows >= 0
+        at = rows.clamp(min=0)
+        vectors = state[ITEM_EMBEDDING].float()[at] * has.unsqueeze(-1)
+        return vectors, torch.where(has, state[ITEM_BIAS].float()[at, 0], state[ITEM_PRIOR].float()[items])
 
     def query(self, state: State, users: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         if context is None or not self.config.use_context:
@@ -197,12 +282,15 @@ class EmbeddingModel(SharedModel):
     def event_gradients(self, state: State, query: torch.Tensor, items: torch.Tensor, logit_grads: torch.Tensor,
                         context: torch.Tensor | None) -> EventGradients:
         ones = torch.ones(query.shape[0], 1, dtype=query.dtype)
-        rows = logit_grads.unsqueeze(2) * torch.cat([query, ones], dim=1).unsqueeze(1)  # [b, m, d + 1]
-        parts: list[RowsGradient | DenseGradient] = [RowsGradient(self.event_shape(0)[0], items, rows)]  # type: ignore[arg-type]
+        rows = self.row_of(state, items)
+        has = (rows >= 0).to(query.dtype)
+        values = (logit_grads * has).unsqueeze(2) * torch.cat([query, ones], dim=1).unsqueeze(1)  # [b, m, d + 1]
+        parts: list[RowsGradient | DenseGradient] = [
+            RowsGradient(Rows(self.ROWS, items.shape[1]), rows.clamp(min=0), values)]
         if self.config.use_context:
             if context is None:  # events without context features (a device with none): no encoder gradient
                 context = torch.zeros(len(items), self.config.context_features)
-            vectors = state[ITEM_EMBEDDING].float()[items]
+            vectors = self.item_side(state, items)[0]
             query_grads = torch.bmm(logit_grads.unsqueeze(1), vectors).squeeze(1)  # [b, d]
             outer = (query_grads.unsqueeze(2) * context.unsqueeze(1)).flatten(1)
             parts.append(DenseGradient(Dense(CONTEXT_ENCODER), outer))

@@ -109,29 +109,38 @@ def discrete_gaussian(streams: list[Stream], count: int, sigma: float) -> torch.
     """``count`` integers per stream with ``P(x) ~ exp(-x^2 / (2 sigma^2))`` (long
     ``[streams, count]``), by Canonne-Kamath-Steinke rejection from the discrete Laplace of scale
     ``t = floor(sigma) + 1``. Each row is drawn from its own stream alone, in the same order
-    whether one stream or many are given; coordinates go in chunks of ``_NOISE_CHUNK`` so the
-    working memory stays small whatever the model's size."""
+    whether one stream or many are given, in chunks of ``_NOISE_CHUNK`` so the working memory
+    stays small whatever the model's size."""
     out = torch.zeros(len(streams), count, dtype=torch.long)
     if sigma <= 0 or count == 0:
         return out
-    for start in range(0, count, _NOISE_CHUNK):
-        stop = min(count, start + _NOISE_CHUNK)
-        out[:, start:stop] = _discrete_gaussian_chunk(streams, stop - start, sigma)
+    rows = out.numpy()
+    for k, stream in enumerate(streams):
+        for start in range(0, count, _NOISE_CHUNK):
+            stop = min(count, start + _NOISE_CHUNK)
+            _discrete_gaussian_into(stream, rows[k, start:stop], sigma)
     return out
 
 
-def _discrete_gaussian_chunk(streams: list[Stream], count: int, sigma: float) -> torch.Tensor:
-    out = torch.zeros(len(streams) * count, dtype=torch.long)
+def _discrete_gaussian_into(stream: Stream, out: np.ndarray, sigma: float) -> None:
+    """Fill ``out`` (int64) with discrete Gaussian draws: candidates in batches, each from two
+    64-bit words (a 53-bit uniform for the geometric magnitude, whose lowest bit, unused by that
+    uniform, is the sign; a 53-bit uniform for the acceptance test); accepted ones fill ``out``
+    in order, so the draws are i.i.d. whatever the batch size."""
     t = math.floor(sigma) + 1
-    pending = torch.arange(len(streams) * count)  # flat positions still to draw, row by row
-    while pending.numel():
-        per_row = torch.bincount(pending // count, minlength=len(streams)).tolist()
-        u = torch.cat([streams[k].uniform(3 * n).view(3, n) for k, n in enumerate(per_row) if n], dim=1)
-        magnitude = torch.floor(-t * torch.log(u[0]))  # geometric: P(G >= k) = exp(-k / t)
-        negative = u[1] < 0.5
-        laplace = torch.where(negative, -magnitude, magnitude)
-        valid = ~(negative & (magnitude == 0))  # (-, 0) would count zero twice
-        accept = valid & (u[2] < torch.exp(-((laplace.abs() - sigma**2 / t) ** 2) / (2 * sigma**2)))
-        out[pending[accept]] = laplace[accept].long()
-        pending = pending[~accept]
-    return out.view(len(streams), count)
+    shift, spread = sigma**2 / t, 2 * sigma**2
+    filled, size = 0, out.shape[0]
+    oversample = 1.4 if sigma > 2 else 2.5  # about 0.76 of candidates are accepted at large sigma, 0.43 at 0.7
+    while filled < size:
+        candidates = int((size - filled) * oversample) + 16
+        words = stream.words(2 * candidates).reshape(2, candidates)
+        first = (np.right_shift(words[0], np.uint64(11)) + 0.5) * 2.0**-53
+        magnitude = np.floor(-t * np.log(first))  # geometric: P(G >= k) = exp(-k / t)
+        negative = (words[0] & np.uint64(1)).astype(bool)
+        second = (np.right_shift(words[1], np.uint64(11)) + 0.5) * 2.0**-53
+        keep = ~(negative & (magnitude == 0))  # (-, 0) would count zero twice
+        keep &= second < np.exp(-((magnitude - shift) ** 2) / spread)
+        drawn = np.where(negative, -magnitude, magnitude)[keep]
+        take = min(drawn.shape[0], size - filled)
+        out[filled:filled + take] = drawn[:take]
+        filled += take

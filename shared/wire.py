@@ -40,7 +40,10 @@ def check_global_state(
     """
     if version != MODEL_VERSION:
         raise ModelMismatchError(f"model version {version!r} received, this code speaks {MODEL_VERSION}")
-    return shared_model(config).layout.check(arrays)
+    model = shared_model(config)
+    state = model.layout.check(arrays)
+    model.check(state)
+    return state
 
 
 def _items_of(config: object) -> dict[str, Scalar]:
@@ -102,7 +105,7 @@ class RoundRequest:
                 DEVICE_LEVEL_DELTA: float(self.device_level_delta)}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {name: self.state[name].detach().cpu().numpy() for name in shared_model(self.model).layout.names}
+        return {name: self.state[name].detach().cpu().numpy() for name in shared_model(self.model).layout.sent}
 
     @classmethod
     def parse(cls, arrays: Mapping[str, np.ndarray], items: Mapping[str, object]) -> RoundRequest:
@@ -131,7 +134,7 @@ def contribution_bound(model: ModelConfig, config: RoundConfig, devices: int = 1
     bounded by ``device_bound`` plus its rounding, and ``devices`` noise shares of std ``s`` have
     norm at most ``s * sqrt(devices) * (sqrt(dim) + 6)`` but with probability below 1e-7
     (Laurent and Massart 2000). In units when private, in gradient units when not."""
-    dim = contribution_dim(model)
+    dim = contribution_dim(model, config.task)
     if not config.private:
         return devices * config.device_norm * config.clip * (1 + 1e-9)
     noise = share_std(config) * math.sqrt(devices) * (math.sqrt(dim) + 6.0)
@@ -144,7 +147,7 @@ def check_contribution(vector: np.ndarray | torch.Tensor, model: ModelConfig, co
     (int64 units when private, float64 when not), finite values, norm within what honest devices
     can produce. Raises ``ModelMismatchError`` saying what is wrong."""
     tensor = torch.from_numpy(np.asarray(vector)) if not isinstance(vector, torch.Tensor) else vector
-    dim = contribution_dim(model)
+    dim = contribution_dim(model, config.task)
     dtype = torch.long if config.private else torch.float64
     if tuple(tensor.shape) != (dim,):
         raise ModelMismatchError(f"contribution has shape {tuple(tensor.shape)}, expected ({dim},)")

@@ -100,7 +100,7 @@ def audit(log: EventLog, split: Split, *, noise_multiplier: float | None, dim: i
     """One round on every device of ``log``, half of them with their canary; the audit's result."""
     torch.set_num_threads(1)
     rng = np.random.default_rng(seed)
-    model = ModelConfig(num_items=log.num_items, dim=dim, use_context=False)
+    model = ModelConfig(num_items=log.num_items, dim=dim, use_context=False, trained_items=0)  # a row per item
     config = preset("off", negatives=1) if noise_multiplier is None else preset(
         "local", negatives=1, noise_multiplier=noise_multiplier, user_noise_multiplier=noise_multiplier)
     state = shared_model(model).init_state(torch.Generator().manual_seed(seed))

@@ -23,7 +23,7 @@ from attune.client.policy import PrivacyConfig, refusal
 from attune.client.training import Cohort, initial_user_vector, train_round
 from attune.server.coordinator import Collected
 from attune.shared.accounting import epsilon_of
-from attune.shared.config import PrivacyMode, RoundConfig
+from attune.shared.config import PrivacyMode, RoundConfig, RoundTask
 from attune.shared.errors import ConfigError
 from attune.shared.events import EVENT_TYPES, EVENT_WEIGHTS, context_matrix, nearest_event_types
 from attune.shared.mechanism import planned_entries, share_std
@@ -54,11 +54,13 @@ def device_cohort(log: EventLog, split: Split, use_context: bool) -> Cohort:
 @dataclass
 class Devices:
     """Every simulated device's state: its DP user vector (``None`` before its first round) and
-    the rounds it joined. One round config per run, so its ledger is ``joined`` planned rounds."""
+    the rounds it joined. One training and one count config per run, so its ledger is ``counted``
+    count rounds and ``joined`` training rounds as planned."""
 
     users: torch.Tensor  # [devices, dim]
     started: torch.Tensor  # bool [devices]
-    joined: torch.Tensor  # long [devices]
+    joined: torch.Tensor  # long [devices]: training rounds
+    counted: torch.Tensor  # long [devices]: count rounds
 
 
 class InProcessTransport:
@@ -73,6 +75,7 @@ class InProcessTransport:
         self.cohort, self.seed, self.privacy = cohort, seed, privacy
         self.availability, self.noise = availability, noise
         self.devices_state: Devices | None = None
+        self.count_config: RoundConfig | None = None  # the run's count round, once seen
 
     def devices(self) -> list[int]:
         return list(range(len(self.cohort)))
@@ -81,11 +84,13 @@ class InProcessTransport:
         if self.devices_state is None:
             count = len(self.cohort)
             self.devices_state = Devices(torch.zeros(count, dim), torch.zeros(count, dtype=torch.bool),
-                                         torch.zeros(count, dtype=torch.long))
+                                         torch.zeros(count, dtype=torch.long), torch.zeros(count, dtype=torch.long))
         return self.devices_state
 
-    def spent(self, request: RoundRequest, joined: int) -> float:
-        return epsilon_of(planned_entries(request.model, request.config, joined), self.privacy.delta)
+    def spent(self, request: RoundRequest, joined: int, counted: int) -> float:
+        """What a device that joined ``joined`` training and ``counted`` count rounds has spent."""
+        return epsilon_of(planned_entries(request.model, request.config, joined, count=self.count_config,
+                                          counts=counted), self.privacy.delta)
 
     def collect(self, request: RoundRequest, cohort: list[int], min_survivors: int) -> Collected:
         state = self._state(request.model.dim)
@@ -94,10 +99,13 @@ class InProcessTransport:
             flags = bernoulli(Stream.seeded_from(self.seed, "availability", request.round), len(cohort),
                               self.availability)
             online = [d for d, up in zip(cohort, flags.tolist(), strict=True) if up]
+        if request.config.task is RoundTask.COUNT:
+            self.count_config = request.config
         declined = refusal(request, self.privacy, consented=True, paused=False)  # same for every device
-        joined = state.joined[online].tolist()  # a budget check depends only on this count: once per count
-        admits = {} if declined else {count: self._admits(request, count) for count in set(joined)}
-        admitted = [d for d, count in zip(online, joined, strict=True) if admits.get(count, False)]
+        # a budget check depends only on these counts: once per pair
+        joined = list(zip(state.joined[online].tolist(), state.counted[online].tolist(), strict=True))
+        admits = {} if declined else {pair: self._admits(request, *pair) for pair in set(joined)}
+        admitted = [d for d, pair in zip(online, joined, strict=True) if admits.get(pair, False)]
         total = None
         for first in range(0, len(admitted), BLOCK):
             block = admitted[first:first + BLOCK]
@@ -111,22 +119,28 @@ class InProcessTransport:
         return Collected(total=total, contributors=admitted, refused=len(online) - len(admitted),
                          failed=len(cohort) - len(online))
 
-    def _admits(self, request: RoundRequest, joined: int) -> bool:
+    def _admits(self, request: RoundRequest, joined: int, counted: int) -> bool:
         """The device's budget check (``EventStore.reserve`` on a phone): would it stay within?"""
         if not request.config.private:
             return True
-        return self.spent(request, joined + 1) <= self.privacy.epsilon_budget * (1 + 1e-9)
+        counting = request.config.task is RoundTask.COUNT
+        after = self.spent(request, joined + (not counting), counted + counting)
+        return after <= self.privacy.epsilon_budget * (1 + 1e-9)
 
     def _run_block(self, request: RoundRequest, block: list[int]) -> torch.Tensor:
         state = self._state(request.model.dim)
         index = torch.tensor(block, dtype=torch.long)
+        cohort = subset(self.cohort, block)
+        streams = [device_stream(self.seed, device, request.round) for device in block]
+        if request.config.task is RoundTask.COUNT:  # nothing trained: the users' vectors play no part
+            state.counted[index] += 1
+            return train_round(request.state, request.model, state.users[index], cohort, request.config, streams,
+                               [False] * len(block), shares=self.noise == "per-device").contributions.sum(dim=0)
         for device in block:  # a device's first round starts from a vector drawn on the device
             if not state.started[device]:
                 state.users[device] = initial_user_vector(request.model.dim,
                                                           device_stream(self.seed, device, "user-init"))
                 state.started[device] = True
-        cohort = subset(self.cohort, block)
-        streams = [device_stream(self.seed, device, request.round) for device in block]
         refresh = [request.config.refresh_due(int(state.joined[d])) for d in block]
         output = train_round(request.state, request.model, state.users[index], cohort, request.config, streams,
                              refresh,

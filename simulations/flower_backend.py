@@ -76,12 +76,12 @@ def _follow(out: Path, run: subprocess.Popen, evaluate_at: set[int], evaluate: E
             if record.round in evaluate_at and not saved.exists():
                 break  # the app saves it just after recording the round
             state: dict[str, torch.Tensor] = {}
-            devices = Devices(torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+            none = torch.zeros(0, dtype=torch.long)
+            devices = Devices(torch.zeros(0), torch.zeros(0, dtype=torch.bool), none, none)
             if record.round in evaluate_at:
                 snapshot = torch.load(saved, weights_only=True)
                 state = snapshot["state"]
-                devices = Devices(users=snapshot["users"], started=snapshot["started"],
-                                  joined=torch.zeros(0, dtype=torch.long))
+                devices = Devices(users=snapshot["users"], started=snapshot["started"], joined=none, counted=none)
                 saved.unlink()
             evaluate(record, state, lambda devices=devices: devices)
             done += 1

@@ -25,7 +25,7 @@ import torch
 
 from attune.client.policy import PrivacyConfig, noise_refusal
 from attune.server.config import ServerConfig
-from attune.server.coordinator import RoundRecord, run
+from attune.server.coordinator import RoundRecord, most_spent, run
 from attune.server.planning import Plan, plan
 from attune.shared.accounting import ACCOUNTANT_NAME, Entry, epsilon_of, ledger_to_json
 from attune.shared.config import PrivacyMode, knob, validate
@@ -225,10 +225,12 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
 
 
 def _fast_ledgers(devices: Devices, server: ServerConfig, run_plan: Plan) -> tuple[list[Entry], list[Entry]]:
-    """The ledger of the device that joined most rounds (every device's is ``joined`` planned rounds)."""
-    most = int(devices.joined.max()) if len(devices.joined) else 0
-    return (planned_entries(server.model, run_plan.round, most),
-            planned_entries(server.model, run_plan.round, most, local=True))
+    """The ledger of the device that joined most rounds (every device's is its count rounds and its
+    ``joined`` training rounds, as planned)."""
+    _, joined, counted = most_spent(server.model, run_plan, dict(enumerate(devices.joined.tolist())),
+                                    dict(enumerate(devices.counted.tolist())), server.delta)
+    return tuple(planned_entries(server.model, run_plan.round, joined, local=local, count=run_plan.count,
+                                 counts=counted) for local in (False, True))  # type: ignore[return-value]
 
 
 def _r(value: float | None) -> float | None:
@@ -256,14 +258,14 @@ def build_results(log: EventLog, split: Split, server: ServerConfig, run_plan: P
                         "sample_rate": run_plan.sample_rate, "rounds": len(progress.history),
                         "history": ledger_to_json([run_plan.device_level_entry().times(len(progress.history))])}
     return {
-        "label": f"DP ({round_config.mode}, event-level)" if private else "NON-PRIVATE: no differential privacy",
+        "label": f"DP ({round_config.mode.value}, event-level)" if private else "NON-PRIVATE: no differential privacy",
         "private": private,
         "dataset": {"name": log.name, "users": log.num_users, "items": log.num_items, "events": len(log)},
         "final": {"hr@10": _r(final.get("hr@10")), "ndcg@10": _r(final.get("ndcg@10"))},
         "baseline": {"popular": {k: _r(v) for k, v in popularity_baseline(log, split).items()}},
         "rounds": rounds,
         "privacy": {
-            "mode": round_config.mode,
+            "mode": round_config.mode.value,
             "statement": statement(round_config.mode),
             "disclosed": DISCLOSED,
             "unit": "event",

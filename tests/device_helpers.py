@@ -11,7 +11,7 @@ from attune.shared.model import ModelConfig, shared_model
 from attune.shared.vocabulary import Vocabulary
 from attune.shared.wire import RoundRequest
 
-MODEL = ModelConfig(num_items=40, dim=4, use_context=True)
+MODEL = ModelConfig(num_items=40, dim=4, use_context=True, trained_items=0)  # a row per item
 VOCAB = Vocabulary.of([f"item{i}" for i in range(40)])
 
 

@@ -31,7 +31,8 @@ def attune(*args: str) -> subprocess.CompletedProcess:
         (["--mode", "off", "--epsilon", "8"], "target_epsilon needs a private mode"),
         (["--backend", "nope"], "unknown backend"),
         (["--devices-per-round", "5000"], "only 150 devices"),
-        (["--rounds", "1"], "every device would refuse this run"),
+        (["--rounds", "2"], "every device would refuse this run"),
+        (["--rounds", "1"], "needs at least 2 rounds: round 1 counts the items"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, message):
@@ -55,10 +56,10 @@ def test_a_diverged_run_says_so_and_exits_non_zero(tmp_path):
 
 
 def test_a_run_writes_its_results_and_one_plain_line_per_round(tmp_path):
-    result = attune("simulate", "--rounds", "2", "--synthetic-users", "30", "--dim", "8", "--out", str(tmp_path / "o"))
+    result = attune("simulate", "--rounds", "3", "--synthetic-users", "30", "--dim", "8", "--out", str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("round ")]
-    assert [line.split(":")[0] for line in lines] == ["round 1/2", "round 2/2"]  # not a terminal: plain lines
+    assert [line.split(":")[0] for line in lines] == ["round 1/3", "round 2/3", "round 3/3"]  # plain lines
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results["privacy"]["mode"] == "distributed" and results["dataset"]["users"] == 30
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from attune.server.config import MODE_PRESETS, ServerConfig, run_config_keys, to_run_config
+from attune.server.config import MODE_PRESETS, ServerConfig, run_config_keys, run_config_toml, to_run_config
 from attune.server.planning import plan
 from attune.shared.config import PRESETS, PrivacyMode
 from attune.shared.errors import ConfigError
@@ -18,6 +18,9 @@ LISTED = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["a
 
 
 def test_pyproject_lists_every_key_with_absent_values_as_blank():
+    table = run_config_toml()
+    assert table.split("\n", 1)[1] in (ROOT / "pyproject.toml").read_text(), (
+        "regenerate pyproject.toml's [tool.flwr.app.config] from attune.server.config.run_config_toml()")
     assert LISTED == to_run_config(ServerConfig())
     assert ServerConfig.parse(LISTED) == ServerConfig()
     for derived in ("min-survivors", "user-every", "noise-multiplier", "server-lr", "target-epsilon"):

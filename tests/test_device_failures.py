@@ -67,13 +67,14 @@ def _config(directory, log, mode, **changes) -> ServerConfig:
     changes = {"min_devices": log.num_users, **changes}
     base = ServerConfig(mode=mode, rounds=1, target_epsilon=2.0, signing_key=directory / "coordinator.pem",
                                noise_seed=3, seed=3, **changes)
-    return replace(base, model=replace(base.model, num_items=log.num_items, dim=4))
+    return replace(base, model=replace(base.model, num_items=log.num_items, dim=4, trained_items=0))
 
 
 def _open(directory, user: int, vocabulary=None) -> Personalizer:
     ids = json.loads((directory / "vocabulary.json").read_text())
     vocabulary = vocabulary or Vocabulary.of(ids)
-    return Personalizer(store_path(directory, user), model=replace(ServerConfig().model, num_items=len(ids), dim=4),
+    model = replace(ServerConfig().model, num_items=len(ids), dim=4, trained_items=0)
+    return Personalizer(store_path(directory, user), model=model,
                         vocabulary=vocabulary, retention=SIMULATION_RETENTION)
 
 

@@ -20,7 +20,7 @@ CLIP = 0.6
 
 def _setup(events: int, context: bool, seed: int):
     g = torch.Generator().manual_seed(seed)
-    model_config = ModelConfig(num_items=13, dim=4, use_context=context)
+    model_config = ModelConfig(num_items=13, dim=4, use_context=context, trained_items=0)
     model = EmbeddingNetwork(model_config, generator=g)
     with torch.no_grad():  # non-trivial context encoder and biases
         model.context_encoder.weight.normal_(0, 0.5, generator=g)

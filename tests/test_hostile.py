@@ -197,7 +197,7 @@ def _hostile(tmp_path, monkeypatch, payload, secure):
     config = ServerConfig(mode="distributed" if secure else "local", rounds=2, min_devices=6, target_epsilon=2.0,
                                  signing_key=tmp_path / "coordinator.pem", noise_seed=8, seed=8,
                                  **({"min_survivor_fraction": 0.8} if secure else {}))
-    config = replace(config, model=replace(config.model, num_items=log.num_items, dim=4))
+    config = replace(config, model=replace(config.model, num_items=log.num_items, dim=4, trained_items=0))
     if secure:
         real = secure_client.run_round
 

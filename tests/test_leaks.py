@@ -19,13 +19,13 @@ import torch
 
 from attune.client.training import Cohort, LocalData, initial_user_vector, train_round
 from attune.shared.accounting import epsilon_of
-from attune.shared.config import preset
+from attune.shared.config import RoundTask, preset
 from attune.shared.mechanism import local_entries, round_entries, units
 from attune.shared.model import ModelConfig, shared_model
 from attune.shared.randomness import Stream, integers
 from attune.shared.records import contribution_content
 
-MODEL = ModelConfig(num_items=200, dim=4, use_context=False)
+MODEL = ModelConfig(num_items=200, dim=4, use_context=False, trained_items=0)
 TRIALS = 1000
 DELTA = 1e-5
 
@@ -103,6 +103,30 @@ def test_event_count_and_canary_leak_no_more_than_the_accounted_epsilon(mode):
     slack = 3 * math.sqrt(0.25 / TRIALS)  # three standard deviations of a held-out accuracy
     for attack, accuracy in seen.items():
         assert accuracy <= _bound(epsilon) + slack, (attack, accuracy, _bound(epsilon))
+
+
+@pytest.mark.parametrize("mode", ["local", "distributed"])
+def test_a_count_round_leaks_no_more_than_its_accounted_epsilon(mode):
+    """The count round releases the most direct trace of an event, its item's count: the canary's
+    own coordinate is the Neyman-Pearson test."""
+    devices = 1 if mode == "local" else 5
+    config = preset(mode, noise_multiplier=4.8, min_survivors=devices, task=RoundTask.COUNT)
+    epsilon = epsilon_of(round_entries(MODEL, config, refresh=False), DELTA)
+    assert 0.8 < epsilon < 1.2
+    small, large, extra = _data(10)
+    user = torch.zeros(1, MODEL.dim)
+    counted = [_rounds(data, config, side, user, devices) for data, side in ((small, "a"), (large, "b"))]
+    untouched = torch.ones(MODEL.num_items, dtype=torch.bool)
+    untouched[small.items] = False
+    untouched[extra] = False
+    statistics = {"canary's count": lambda x: x[:, extra].numpy(), "norm": lambda x: x.norm(dim=1).numpy(),
+                  "spread of untouched counts": lambda x: x[:, untouched].std(dim=1).numpy()}
+    for attack, f in statistics.items():
+        accuracy = _held_out_accuracy(f(counted[0]), f(counted[1]))
+        assert accuracy <= _bound(epsilon) + 3 * math.sqrt(0.25 / TRIALS), (attack, accuracy, _bound(epsilon))
+    weak = preset(mode, noise_multiplier=0.3, min_survivors=devices, task=RoundTask.COUNT)  # control: power
+    seen = [_rounds(data, weak, side, user, devices) for data, side in ((small, "a"), (large, "b"))]
+    assert _held_out_accuracy(seen[0][:, extra].numpy(), seen[1][:, extra].numpy()) > _bound(epsilon) + 0.1
 
 
 def test_each_share_alone_leaks_no_more_than_epsilon_local():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attune.client.training import Cohort, LocalData, _refresh_users, train_round
-from attune.shared.config import preset
+from attune.shared.config import RoundTask, preset
 from attune.shared.mechanism import (
     add_noise_shares,
     contribution_dim,
@@ -21,11 +21,12 @@ from attune.shared.mechanism import (
 )
 from attune.shared.model import ModelConfig, shared_model
 from attune.shared.randomness import Stream
+from attune.shared.selection import select
 
 
-def _pair(n: int, seed: int, context: bool):
+def _pair(n: int, seed: int, context: bool, trained_items: int = 0):
     g = torch.Generator().manual_seed(seed)
-    model = ModelConfig(num_items=40, dim=5, use_context=context)
+    model = ModelConfig(num_items=40, dim=5, use_context=context, trained_items=trained_items)
     items = torch.randint(0, 40, (n + 1,), generator=g)
     weights = torch.rand(n + 1, generator=g) * 3 + 0.5
     features = torch.rand(n + 1, model.context_features, generator=g) if context else None
@@ -34,18 +35,33 @@ def _pair(n: int, seed: int, context: bool):
     return model, small, large
 
 
+def _selected(model: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """A state whose rows went to 12 of the 40 items (the rest rank by their prior)."""
+    shared = shared_model(model)
+    counts = torch.rand(model.num_items, generator=torch.Generator().manual_seed(seed)) * 30
+    return shared.adopt(shared.init_state(torch.Generator().manual_seed(seed)),
+                        select(counts, model.rows, min_count=3.0, negatives=2))
+
+
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("norm", [1e6, 3.0])
-def test_one_more_event_moves_a_contribution_by_at_most_the_sensitivity(seed, norm):
-    model, small, large = _pair(n=5 + seed * 7, seed=seed, context=seed % 2 == 0)
-    state = shared_model(model).init_state(torch.Generator().manual_seed(seed))
-    config = preset("local", negatives=1 + seed % 4, device_norm=norm, quantum_bits=8 + seed % 8, clip=0.5)
+@pytest.mark.parametrize("kind", ["a row per item", "selected rows", "count round"])
+def test_one_more_event_moves_a_contribution_by_at_most_the_sensitivity(seed, norm, kind):
+    model, small, large = _pair(n=5 + seed * 7, seed=seed, context=seed % 2 == 0,
+                                trained_items=0 if kind == "a row per item" else 12)
+    state = _selected(model, seed) if model.trained_items else shared_model(model).init_state(
+        torch.Generator().manual_seed(seed))
+    config = preset("local", negatives=1 + seed % 4, device_norm=norm, quantum_bits=8 + seed % 8, clip=0.5,
+                    task=RoundTask.COUNT if kind == "count round" else RoundTask.TRAIN)
     user = torch.randn(1, 5, generator=torch.Generator().manual_seed(100 + seed)) * 3
     released = [train_round(state, model, user, Cohort.of([data]), config, [Stream.seeded_from(seed, "s")], [False],
                             shares=False).contributions[0] for data in (small, large)]
     moved = float((released[1] - released[0]).double().norm())
     assert 0 < moved <= sensitivity(model, config)
-    assert float(released[1].double().norm()) <= device_bound(config) + math.sqrt(contribution_dim(model)) / 2
+    rounding = math.sqrt(contribution_dim(model, config.task)) / 2
+    assert float(released[1].double().norm()) <= device_bound(config) + rounding
+    if kind == "count round" and norm > 1e5:  # unprojected, one event moves exactly its item's count by one clip
+        assert released[1].shape == (40,) and moved == pytest.approx(2.0**config.quantum_bits, abs=1)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -82,10 +98,20 @@ def test_noise_shares_have_the_planned_std_and_sum_to_the_full_noise():
 
 
 def test_planned_ledger_adds_up_the_rounds_and_refreshes():
-    model = ModelConfig(num_items=40, dim=5, use_context=False)
+    model = ModelConfig(num_items=40, dim=5, use_context=False, trained_items=0)
     config = preset("distributed", min_survivors=10, user_every=3, noise_multiplier=4.0, user_noise_multiplier=3.0)
     rounds = [round_entries(model, config, config.refresh_due(k)) for k in range(7)]
     flat = [entry for entries in rounds for entry in entries]
     planned = planned_entries(model, config, 7)
     assert sum(e.count for e in planned if e.dim == model.dim) == sum(e.count for e in flat if e.dim == model.dim) == 6
     assert sum(e.count for e in planned if e.dim != model.dim) == 7
+
+
+def test_a_planned_ledger_holds_the_count_round_once():
+    model = ModelConfig(num_items=40, dim=5, use_context=False)
+    config = preset("distributed", min_survivors=10, user_every=3, noise_multiplier=4.0, user_noise_multiplier=3.0)
+    count = preset("distributed", min_survivors=10, noise_multiplier=2.0, task=RoundTask.COUNT)
+    planned = planned_entries(model, config, 7, count=count)
+    (counting,) = [e for e in planned if e.dim == model.num_items]  # one number per catalog item
+    assert counting.count == 1 and counting.z == pytest.approx(2.0 * 2**16 / sensitivity(model, count))
+    assert planned[1:] == planned_entries(model, config, 7)

@@ -15,7 +15,7 @@ from attune.shared.metrics import intra_list_diversity
 from attune.shared.model import ModelConfig, shared_model
 from attune.shared.vocabulary import Vocabulary
 
-MODEL = ModelConfig(num_items=40, dim=4)
+MODEL = ModelConfig(num_items=40, dim=4, trained_items=0)
 VOCAB = Vocabulary.of([f"item{i}" for i in range(40)])
 
 

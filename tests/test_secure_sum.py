@@ -74,7 +74,7 @@ def test_any_threshold_shares_recover_the_secret_and_fewer_do_not(threshold, num
 
 
 def test_the_cohort_is_capped_so_the_sum_cannot_wrap():
-    model = ModelConfig(num_items=1682, dim=16, use_context=False)
+    model = ModelConfig(num_items=1682, dim=16, use_context=False, trained_items=0)
     config = preset("distributed", noise_multiplier=8.0, min_survivors=800)
     limit = secure_sum.max_cohort(model, config)
     assert 1000 < limit < 10**6
@@ -86,7 +86,8 @@ def _config(directory, log, **changes):
     base = ServerConfig(mode="distributed", rounds=2, min_devices=log.num_users, target_epsilon=2.0,
                                signing_key=directory / "coordinator.pem", noise_seed=3, seed=3,
                                min_survivor_fraction=0.8)
-    return replace(base, model=replace(base.model, num_items=log.num_items, dim=4, use_context=False), **changes)
+    return replace(base, model=replace(base.model, num_items=log.num_items, dim=4, use_context=False, trained_items=0),
+                   **changes)
 
 
 def test_secagg_releases_exactly_the_sum_the_in_process_backend_computes(tmp_path):

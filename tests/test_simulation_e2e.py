@@ -20,13 +20,13 @@ def test_the_demo_settings_beat_popularity_by_a_quarter(tmp_path):
 
 @pytest.mark.slow
 def test_a_flower_run_with_secure_aggregation_repeats_exactly(tmp_path):
-    options = {"rounds": 2, "seed": 3, "backend": "flower", "synthetic_users": 20, "dim": 8, "evaluations": 1}
+    options = {"rounds": 3, "seed": 3, "backend": "flower", "synthetic_users": 20, "dim": 8, "evaluations": 1}
     first = simulate(build(options, out=tmp_path / "a"))
     again = simulate(build(options, out=tmp_path / "b"))
     assert first["privacy"]["trust"]["secure_aggregation"].startswith("flower-secagg+")
-    assert [r["contributed"] for r in first["rounds"]] == [20, 20]
+    assert [r["contributed"] for r in first["rounds"]] == [20, 20, 20]  # the count, then two training rounds
     assert first["final"] == again["final"] and first["privacy"]["epsilon"] == again["privacy"]["epsilon"]
     assert json.loads((tmp_path / "b" / "results.json").read_text())["final"] == again["final"]
-    assert len(list((tmp_path / "a" / "checkpoints").glob("global_round_*.pt"))) == 2
+    assert len(list((tmp_path / "a" / "checkpoints").glob("global_round_*.pt"))) == 3
     for run in ("a", "b"):  # the SuperLink and everything Flower started for it stopped with the run
         assert _marked_pids(f"{_MARKER}={(tmp_path / run / 'flower').resolve()}") == []

@@ -13,7 +13,7 @@ from attune.simulations.cli import cli
 def test_sweep_writes_a_table_over_seeds_and_a_plot(tmp_path):
     result = CliRunner().invoke(cli, ["sweep", "--modes", "distributed,local", "--algorithms",
                                       "global,partial-local", "--epsilons", "4,none", "--seeds", "0,1", "--rounds",
-                                      "1", "--out", str(tmp_path)])
+                                      "3", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     document = json.loads((tmp_path / "sweep.json").read_text())
     # per algorithm: 2 modes x epsilon 4, and one no-DP row, each over 2 seeds
@@ -41,12 +41,12 @@ def test_sweep_rejects_a_bad_list_or_mode(tmp_path):
 def test_an_interrupted_sweep_reuses_only_cells_run_with_the_same_settings(tmp_path):
     args = ["sweep", "--modes", "distributed", "--algorithms", "global", "--epsilons", "4", "--seeds", "0",
             "--out", str(tmp_path)]
-    assert CliRunner().invoke(cli, [*args, "--rounds", "1"]).exit_code == 0
+    assert CliRunner().invoke(cli, [*args, "--rounds", "3"]).exit_code == 0
     cell = next((tmp_path / "cells").glob("*/results.json"))
     results = json.loads(cell.read_text())
     results["final"]["hr@10"] = 0.123456  # marks the finished cell
     cell.write_text(json.dumps(results))
-    assert CliRunner().invoke(cli, [*args, "--rounds", "1"]).exit_code == 0
+    assert CliRunner().invoke(cli, [*args, "--rounds", "3"]).exit_code == 0
     assert json.loads((tmp_path / "sweep.json").read_text())["cells"][0]["hr@10"] == 0.123456
-    assert CliRunner().invoke(cli, [*args, "--rounds", "2"]).exit_code == 0  # other settings: run again
+    assert CliRunner().invoke(cli, [*args, "--rounds", "4"]).exit_code == 0  # other settings: run again
     assert json.loads((tmp_path / "sweep.json").read_text())["cells"][0]["hr@10"] != 0.123456

@@ -17,7 +17,7 @@ from attune.shared.mechanism import contribution_dim, device_bound
 from attune.shared.model import EmbeddingNetwork, ModelConfig, shared_model
 from attune.shared.randomness import Stream, integers
 
-MODEL = ModelConfig(num_items=50, dim=4, use_context=True)
+MODEL = ModelConfig(num_items=50, dim=4, use_context=True, trained_items=0)
 
 
 def _devices(sizes, seed=1):
@@ -97,7 +97,7 @@ def test_first_user_vector_depends_on_the_stream_only():
 
 
 def test_rank_vector_prefers_the_persons_items_and_leaves_the_state_untouched():
-    model = ModelConfig(num_items=30, dim=6, use_context=False)
+    model = ModelConfig(num_items=30, dim=6, use_context=False, trained_items=0)
     state = shared_model(model).init_state(torch.Generator().manual_seed(0))
     before = {k: v.clone() for k, v in state.items()}
     data = LocalData(items=torch.tensor([1, 2, 3, 4, 5] * 4), weights=torch.ones(20), context=None)

@@ -1,0 +1,145 @@
+"""Utility under DP as the catalog grows, and what a device pays for it.
+
+Utility: the fast backend (``attune simulate``, each mode's preset) on synthetic logs of 1,000
+people with 30 to 150 events each, Zipf 1 popularity and taste 3.5, over 1k, 10k and 100k items,
+and on MovieLens-100K when it is beside the checkout: HR@10 at epsilon 8 and 2 (``distributed``),
+without DP (the preset model, and the model with a trained row for every item: the stronger one
+is the no-DP reference), and most popular; each the mean over seeds 0, 1 and 2. The headroom kept
+is ``(dp - popular) / (no_dp - popular)``.
+
+Device: per catalog (and 1M items), the reply of one training round and of the count round in
+bytes (int64 units, what the secure sum carries), and the peak memory of one device round at 1M
+items and dim 16 (a fresh process) against the float32 size of the model it trains and of a model
+with a row for every item.
+
+    .venv/bin/python benchmarks/catalog_size.py [--quick]
+
+``--quick`` runs one seed. Prints tables and writes benchmarks/results/catalog_size.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MOVIELENS = ROOT.parent / "shared" / "datasets" / "ml-100k"
+SHAPE = ["--synthetic-users", "1000", "--synthetic-zipf", "1.0", "--synthetic-events", "30-150",
+         "--synthetic-taste", "3.5"]
+SETTINGS = {"dp8": ["--epsilon", "8"], "dp2": ["--epsilon", "2"], "no_dp": ["--mode", "off"],
+            "no_dp_every_row": ["--mode", "off", "--trained-items", "0"]}
+
+MEMORY = """
+import resource, sys, time, torch
+torch.set_num_threads(1)
+from attune import Event, ModelConfig, Personalizer, PrivacyConfig
+from attune.shared.config import RoundTask, preset
+from attune.shared.model import shared_model
+from attune.shared.selection import select
+from attune.shared.wire import RoundRequest
+import attune.shared.accounting as accounting
+accounting.epsilon_of([accounting.Entry("gaussian", z=1.0)], 1e-5)  # Opacus's import is not part of the round
+task = RoundTask(sys.argv[2])
+model = ModelConfig(num_items=1_000_000, dim=16)
+device = Personalizer(sys.argv[1], model=model, privacy=PrivacyConfig(epsilon_budget=999), simulation_seed=(0, 0))
+device.grant_consent("benchmark")
+now = time.time()
+device.record_many(Event(f"i{k * 7}", "click", now - 5000 + k) for k in range(500))
+shared = shared_model(model)
+counts = 1000.0 / torch.arange(1, model.num_items + 1)
+state = shared.adopt(shared.init_state(torch.Generator().manual_seed(0)), select(counts, model.rows, min_count=0.0,
+                                                                                  negatives=4))
+request = RoundRequest("bench", 1, model, preset("distributed", min_survivors=100, task=task), state)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+outcome = device.contribute(request)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert outcome.vector is not None
+sizes = [4 * value.numel() for value in state.values()]
+print((after - before) / 1024, sum(sizes) / 2**20, 4 * model.num_items * (model.dim + 1) / 2**20)
+"""
+
+
+def simulate(shape: str, setting: str, seed: int, out: Path) -> float | tuple[float, float]:
+    data = (["--dataset", "movielens", "--data", str(MOVIELENS)] if shape == "movielens-100k" else
+            ["--dataset", "synthetic", *SHAPE, "--synthetic-items", shape.removeprefix("synthetic-")])
+    folder = out / f"{shape}-{setting}-{seed}"
+    if not (folder / "results.json").exists():
+        subprocess.run([sys.executable, "-m", "attune.simulations.cli", "simulate", *data, *SETTINGS[setting],
+                        "--seed", str(seed), "--out", str(folder)], check=True, capture_output=True, cwd=ROOT)
+    results = json.loads((folder / "results.json").read_text())
+    return results["final"]["hr@10"], results["baseline"]["popular"]["hr@10"]
+
+
+def utility(seeds: list[int], out: Path) -> list[dict]:
+    shapes = ["synthetic-1000", "synthetic-10000", "synthetic-100000"]
+    if (MOVIELENS / "u.data").is_file():
+        shapes.append("movielens-100k")
+    cells = [(shape, setting, seed) for shape in shapes for setting in SETTINGS for seed in seeds]
+    with ThreadPoolExecutor(2) as pool:  # two simulations at once on this 2-core machine
+        done = dict(zip(cells, pool.map(lambda cell: simulate(*cell, out), cells), strict=True))
+    rows = []
+    for shape in shapes:
+        mean = {setting: statistics.mean(done[shape, setting, s][0] for s in seeds) for setting in SETTINGS}
+        popular = statistics.mean(done[shape, "dp8", s][1] for s in seeds)
+        no_dp = max(mean["no_dp"], mean["no_dp_every_row"])
+        rows.append({"shape": shape, "seeds": seeds, **mean, "popular": popular, "no_dp_reference": no_dp,
+                     "headroom_kept_eps8": (mean["dp8"] - popular) / (no_dp - popular),
+                     "headroom_kept_eps2": (mean["dp2"] - popular) / (no_dp - popular),
+                     "per_seed": {setting: [done[shape, setting, s][0] for s in seeds] for setting in SETTINGS},
+                     "popular_per_seed": [done[shape, "dp8", s][1] for s in seeds]})
+    return rows
+
+
+def device() -> dict:
+    from attune.shared.config import RoundTask
+    from attune.shared.mechanism import contribution_dim
+    from attune.shared.model import ModelConfig
+
+    replies = []
+    for items in (1_000, 10_000, 100_000, 1_000_000):
+        model = ModelConfig(num_items=items, dim=16)
+        replies.append({"items": items, "dim": 16, "trained_rows": model.rows,
+                        "training_reply_bytes": 8 * contribution_dim(model),
+                        "count_reply_bytes": 8 * contribution_dim(model, RoundTask.COUNT),
+                        "every_row_reply_bytes": 8 * contribution_dim(ModelConfig(num_items=items, dim=16,
+                                                                                  trained_items=0))})
+    memory = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in ("train", "count"):
+            out = subprocess.run([sys.executable, "-c", MEMORY, f"{tmp}/{task}.sqlite", task], check=True,
+                                 capture_output=True, text=True).stdout.split()
+            memory[task] = {"peak_increase_mb": float(out[0]), "model_float32_mb": float(out[1]),
+                            "every_row_model_float32_mb": float(out[2])}
+    return {"replies": replies, "memory_1m_items_dim16": memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="one seed instead of three")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "catalog_size")
+    args = parser.parse_args()
+    report = {"utility": utility([0] if args.quick else [0, 1, 2], args.runs), "device": device()}
+    out = Path(__file__).parent / "results" / "catalog_size.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"{'catalog':>18} {'eps 8':>7} {'eps 2':>7} {'no DP':>7} {'popular':>8} {'kept@8':>7} {'kept@2':>7}")
+    for r in report["utility"]:
+        print(f"{r['shape']:>18} {r['dp8']:>7.3f} {r['dp2']:>7.3f} {r['no_dp_reference']:>7.3f} {r['popular']:>8.3f} "
+              f"{r['headroom_kept_eps8']:>7.2f} {r['headroom_kept_eps2']:>7.2f}")
+    for r in report["device"]["replies"]:
+        print(f"{r['items']:>9} items: training reply {r['training_reply_bytes'] / 1e6:.2f} MB, count round "
+              f"{r['count_reply_bytes'] / 1e6:.2f} MB "
+              f"(a row for every item: {r['every_row_reply_bytes'] / 1e6:.1f} MB)")
+    for task, m in report["device"]["memory_1m_items_dim16"].items():
+        print(f"1M items, dim 16, {task} round: peak +{m['peak_increase_mb']:.1f} MB; model "
+              f"{m['model_float32_mb']:.1f} MB float32 ({m['every_row_model_float32_mb']:.1f} MB with a row for every "
+              "item)")
+
+
+if __name__ == "__main__":
+    main()
