@@ -28,12 +28,14 @@ import torch
 
 from attune.shared.config import Loss, RoundConfig, RoundTask
 from attune.shared.errors import ConfigError
-from attune.shared.layout import EventGradients, Layout, State
+from attune.shared.layout import Dense, DenseGradient, EventGradients, Layout, Param, State
 from attune.shared.loss import Batch, logit_gradients, per_example_loss
-from attune.shared.mechanism import add_noise_shares, bound_devices, bound_floats, clip_factors, to_units
+from attune.shared.mechanism import add_noise, bound, bound_floats, share_std
 from attune.shared.model import ModelConfig, SharedModel, dot_scores, shared_model
-from attune.shared.randomness import Stream, discrete_gaussian, integers, normal
+from attune.shared.randomness import Stream, integers, normal
 from attune.shared.selection import count_gradients, count_layout
+
+USER = "user"  # the refresh step's one parameter, the user vector (never sent)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ def _refresh_users(state: State, model: SharedModel, users: torch.Tensor, cohort
     position[torch.tensor(among, dtype=torch.long)] = torch.arange(len(among))
     device = position[cohort.device_of_events()[rows]]
     dim = model.config.dim
+    user_layout = Layout((Param(USER, (dim,)),))
     for _ in range(config.user_steps):
         batch = _examples(cohort, rows, _draw_negatives(cohort, config, model.config.num_items, streams, among,
                                                         model.negative_pool(state)))
@@ -134,21 +137,16 @@ def _refresh_users(state: State, model: SharedModel, users: torch.Tensor, cohort
         logits = dot_scores(query, vectors, bias)
         grads = torch.bmm(logit_gradients(logits, batch, config.loss).unsqueeze(1), vectors).squeeze(1)
         if config.private:
-            grads = grads * clip_factors(grads.norm(dim=1), config.user_clip).unsqueeze(1)
-            units = to_units(grads * (config.clip / config.user_clip), config)
-            sums = torch.zeros(len(among), dim, dtype=torch.long).index_add_(0, device, units)
-            noisy = _user_noise(sums, config, [streams[k] for k in among]).double()
+            gradients = EventGradients((DenseGradient(Dense(USER), grads),))
+            sums = bound(gradients, user_layout, device, len(among), config, clip=config.user_clip, project=False)
+            noisy = add_noise(sums, config.user_noise_multiplier * 2.0**config.quantum_bits,
+                              [streams[k] for k in among]).double()
         else:
             noisy = torch.zeros(len(among), dim, dtype=torch.float64).index_add_(0, device, grads.double())
         norms = noisy.norm(dim=1, keepdim=True)
         step = torch.where(norms > 0, noisy / norms.clamp(min=1e-300), torch.zeros_like(noisy))
         users[torch.tensor(among, dtype=torch.long)] = (chosen.double() - config.user_lr * step).to(users.dtype)
     return users
-
-
-def _user_noise(sums: torch.Tensor, config: RoundConfig, streams: list[Stream]) -> torch.Tensor:
-    """Full local noise on a refresh step's sum (the vector never leaves: no shares)."""
-    return sums + discrete_gaussian(streams, sums.shape[1], config.user_noise_multiplier * 2.0**config.quantum_bits)
 
 
 def _contributions(state: State, model: SharedModel, users: torch.Tensor, cohort: Cohort,
@@ -181,11 +179,8 @@ def _release(gradients: EventGradients, layout: Layout, device: torch.Tensor, co
     its noise share (not clipped or noised, only bounded, when the round is not private)."""
     if not config.private:
         return bound_floats(gradients.scatter(layout, device, count, torch.float64), config)
-    factors = clip_factors(gradients.squared_norms().clamp(min=0.0).sqrt(), config.clip)
-    clipped = gradients.map(lambda values: values * factors.view(-1, *[1] * (values.dim() - 1)))
-    sums = clipped.map(lambda values: to_units(values, config)).scatter(layout, device, count, torch.long)
-    bounded = bound_devices(sums, config)
-    return add_noise_shares(bounded, config, streams) if shares else bounded
+    bounded = bound(gradients, layout, device, count, config)
+    return add_noise(bounded, share_std(config), streams) if shares else bounded
 
 
 def initial_user_vector(dim: int, stream: Stream) -> torch.Tensor:

@@ -12,6 +12,7 @@ from attune.server.config import ServerConfig
 from attune.server.coordinator import RoundCallback, Transport, run
 from attune.server.secure_aggregation import SecureAggregationConfig, SecureTransport
 from attune.server.transport import GridTransport
+from attune.shared.errors import ConfigError
 from attune.shared.signing import load_private_key, sign
 from attune.shared.wire import RoundRequest
 
@@ -31,13 +32,24 @@ def transport_for(grid: Grid, config: ServerConfig) -> Transport:
     return GridTransport(grid, signer, timeout=timeout, rule=config.aggregation, trim_fraction=config.trim_fraction)
 
 
+def deployable(config: ServerConfig) -> ServerConfig:
+    """``config`` unless it has a ``noise_seed``: a seed makes the coordinator's sampling and
+    device-level noise reproducible to anyone who knows it, which only a simulation may want
+    (``attune simulate`` runs its own ServerApp)."""
+    if config.noise_seed is not None:
+        raise ConfigError("noise-seed is for simulations only: it makes the coordinator's device sampling and "
+                          "noise reproducible to anyone who knows it; remove it from the run config")
+    return config
+
+
 def make_server_app(config: ServerConfig | None = None, on_round: RoundCallback | None = None) -> ServerApp:
-    """A ServerApp running ``config`` (or, when ``None``, the run config Flower passes in)."""
+    """A ServerApp running ``config`` (or, when ``None``, the run config Flower passes in); it
+    refuses a ``noise_seed`` (``deployable``)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        settings = config or ServerConfig.parse(context.run_config)
+        settings = deployable(config or ServerConfig.parse(context.run_config))
         run(transport_for(grid, settings), settings, on_round)
 
     return app

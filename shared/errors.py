@@ -7,7 +7,8 @@
     ├── StoreError             the on-device store is unusable (wrong schema, corrupt file)
     │   └── WrongKeyError      the store's encryption key is missing or wrong; nothing was changed
     ├── ConfigError            invalid configuration
-    └── DataError              a dataset file is missing or malformed
+    ├── DataError              a dataset file is missing or malformed
+    └── PrivacyError           a contribution failed the mechanism's own bound check; nothing was sent
 """
 
 from __future__ import annotations
@@ -43,3 +44,7 @@ class ConfigError(AttuneError, ValueError):
 
 class DataError(AttuneError, ValueError):
     """A dataset is missing or malformed."""
+
+
+class PrivacyError(AttuneError):
+    """A contribution fell outside the bounds its accounting assumes; it was not sent."""

@@ -4,15 +4,18 @@ Unit of privacy: one event. Neighbouring data sets differ by adding or removing 
 one device. In a round a device releases (to the secure sum, or to the coordinator in ``local``
 mode) one vector ``w + noise`` over the shared parameters (``contribution_dim``):
 
-1. **Sensitivity.** Each event's gradient on the shared side is clipped to L2 norm ``clip`` and
-   scaled to integer units (``2**quantum_bits`` per ``clip``), and rounded to the nearest integer
-   (each part of its gradient: the rows of the event's item and its negatives, a context block).
-   The device sums its events' integer gradients into ``z`` and projects ``z`` onto the L2 ball
-   of radius ``device_norm`` clips, rounding again. One event then moves ``w`` by at most
-   ``sensitivity``: its clipped gradient, plus half a unit per rounded coordinate of the event
-   (triangle inequality over its parts), plus one unit per coordinate of the projection's
-   rounding (the projection itself is 1-Lipschitz).
-2. **Noise.** The device adds discrete Gaussian noise of std ``share_std`` to every coordinate:
+1. **Sensitivity** (``bound``). Each event's gradient on the shared side is clipped to L2 norm
+   ``clip`` (in float64) and scaled to integer units (``2**quantum_bits`` per ``clip``), and
+   rounded to the nearest integer (each part of its gradient: the rows of the event's item and
+   its negatives, a context block). The device sums its events' integer gradients into ``z`` and
+   projects ``z`` onto the L2 ball of radius ``device_norm`` clips, truncating toward zero, so
+   ``|w| <= device_bound`` holds exactly (rounding could overshoot it). One event then moves
+   ``w`` by at most ``sensitivity``: its clipped gradient, plus half a unit per rounded
+   coordinate of the event (triangle inequality over its parts), plus under one unit per
+   coordinate of the projection's truncation (the projection itself is 1-Lipschitz). Both bounds
+   are checked on what is about to be sent; a contribution outside them (NaN gradients, say)
+   is refused with ``PrivacyError`` and the round ends as a decline.
+2. **Noise** (``add_noise``). The device adds discrete Gaussian noise of std ``share_std`` to every coordinate:
    ``noise_multiplier * 2**bits / sqrt(honest_shares)``. In ``distributed`` mode any
    ``honest_shares = min_survivors - colluders`` shares sum to the full noise; in ``local`` mode
    a device's own share is the full noise.
@@ -34,8 +37,8 @@ import torch
 
 from attune.shared.accounting import Entry, calibrate, distributed_tau
 from attune.shared.config import RoundConfig, RoundTask
-from attune.shared.errors import ConfigError
-from attune.shared.layout import Layout, rounding_bound
+from attune.shared.errors import ConfigError, PrivacyError
+from attune.shared.layout import EventGradients, Layout, rounding_bound
 from attune.shared.model import ModelConfig, shared_model
 from attune.shared.randomness import Stream, discrete_gaussian
 from attune.shared.selection import COUNT_SHAPE, count_layout
@@ -128,21 +131,50 @@ def clip_factors(norms: torch.Tensor, clip: float) -> torch.Tensor:
     return (clip / (norms + NORM_EPS)).clamp(max=1.0)
 
 
-def to_units(values: torch.Tensor, config: RoundConfig) -> torch.Tensor:
-    """Clipped gradient values in integer units (long), rounded to the nearest integer."""
-    return torch.round(values.double() * units(config)).long()
+def to_units(values: torch.Tensor, config: RoundConfig, clip: float | None = None) -> torch.Tensor:
+    """Clipped gradient values in integer units (long), rounded to the nearest integer: one
+    ``clip`` (the round's, unless given) is ``2**quantum_bits`` units."""
+    return torch.round(values.double() * (2.0**config.quantum_bits / (clip or config.clip))).long()
 
 
-def bound_devices(sums: torch.Tensor, config: RoundConfig) -> torch.Tensor:
-    """Project each device's integer sum (rows of ``sums``, long) onto the L2 ball of
-    ``device_bound`` and round back to integers."""
+def bound(gradients: EventGradients, layout: Layout, device: torch.Tensor, devices: int, config: RoundConfig, *,
+          clip: float | None = None, project: bool = True) -> torch.Tensor:
+    """Step 1, the sensitivity: each event's gradient clipped to L2 ``clip`` (the round's unless
+    given; in float64, so the clip holds on the integer grid at any ``quantum_bits``), rounded to
+    integer units, summed per device (``device[e]`` owns event ``e``), and, with ``project``,
+    each device's sum projected onto the ball of ``device_bound`` by truncating toward zero, so its
+    norm never exceeds the bound (rounding could). ``[devices, layout.size]`` long. Whatever
+    produced the gradients, a sum outside these bounds is refused (``PrivacyError``), never sent."""
+    clip = clip or config.clip
+    gradients = gradients.map(lambda values: values.double())
+    factors = clip_factors(gradients.squared_norms().clamp(min=0.0).sqrt(), clip)
+    clipped = gradients.map(lambda values: values * factors.view(-1, *[1] * (values.dim() - 1)))
+    norms = clipped.squared_norms().clamp(min=0.0).sqrt()
+    if not bool((norms <= clip * (1 + 1e-9)).all()):  # NaN fails too
+        raise PrivacyError("an event's clipped gradient is not within its bound: nothing is sent")
+    sums = clipped.map(lambda values: to_units(values, config, clip)).scatter(layout, device, devices, torch.long)
+    if project:
+        sums = _project(sums, device_bound(config))
+        if not bool((sums.double().norm(dim=1) <= device_bound(config)).all()):
+            raise PrivacyError("a device's sum is not within its bound: nothing is sent")
+    return sums
+
+
+def _project(sums: torch.Tensor, radius: float) -> torch.Tensor:
+    """Rows of integer ``sums`` over ``radius`` in L2 scaled onto it and truncated toward zero
+    (1-Lipschitz, then under one unit of change per coordinate; the norm never grows)."""
     norms = sums.double().norm(dim=1)
-    over = (norms > device_bound(config)).nonzero().squeeze(1)
+    over = (norms > radius).nonzero().squeeze(1)
     if over.numel():
         sums = sums.clone()
-        factors = (device_bound(config) / norms[over]).unsqueeze(1)
-        sums[over] = torch.round(sums[over].double() * factors).long()
+        sums[over] = torch.trunc(sums[over].double() * (radius / norms[over]).unsqueeze(1)).long()
     return sums
+
+
+def add_noise(bounded: torch.Tensor, std: float, streams: list[Stream]) -> torch.Tensor:
+    """Step 2: each device's bounded sum (row) plus discrete Gaussian noise of ``std`` from its own
+    stream."""
+    return bounded + discrete_gaussian(streams, bounded.shape[1], std)
 
 
 def bound_floats(sums: torch.Tensor, config: RoundConfig) -> torch.Tensor:
@@ -150,11 +182,6 @@ def bound_floats(sums: torch.Tensor, config: RoundConfig) -> torch.Tensor:
     moves the sum by more, whatever it sends."""
     norms = sums.norm(dim=1, keepdim=True)
     return sums * (config.device_norm * config.clip / norms.clamp(min=1e-300)).clamp(max=1.0)
-
-
-def add_noise_shares(bounded: torch.Tensor, config: RoundConfig, streams: list[Stream]) -> torch.Tensor:
-    """Each device's bounded sum plus its discrete Gaussian share, from its own stream."""
-    return bounded + discrete_gaussian(streams, bounded.shape[1], share_std(config))
 
 
 def dequantize(total: torch.Tensor, config: RoundConfig) -> torch.Tensor:

@@ -129,3 +129,16 @@ def test_unknown_or_bad_run_config_values_fail():
         ServerConfig.parse({"secure-aggregation": False})
     with pytest.raises(ConfigError, match="rounds must be an integer"):
         ServerConfig.parse({"num-server-rounds": ""})  # blank means absent only where absent is allowed
+
+
+def test_the_deployed_server_app_refuses_a_noise_seed():
+    """A seed makes the coordinator's sampling and device-level noise reproducible (issue 19, item 5)."""
+    from flwr.app import Context, RecordDict
+
+    from attune.server.app import app, deployable
+
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=to_run_config(ServerConfig(noise_seed=3)))
+    with pytest.raises(ConfigError, match="noise-seed is for simulations only"):
+        app(None, context)  # refused before the grid is touched
+    assert deployable(ServerConfig()) == ServerConfig()
