@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from attune.client.store import LedgerRow
 from attune.shared.config import RoundConfig
 from attune.shared.errors import ConfigError
+from attune.shared.mechanism import smallest_z
+from attune.shared.model import ModelConfig
 from attune.shared.wire import RoundRequest
 
 
@@ -22,9 +24,10 @@ class PrivacyConfig:
     """The device's own privacy limits; the coordinator cannot override them.
 
     ``epsilon_budget`` and ``delta`` bound the event-level guarantee over the device's lifetime
-    (what the coordinator can learn, by the ledger). The device refuses rounds whose noise
-    multipliers are under ``min_noise_multiplier`` (so no one round can take much of the budget)
-    and, without ``allow_non_private``, rounds that are not private.
+    (what the coordinator can learn, by the ledger). The device refuses rounds with a mechanism
+    whose accounted noise multiplier (noise std over its true sensitivity, rounding included: the
+    ``z`` its ledger writes) is under ``min_noise_multiplier``, so no one round can take much of
+    the budget, and, without ``allow_non_private``, rounds that are not private.
     """
 
     epsilon_budget: float = 8.0
@@ -51,14 +54,14 @@ def refusal(request: RoundRequest, privacy: PrivacyConfig, *, consented: bool, p
         return "paused by the person: nothing is computed or sent"
     if not config.private and not privacy.allow_non_private:
         return "non-private rounds are not allowed on this device"
-    return noise_refusal(config, privacy)
+    return noise_refusal(request.model, config, privacy)
 
 
-def noise_refusal(config: RoundConfig, privacy: PrivacyConfig) -> str | None:
-    """Why a private round's noise is under this device's floor, or ``None``."""
-    if config.private and min(config.noise_multiplier, config.user_noise_multiplier) < privacy.min_noise_multiplier:
-        return (f"the round's noise ({config.noise_multiplier:.3g}, user vector {config.user_noise_multiplier:.3g}) "
-                f"is under this device's floor of {privacy.min_noise_multiplier}")
+def noise_refusal(model: ModelConfig, config: RoundConfig, privacy: PrivacyConfig) -> str | None:
+    """Why a private round's accounted noise is under this device's floor, or ``None``."""
+    if config.private and (z := smallest_z(model, config)) < privacy.min_noise_multiplier:
+        return (f"the round's accounted noise multiplier ({z:.3g}: noise over sensitivity) is under this "
+                f"device's floor of {privacy.min_noise_multiplier}")
     return None
 
 

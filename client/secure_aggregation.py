@@ -6,7 +6,10 @@ Importing it installs Attune's mask generator and exact integer encoding into Fl
 (``attune.shared.secure_sum``); the coordinator installs the same on its side. Around the mod
 the device also refuses to:
 - contribute when the signed ``min_survivors`` exceeds the number of devices SecAgg+ announced
-  (its noise share would be sized for devices that do not exist);
+  (its noise share would be sized for devices that do not exist), or when the reconstruction
+  threshold it was given is not a strict majority of its shares over the signed ``colluders``
+  (``secure_sum.threshold_holds``: colluding neighbours could rebuild its secrets and unmask its
+  vector); it checks both before it sends its masked vector;
 - reveal key shares in the unmask stage for a device listed both as alive and as dropped (that
   would let the coordinator unmask that device's own vector).
 A device that declines a round, or fails in any way, raises the one constant ``Declined``: SecAgg+
@@ -104,11 +107,17 @@ def _check_instructions(msg: Message, context: Context) -> None:
             raise Declined(f"devices {sorted(alive & dropped)} are listed as alive and dropped: refusing to "
                            "reveal shares that would unmask one device's vector")
     if stage == Stage.COLLECT_MASKED_VECTORS and FIT_CONFIG in msg.content.config_records:
-        announced = int(context.state.config_records[RECORD_KEY_STATE].get("sample_num", 0))
+        protocol = context.state.config_records[RECORD_KEY_STATE]
+        announced = int(protocol.get("sample_num", 0))
         survivors = msg.content.config_records[FIT_CONFIG].get("min-survivors", 0)
         if isinstance(survivors, int) and survivors > announced:
             raise Declined(f"the round asks for {survivors} surviving shares but SecAgg+ announced only "
                            f"{announced} devices")
+        shares, threshold = int(protocol.get("share_num", 0)), int(protocol.get("threshold", 0))
+        colluders = msg.content.config_records[FIT_CONFIG].get("colluders", 0)
+        if not isinstance(colluders, int) or not secure_sum.threshold_holds(shares, threshold, colluders):
+            raise Declined(f"a reconstruction threshold of {threshold} of {shares} shares does not keep this "
+                           f"device's vector from {colluders} colluders")
 
 
 def make_secure_client_app(resolve: Callable[[Context], DeviceSettings]) -> ClientApp:

@@ -201,7 +201,7 @@ def _round(transport: Transport, config: ServerConfig, state: RunState, cohort: 
         else:
             state.params = state.optimizer.step(state.params, gradient / run_plan.expected_cohort)
             state.participation.update(collected.contributors)
-    if run_plan.device_level_noise > 0 and cohort:
+    if run_plan.device_level_noise > 0:  # an empty or aborted round shows that it released nothing: charged too
         state.device_level.append(run_plan.device_level_entry())
     state.round = server_round
     return RoundRecord(

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from attune.server.config import DEFAULT_MIN_SURVIVOR_FRACTION, DEFAULT_USER_REFRESHES, ServerConfig
-from attune.shared.accounting import Entry, calibrate
+from attune.shared.accounting import Entry, binomial_pmf, calibrate
 from attune.shared.config import PrivacyMode, RoundConfig, RoundTask, preset
 from attune.shared.errors import ConfigError
 from attune.shared.mechanism import calibrated
@@ -33,9 +33,14 @@ class Plan:
     target_epsilon: float | None  # what the noise was calibrated to (None: the noise was given)
 
     def device_level_entry(self) -> Entry:
-        """One round of device-level DP: a Poisson-sampled Gaussian on the sum (add/remove one
-        device, sensitivity ``device_norm * clip``)."""
-        return Entry("gaussian", z=self.device_level_noise, q=self.sample_rate)
+        """One round of device-level DP: a Poisson-sampled Gaussian on the sum (one device zeroed
+        out, sensitivity ``device_norm * clip``), which also shows whether it released: its
+        ``pivot`` is the chance that exactly one device fewer than the round needs was sampled
+        besides this one (``docs/privacy.md``)."""
+        needed = self.round.min_survivors if self.round.privacy is PrivacyMode.DISTRIBUTED else 1
+        return Entry("gaussian", z=self.device_level_noise, q=self.sample_rate,
+                     pivot=binomial_pmf(needed - 1, self.population - 1, self.sample_rate)
+                     if self.sample_rate < 1 else 0.0)
 
 
 def planned_participations(rounds: int, rate: float) -> int:

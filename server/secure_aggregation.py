@@ -7,13 +7,13 @@ integer sum. Importing it installs Attune's mask generator and exact integer dec
 Flower's workflow (``attune.shared.secure_sum``); devices install the same on their side. The
 workflow is also stopped before it unmasks anything when fewer than ``min_survivors`` devices'
 vectors are in the sum (it never releases an under-noised sum), and the cohort is capped so the
-sum cannot wrap around the field. Shares go to ``O(log n)`` neighbours (SecAgg+'s sparse graph).
+sum cannot wrap around the field. Shares go to ``O(log n)`` neighbours (SecAgg+'s sparse graph), at least
+``2 * colluders + 1``, with a threshold of a strict majority over ``colluders`` (``secure_sum.neighbourhood``).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,16 +62,10 @@ install()
 
 @dataclass(frozen=True)
 class SecureAggregationConfig:
-    """SecAgg+ parameters: each device shares its secrets with ``shares(n)`` neighbours (an odd
-    number about ``3 log2 n``, all devices for small cohorts), and ``threshold_fraction`` of them
-    must answer to unmask a device that dropped out."""
+    """How long a SecAgg+ stage waits for devices. The graph (shares and threshold) follows from
+    the cohort and the round's ``colluders`` (``secure_sum.neighbourhood``)."""
 
-    threshold_fraction: float = 0.5
     timeout: float | None = None
-
-    def shares(self, cohort: int) -> int:
-        wanted = 2 * math.ceil(1.5 * math.log2(max(cohort, 2))) + 1
-        return cohort if wanted >= cohort else wanted
 
 
 @dataclass
@@ -177,10 +171,9 @@ class SecureTransport:
         self._context.state.array_records[MAIN_PARAMS_RECORD] = content.array_records["arrays"]
         self._context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {WorkflowKey.CURRENT_ROUND: request.round})
-        shares = self.config.shares(len(cohort))
+        shares, threshold = secure_sum.neighbourhood(len(cohort), request.config.colluders)
         workflow = _Workflow(
-            min_survivors, num_shares=shares if shares < len(cohort) else 1.0,
-            reconstruction_threshold=max(2, math.ceil(self.config.threshold_fraction * shares)),
+            min_survivors, num_shares=shares if shares < len(cohort) else 1.0, reconstruction_threshold=threshold,
             max_weight=secure_sum.MAX_WEIGHT, clipping_range=secure_sum.CLIPPING_RANGE,
             quantization_range=secure_sum.QUANTIZATION_RANGE, modulus_range=secure_sum.MODULUS,
             timeout=self.config.timeout)

@@ -5,7 +5,12 @@ A ledger is a list of ``Entry``s, each a mechanism applied ``count`` times to th
 
 - ``gaussian``: the (sampled) Gaussian mechanism with noise multiplier ``z`` (noise std over L2
   sensitivity) and Poisson sampling rate ``q``: Opacus's ``compute_rdp`` (Mironov, Talwar and
-  Zhang 2019). ``q = 1`` is the plain Gaussian mechanism, ``alpha / (2 z^2)``.
+  Zhang 2019). ``q = 1`` is the plain Gaussian mechanism, ``alpha / (2 z^2)``. With ``pivot``
+  ``p > 0`` the round also shows whether it released at all, and with probability at most ``p``
+  its release hinged on this device being sampled (exactly the needed number of others was): the
+  others' outcome given away, that round is a plain Gaussian or nothing, so its curve is
+  ``log((1 - p) e^{(alpha-1) R_q} + p (q e^{(alpha-1) alpha / (2 z^2)} + 1 - q)) / (alpha - 1)``
+  with ``R_q`` the sampled Gaussian's.
 - ``discrete-gaussian-sum``: a sum of integer data plus discrete Gaussian noise shares from
   several devices (Kairouz, Liu and Steinke 2021, "The Distributed Discrete Gaussian Mechanism",
   Proposition 14 with the ``tau`` of their Theorem 1): ``min(alpha / (2 z^2) + tau * d,
@@ -49,13 +54,14 @@ class Entry:
     tau: float = 0.0  # discrete-gaussian-sum: the inflation of summing several shares
     dim: int = 0  # discrete-gaussian-sum: dimension of the summed vector
     rho: float = 0.0  # zcdp
+    pivot: float = 0.0  # gaussian: chance that whether the round released hinged on this device
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:
             raise ConfigError(f"unknown mechanism {self.mechanism!r}: use one of {', '.join(MECHANISMS)}")
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
             raise ConfigError(f"count must be an integer >= 0, got {self.count!r}")
-        for name in ("z", "q", "tau", "rho"):
+        for name in ("z", "q", "tau", "rho", "pivot"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
@@ -65,6 +71,8 @@ class Entry:
             raise ConfigError(f"q must be in (0, 1] (and 1 unless gaussian), got {self.q}")
         if self.tau < 0 or self.rho < 0 or self.dim < 0:
             raise ConfigError("tau, rho and dim must be >= 0")
+        if not 0 <= self.pivot <= 1 or (self.mechanism != "gaussian" and self.pivot):
+            raise ConfigError(f"pivot must be in [0, 1] (and 0 unless gaussian), got {self.pivot}")
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -101,7 +109,24 @@ def _curve(entry: Entry) -> tuple[float, ...]:
         return tuple(np.minimum(first, second))
     from opacus.accountants.analysis import rdp as rdp_analysis  # ~1.5 s to import
 
-    return tuple(rdp_analysis.compute_rdp(q=entry.q, noise_multiplier=entry.z, steps=1, orders=list(ORDERS)))
+    sampled = np.asarray(rdp_analysis.compute_rdp(q=entry.q, noise_multiplier=entry.z, steps=1, orders=list(ORDERS)))
+    if not entry.pivot:
+        return tuple(sampled)
+    p, q = entry.pivot, entry.q
+    terms = [np.log1p(-p) + (alphas - 1) * sampled if p < 1 else np.full(len(alphas), -np.inf),
+             np.full(len(alphas), math.log(p * q)) + (alphas - 1) * alphas / (2 * entry.z**2),
+             np.full(len(alphas), math.log(p * (1 - q)) if q < 1 else -np.inf)]
+    return tuple(np.logaddexp.reduce(terms) / (alphas - 1))
+
+
+def binomial_pmf(k: int, n: int, p: float) -> float:
+    """``P(Binomial(n, p) = k)``, in log space (no overflow at large ``n``)."""
+    if not 0 <= k <= n:
+        return 0.0
+    if p in (0.0, 1.0):
+        return float(k == (n if p else 0))
+    return math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                    + k * math.log(p) + (n - k) * math.log1p(-p))
 
 
 def rdp_of(ledger: Ledger) -> np.ndarray:

@@ -107,6 +107,13 @@ def round_entries(model: ModelConfig, config: RoundConfig, refresh: bool) -> lis
     return entries
 
 
+def smallest_z(model: ModelConfig, config: RoundConfig) -> float:
+    """The smallest accounted noise multiplier (noise std over true sensitivity) among a private
+    round's mechanisms: its released sum and, when it has any, a refresh step. What a device's
+    floor is checked on, so "no one round takes much of the budget" holds at any grid."""
+    return min(entry.z for entry in round_entries(model, config, refresh=config.task is RoundTask.TRAIN))
+
+
 def user_entry(model: ModelConfig, config: RoundConfig) -> Entry:
     """A refresh of the user vector: ``user_steps`` discrete Gaussian steps, full noise."""
     return Entry("discrete-gaussian-sum", count=config.user_steps,
@@ -214,7 +221,9 @@ def calibrated(model: ModelConfig, config: RoundConfig, *, epsilon: float, delta
     """``config`` (and the count round ``count``) with their noise multipliers set so that the
     count round and ``participations`` training rounds spend ``epsilon``: in zCDP terms the
     user-vector refreshes get ``user_share`` of the budget, the count ``count_share``, the released
-    sums the rest (one common scale, solved by bisection against the ledger)."""
+    sums the rest (one common scale, solved by bisection against the ledger). The split is on the
+    accounted ``z`` (noise over true sensitivity, rounding included), so it holds at any
+    ``quantum_bits``."""
     if not config.private:
         return config, count
     refresh_steps = config.refreshes(participations) * config.user_steps
@@ -224,12 +233,16 @@ def calibrated(model: ModelConfig, config: RoundConfig, *, epsilon: float, delta
         raise ConfigError(f"user_share and count_share must be >= 0 and leave a share for training, got "
                           f"{user_share} and {count_share}")
 
+    def multiplier(z: float, of: float) -> float:  # the accounted z is noise_multiplier * 2**bits / of
+        return z * of / 2.0**config.quantum_bits
+
     def at(scale: float) -> tuple[RoundConfig, RoundConfig | None]:
-        item = scale * math.sqrt(participations / (2 * (1 - user - counted)))
-        user_noise = scale * math.sqrt(refresh_steps / (2 * user)) if user else config.user_noise_multiplier
+        item = multiplier(scale * math.sqrt(participations / (2 * (1 - user - counted))), sensitivity(model, config))
+        user_noise = multiplier(scale * math.sqrt(refresh_steps / (2 * user)), user_sensitivity(model, config)) \
+            if user else config.user_noise_multiplier
         counting = None if count is None else replace(
-            count, noise_multiplier=scale * math.sqrt(1 / (2 * counted)) if counted else count.noise_multiplier,
-            user_noise_multiplier=user_noise)
+            count, noise_multiplier=multiplier(scale * math.sqrt(1 / (2 * counted)), sensitivity(model, count))
+            if counted else count.noise_multiplier, user_noise_multiplier=user_noise)
         return replace(config, noise_multiplier=item, user_noise_multiplier=user_noise), counting
 
     scale = calibrate(lambda s: planned_entries(model, at(s)[0], participations, count=at(s)[1]), epsilon, delta)

@@ -84,6 +84,25 @@ def max_cohort(model: ModelConfig, config: RoundConfig) -> int:
     return devices
 
 
+def neighbourhood(cohort: int, colluders: int) -> tuple[int, int]:
+    """SecAgg+'s graph for a round: ``(shares, threshold)``. Each device splits its two secrets
+    (its mask seed and its pairwise-mask key) among ``shares`` devices, itself included: an odd
+    number about ``3 log2 n`` and at least ``2 * colluders + 1``, or the whole cohort when that is
+    no more; ``threshold`` of them rebuild a secret. The threshold is a strict majority of the
+    shares, so a coordinator cannot rebuild both of a device's secrets (which unmasks its own
+    vector) by asking half its neighbours for each, and over ``colluders``, so colluding
+    neighbours alone hold too few shares (``threshold_holds``)."""
+    wanted = max(2 * math.ceil(1.5 * math.log2(max(cohort, 2))) + 1, 2 * colluders + 1)
+    shares = cohort if wanted >= cohort else wanted
+    return shares, max(2, shares // 2 + 1, colluders + 1)
+
+
+def threshold_holds(shares: int, threshold: int, colluders: int) -> bool:
+    """Whether ``threshold`` of ``shares`` keeps one device's vector from the coordinator and
+    ``colluders`` colluding devices (what a device checks before it sends its masked vector)."""
+    return colluders < threshold <= shares and 2 * threshold > shares
+
+
 _PRIME = (1 << 521) - 1  # a Mersenne prime: 64-byte chunks of a secret are field elements
 _CHUNK = 64
 _ELEMENT = 66  # bytes of one field element

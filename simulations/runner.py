@@ -165,7 +165,8 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
                      noise_seed=server.seed if server.noise_seed is None else server.noise_seed)
     run_plan = plan(server, log.num_users)
     privacy = device_privacy(server, run_plan, config.device_privacy)
-    refused = noise_refusal(run_plan.round, privacy)
+    rounds = [c for c in (run_plan.count, run_plan.round) if c is not None]
+    refused = next(filter(None, (noise_refusal(model, c, privacy) for c in rounds)), None)
     if refused:
         why = ("raise the noise" if run_plan.target_epsilon is None else
                f"the noise reaching epsilon {run_plan.target_epsilon} over {run_plan.participations} planned "

@@ -6,10 +6,12 @@ import shutil
 from dataclasses import replace
 
 import dp_accounting
+import numpy as np
 import pytest
 import torch
 from dp_accounting import pld, rdp
 from in_process_grid import device_grid, simulated_devices
+from scipy.stats import binom
 
 from attune.client.personalizer import Personalizer
 from attune.server.app import transport_for
@@ -17,7 +19,8 @@ from attune.server.checkpoint import latest_checkpoint
 from attune.server.config import ServerConfig
 from attune.server.coordinator import run, sample
 from attune.server.planning import plan
-from attune.shared.accounting import ORDERS
+from attune.shared.accounting import ORDERS, epsilon_of
+from attune.shared.config import preset
 from attune.shared.errors import StoreError
 from attune.shared.randomness import Stream
 from attune.shared.records import received
@@ -41,6 +44,20 @@ def _config(directory, log, mode="local", **changes):
     return replace(base, model=replace(base.model, num_items=log.num_items, dim=4, use_context=False), **changes)
 
 
+def _visible_release_epsilon(z: float, q: float, pivot: float, rounds: int, delta: float) -> float:
+    """Independent reference (dp-accounting's RDP): a Poisson-sampled Gaussian whose round also
+    shows whether it released, which hinged on the device with probability ``pivot``: that round,
+    with the others' outcome given away, is a plain Gaussian or nothing."""
+    orders = np.asarray(ORDERS)
+    accountant = rdp.RdpAccountant(orders=list(ORDERS))
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)))
+    sampled = np.asarray(accountant._rdp)
+    with np.errstate(over="ignore"):
+        mixed = np.log((1 - pivot) * np.exp((orders - 1) * sampled)
+                       + pivot * (q * np.exp((orders - 1) * orders / (2 * z * z)) + 1 - q)) / (orders - 1)
+    return rdp.rdp_privacy_accountant.compute_epsilon(orders, rounds * mixed, delta)[0]
+
+
 def test_every_round_is_signed_and_device_level_dp_recomputes_with_dp_accounting(devices):
     directory, log, vocabulary = devices
     grid = device_grid(directory, DEVICES, vocabulary, seed=1)
@@ -51,9 +68,9 @@ def test_every_round_is_signed_and_device_level_dp_recomputes_with_dp_accounting
         arrays, items = received(message.content)
         verify(public, arrays, items)
         assert RoundRequest.parse(arrays, items).config.noise_multiplier > 1.0
-    accountant = rdp.RdpAccountant(orders=list(ORDERS))
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.3)), len(history))
-    assert history[-1].device_level_epsilon == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-3)
+    pivot = binom.pmf(0, DEVICES - 1, 0.5)  # released iff anyone was sampled: with none of the 5 others, on it
+    assert history[-1].device_level_epsilon == pytest.approx(
+        _visible_release_epsilon(1.3, 0.5, pivot, len(history), 1e-5), rel=1e-3)
     by_pld = pld.PLDAccountant().compose(dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.3)), len(history))).get_epsilon(1e-5)
     assert history[-1].device_level_epsilon >= by_pld * 0.999
@@ -129,3 +146,22 @@ def test_resume_without_a_checkpoint_that_verifies_is_refused(devices):
     config = _config(directory, log, resume=True)
     with pytest.raises(StoreError, match="no checkpoint"):
         run(transport_for(device_grid(directory, DEVICES, vocabulary, seed=1), config), config)
+
+
+@pytest.mark.parametrize("population,per_round,survivors,stated", [(100, 2, 1, 7.41), (1000, 100, 64, 11.15)])
+def test_rounds_that_release_nothing_are_accounted(population, per_round, survivors, stated):
+    """Issue 19, item 8: an empty or aborted round shows the cohort was small, so whether a round
+    released can hinge on one device. Every round is charged with that pivot; the numbers are the
+    ones docs/privacy.md states (z = 1, 100 or 200 rounds, delta 1e-5)."""
+    q = per_round / population
+    rounds = 100 if population == 100 else 200
+    round_config = preset("local") if survivors == 1 else preset("distributed", min_survivors=survivors)
+    run_plan = replace(plan(ServerConfig(devices_per_round=per_round, device_level_noise=1.0), population),
+                       round=round_config)
+    entry = run_plan.device_level_entry()
+    assert entry.pivot == pytest.approx(binom.pmf(survivors - 1, population - 1, q), rel=1e-9)
+    ours = epsilon_of([entry.times(rounds)], 1e-5)
+    assert ours == pytest.approx(_visible_release_epsilon(1.0, q, entry.pivot, rounds, 1e-5), rel=1e-3)
+    assert ours == pytest.approx(stated, abs=0.01)
+    blind = epsilon_of([replace(entry, pivot=0.0).times(rounds)], 1e-5)  # what was printed before
+    assert ours >= blind

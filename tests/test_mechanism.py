@@ -3,6 +3,8 @@ what it releases by at most ``sensitivity`` (shared side) or ``user_sensitivity`
 rounding and the per-device bound included; noise shares have the planned scale."""
 
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,6 +17,7 @@ from attune.shared.layout import Dense, DenseGradient, EventGradients, Layout, P
 from attune.shared.mechanism import (
     add_noise,
     bound,
+    calibrated,
     device_bound,
     planned_entries,
     round_entries,
@@ -189,3 +192,40 @@ def test_a_planned_ledger_holds_the_count_round_once():
     (counting,) = [e for e in planned if e.dim == model.num_items]  # one number per catalog item
     assert counting.count == 1 and counting.z == pytest.approx(2.0 * 2**16 / sensitivity(model, count))
     assert planned[1:] == planned_entries(model, config, 7)
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_the_budget_split_holds_in_accounted_terms_at_any_grid(bits):
+    """Issue 19, item 9: the split was on the nominal multiplier (refreshes got 0.0085 of the
+    budget at 4 bits instead of 0.3); now each part's share of rho = 1/(2 z^2) is as planned."""
+    model = ModelConfig(num_items=200, dim=8, use_context=False, trained_items=0)
+    config = preset("distributed", min_survivors=20, quantum_bits=bits, user_every=2, user_steps=1)
+    count = preset("distributed", min_survivors=20, quantum_bits=bits, task=RoundTask.COUNT)
+    train, counting = calibrated(model, config, epsilon=4.0, delta=1e-5, participations=10, user_share=0.3,
+                                 count=count, count_share=0.1)
+    entries = planned_entries(model, train, 10, count=counting)
+    rho = {"user": 0.0, "count": 0.0, "train": 0.0}
+    for e in entries:
+        part = "user" if e.dim == model.dim else "count" if e.dim == model.num_items else "train"
+        rho[part] += e.count / (2 * e.z**2)
+    total = sum(rho.values())
+    assert rho["user"] / total == pytest.approx(0.3, rel=1e-6)
+    assert rho["count"] / total == pytest.approx(0.1, rel=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_the_device_floor_is_on_the_accounted_noise_multiplier(bits):
+    """At 4 bits a nominal multiplier of 1 was accounted as z = 0.06 (342 epsilon in one round)."""
+    from attune.client.policy import PrivacyConfig, noise_refusal
+
+    model = ModelConfig(num_items=200, dim=8, use_context=False, trained_items=0)
+    floor = PrivacyConfig(min_noise_multiplier=1.0)
+    nominal = preset("local", quantum_bits=bits, noise_multiplier=1.0, user_noise_multiplier=1.0)
+    accounted = min(e.z for e in round_entries(model, nominal, refresh=True))
+    assert (noise_refusal(model, nominal, floor) is None) == (accounted >= 1.0)
+    lifted = replace(nominal, noise_multiplier=1.0 * sensitivity(model, nominal) / 2**bits,
+                     user_noise_multiplier=1.0 * user_sensitivity(model, nominal) / 2**bits)
+    assert noise_refusal(model, lifted, floor) is None
+    assert min(e.z for e in round_entries(model, lifted, refresh=True)) == pytest.approx(1.0)
+    if bits == 4:
+        assert noise_refusal(model, nominal, floor) is not None

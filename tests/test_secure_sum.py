@@ -3,6 +3,7 @@ sums, fast Shamir sharing, a capped cohort, and the real protocol summing exactl
 devices computed, with dropouts, and never unmasking too few shares."""
 
 import importlib
+import math
 import secrets
 from dataclasses import replace
 
@@ -16,7 +17,7 @@ from attune.server.config import ServerConfig
 from attune.server.coordinator import run
 from attune.server.planning import plan
 from attune.shared import secure_sum
-from attune.shared.config import preset
+from attune.shared.config import RoundSettings, preset
 from attune.shared.errors import ModelMismatchError
 from attune.shared.mechanism import contribution_dim, device_bound
 from attune.shared.model import ModelConfig
@@ -147,3 +148,45 @@ def test_a_device_gone_before_sharing_its_keys_does_not_halt_the_round(tmp_path,
     config = _config(tmp_path, log, rounds=1)
     history = run(transport_for(grid, config), config)
     assert history[0].contributed == 4 and history[0].aborted == ""
+
+
+def _exposed(cohort: int, shares: int, threshold: int, colluders: int, rng) -> float:
+    """Flower's SecAgg+ ring (each device's shares go to itself and the ``shares // 2`` devices on
+    each side of it in a shuffled order) with ``colluders`` colluding devices placed at random: the
+    fraction of the honest devices of which the colluders hold ``threshold`` shares (whose vector
+    they unmask). A coordinator that places them itself can surround one device: then ``colluders
+    < threshold`` is what protects it, which ``threshold_holds`` checks."""
+    order = rng.permutation(cohort)
+    colluding = set(rng.choice(cohort, colluders, replace=False).tolist())
+    half = shares // 2 if shares < cohort else cohort
+    exposed = 0
+    for index, device in enumerate(order.tolist()):
+        if device in colluding:
+            continue
+        holders = {int(order[(index + offset) % cohort]) for offset in range(-half, half + 1)}
+        exposed += len(holders & colluding) >= threshold
+    return exposed / (cohort - colluders)
+
+
+@pytest.mark.parametrize("cohort", [2, 5, 20, 100, 1000])
+def test_colluders_never_reach_the_reconstruction_threshold(cohort):
+    """Issue 19, item 3: a threshold of half the shares let about that many colluding neighbours
+    unmask an honest device (cohort 100: 38.8% exposed at 49 colluders). Now the graph is sized
+    for the colluders: no honest device exposed, for every number of colluders a round allows."""
+    rng = np.random.default_rng(cohort)
+    for colluders in sorted({0, 1, 2, cohort // 4, cohort // 2, cohort - 1} & set(range(cohort))):
+        shares, threshold = secure_sum.neighbourhood(cohort, colluders)
+        assert secure_sum.threshold_holds(shares, threshold, colluders) and shares <= cohort
+        assert max(_exposed(cohort, shares, threshold, colluders, rng) for _ in range(3)) == 0.0
+    old = 2 * math.ceil(1.5 * math.log2(100)) + 1
+    assert _exposed(100, old, math.ceil(old / 2), 49, np.random.default_rng(0)) > 0.2  # what it was
+
+
+def test_a_device_declines_a_threshold_its_colluders_could_reach(tmp_path, monkeypatch):
+    log, _, vocabulary = simulated_devices(tmp_path, users=5, seed=7)
+    config = _config(tmp_path, log, rounds=1, round=RoundSettings(colluders=2))
+    honest = run(transport_for(device_grid(tmp_path, 5, vocabulary, seed=7), config), config)
+    assert honest[0].contributed == 5
+    monkeypatch.setattr(secure_sum, "neighbourhood", lambda cohort, colluders: (cohort, 2))  # 2 colluders hold 2
+    lowered = run(transport_for(device_grid(tmp_path, 5, vocabulary, seed=7), config), config)
+    assert lowered[0].contributed == 0 and lowered[0].aborted
