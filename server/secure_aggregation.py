@@ -26,9 +26,12 @@ from flwr.common import (
     FitRes,
     Parameters,
     Scalar,
+    bytes_to_ndarray,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.server import LegacyContext
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -43,6 +46,7 @@ from flwr.serverapp import Grid
 from attune.server.coordinator import Collected
 from attune.shared import secure_sum
 from attune.shared.errors import ModelMismatchError
+from attune.shared.mechanism import contribution_dim
 from attune.shared.records import request_content
 from attune.shared.wire import RoundRequest, check_contribution
 
@@ -114,15 +118,49 @@ class _RoundStrategy(Strategy):
         return None
 
 
-class _Workflow(SecAggPlusWorkflow):
-    """SecAgg+ that stops before unmasking when too few devices' vectors are in the sum, and that
-    does not try to rebuild the masks of a device that left before sharing its keys (Flower 1.42
-    keeps it among the sampled devices, finds no shares for it, and halts the whole round)."""
+class _MaskedVectorsChecked:
+    """The grid as the collect stage sees it: a reply whose masked vector is not the round's
+    ``[weight (1,), contribution (dim,)]`` of integers, or cannot be read, is left out, so that
+    device counts as dropped (its masks are removed at unmasking) instead of breaking the sum."""
 
-    def __init__(self, min_survivors: int, **kwargs: object) -> None:
+    def __init__(self, grid: Grid, dim: int) -> None:
+        self.grid, self.dim = grid, dim
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201 - Grid's signature
+        kept = []
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+            if reply.has_error() or self._fits(reply):
+                kept.append(reply)
+            else:
+                log.warning("dropping device %s from the secure round: its masked vector is not the round's",
+                            reply.metadata.src_node_id)
+        return kept
+
+    def _fits(self, reply) -> bool:  # noqa: ANN001
+        try:
+            masked = reply.content.config_records[RECORD_KEY_CONFIGS][SecAggKey.MASKED_PARAMETERS]
+            arrays = [bytes_to_ndarray(b) for b in masked]
+        except Exception:  # noqa: BLE001 - anything unreadable is a device's fault, never the round's
+            return False
+        return [a.shape for a in arrays] == [(1,), (self.dim,)] and all(a.dtype.kind in "iu" for a in arrays)
+
+
+class _Workflow(SecAggPlusWorkflow):
+    """SecAgg+ that stops before unmasking when too few devices' vectors are in the sum, that
+    does not try to rebuild the masks of a device that left before sharing its keys (Flower 1.42
+    keeps it among the sampled devices, finds no shares for it, and halts the whole round), and
+    that drops a device whose masked vector has the wrong shape (it broke the whole sum)."""
+
+    def __init__(self, min_survivors: int, dim: int, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.min_survivors = min_survivors
+        self.min_survivors, self.dim = min_survivors, dim
         self.stopped = ""
+
+    def collect_masked_vectors_stage(self, grid, context, state) -> bool:  # type: ignore[no-untyped-def]
+        return super().collect_masked_vectors_stage(_MaskedVectorsChecked(grid, self.dim), context, state)
 
     def share_keys_stage(self, grid, context, state) -> bool:  # type: ignore[no-untyped-def]
         done = super().share_keys_stage(grid, context, state)
@@ -173,7 +211,8 @@ class SecureTransport:
             {WorkflowKey.CURRENT_ROUND: request.round})
         shares, threshold = secure_sum.neighbourhood(len(cohort), request.config.colluders)
         workflow = _Workflow(
-            min_survivors, num_shares=shares if shares < len(cohort) else 1.0, reconstruction_threshold=threshold,
+            min_survivors, contribution_dim(request.model, request.config.task),
+            num_shares=shares if shares < len(cohort) else 1.0, reconstruction_threshold=threshold,
             max_weight=secure_sum.MAX_WEIGHT, clipping_range=secure_sum.CLIPPING_RANGE,
             quantization_range=secure_sum.QUANTIZATION_RANGE, modulus_range=secure_sum.MODULUS,
             timeout=self.config.timeout)

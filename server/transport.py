@@ -54,10 +54,12 @@ class GridTransport:
                     collected.refused += 1
                     continue
                 accepted.append(check_contribution(vector, request.model, request.config))
-            except ModelMismatchError as error:
+            except Exception as error:  # noqa: BLE001 - whatever a device sends, it never stops the run
+                reason = str(error) if isinstance(error, ModelMismatchError) else \
+                    f"unreadable contribution ({type(error).__name__})"
                 collected.rejected += 1
-                collected.rejections.append(str(error))
-                log.warning("rejected the contribution of device %s: %s", reply.metadata.src_node_id, error)
+                collected.rejections.append(reason)
+                log.warning("rejected the contribution of device %s: %s", reply.metadata.src_node_id, reason)
                 continue
             collected.contributors.append(reply.metadata.src_node_id)
         if accepted:

@@ -146,9 +146,18 @@ def check_contribution(vector: np.ndarray | torch.Tensor, model: ModelConfig, co
     """A received contribution (or a secure sum of ``devices`` of them), checked: shape, dtype
     (int64 units when private, float64 when not), finite values, norm within what honest devices
     can produce. Raises ``ModelMismatchError`` saying what is wrong."""
-    tensor = torch.from_numpy(np.asarray(vector)) if not isinstance(vector, torch.Tensor) else vector
     dim = contribution_dim(model, config.task)
     dtype = torch.long if config.private else torch.float64
+    if isinstance(vector, np.ndarray):  # exactly the native array torch reads, checked before torch sees it
+        expected = np.dtype(np.int64) if config.private else np.dtype(np.float64)
+        if vector.dtype != expected:  # byte order, structured, datetime, text, object, longdouble: all differ
+            raise ModelMismatchError(f"contribution has dtype {vector.dtype.str}, expected {expected.str}")
+        if vector.shape != (dim,):
+            raise ModelMismatchError(f"contribution has shape {vector.shape}, expected ({dim},)")
+        vector = torch.from_numpy(np.ascontiguousarray(vector))
+    if not isinstance(vector, torch.Tensor):
+        raise ModelMismatchError(f"contribution is a {type(vector).__name__}, not an array")
+    tensor = vector
     if tuple(tensor.shape) != (dim,):
         raise ModelMismatchError(f"contribution has shape {tuple(tensor.shape)}, expected ({dim},)")
     if tensor.dtype != dtype:

@@ -273,3 +273,52 @@ def test_within_its_bound_a_hostile_device_goes_unseen_under_secure_aggregation(
 
     history, _, _ = _hostile(tmp_path, monkeypatch, within, secure=True)
     assert all(r.contributed == 6 and r.aborted == "" for r in history)
+
+
+def _raw(array: np.ndarray):
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    return RecordDict({"contribution": ArrayRecord({"contribution": Array(array)})})
+
+
+REPLIES = {  # every reply that is not exactly the native int64 vector a private round expects
+    "big-endian int64": lambda v: v.numpy().astype(">i8"),
+    "float64": lambda v: v.numpy().astype(np.float64),
+    "float32": lambda v: v.numpy().astype(np.float32),
+    "int32": lambda v: v.numpy().astype(np.int32),
+    "uint64": lambda v: v.numpy().astype(np.uint64),
+    "longdouble": lambda v: v.numpy().astype(np.longdouble),
+    "datetime64": lambda v: v.numpy().astype("datetime64[s]"),
+    "timedelta64": lambda v: v.numpy().astype("timedelta64[s]"),
+    "unicode": lambda v: v.numpy().astype(str),
+    "bytes": lambda v: v.numpy().astype(bytes),
+    "structured": lambda v: np.zeros(len(v), dtype=[("a", "<i8")]),
+    "bool": lambda v: v.numpy() > 0,
+    "two-dimensional": lambda v: v.numpy().reshape(1, -1),
+    "scalar": lambda v: np.array(7, dtype=np.int64),
+    "long": lambda v: np.concatenate([v.numpy(), v.numpy()]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPLIES))
+def test_no_reply_of_any_dtype_or_shape_stops_the_coordinator(tmp_path, monkeypatch, name):
+    """Issue 20: big-endian, datetime, text, structured or longdouble replies raised raw errors in
+    torch.from_numpy and killed run(). Each is now a rejected device; the honest five count."""
+    history, states, _ = _hostile(tmp_path, monkeypatch, lambda v: _raw(REPLIES[name](v)), secure=False)
+    assert all(r.rejected == 1 and r.contributed == 5 for r in history)
+    for state in states:
+        assert all(bool(torch.isfinite(v).all()) for v in state.values())
+
+
+@pytest.mark.parametrize("name,payload", [
+    ("short", lambda v: v[:-3]), ("long", lambda v: torch.cat([v, v])), ("empty", lambda v: v[:0]),
+])
+def test_a_masked_vector_of_the_wrong_length_drops_that_device_not_the_round(tmp_path, monkeypatch, name, payload):
+    """Issue 20: one such vector broke the secure sum ("operands could not be broadcast") and
+    killed the coordinator. The device counts as dropped; the five others are summed."""
+    history, states, config = _hostile(tmp_path, monkeypatch, payload, secure=True)
+    assert all(r.contributed == 5 and r.aborted == "" for r in history)
+    from attune.server.coordinator import initial_state
+
+    moved = any(not torch.equal(states[-1][k], v) for k, v in initial_state(config).items())
+    assert moved  # the honest devices' sum was released and applied
