@@ -100,6 +100,60 @@ def _corrupt(path: Path, what: str, error: Exception) -> StoreError:
                       f"be used as it is: EventStore.destroy({str(path)!r}) deletes it")
 
 
+def _sqlite_error(path: Path, error: sqlite3.Error) -> StoreError:
+    """What a sqlite error means for the person, as a ``StoreError`` that says what to do."""
+    text = str(error)
+    if "locked" in text or "busy" in text:
+        return StoreError(f"{path} is busy: another process holds it; try again")
+    if "readonly" in text or "read-only" in text or "unable to open" in text:
+        return StoreError(f"{path} cannot be written ({text}): check the file's and its folder's permissions")
+    return _corrupt(path, "the file", error)
+
+
+class _Result:
+    """A statement's rows, read in full while errors are still caught (sqlite reads pages lazily)."""
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self.rows = cursor.fetchall()
+        self.lastrowid, self.rowcount = cursor.lastrowid, cursor.rowcount
+
+    def fetchone(self) -> tuple | None:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[tuple]:
+        return self.rows
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self.rows)
+
+
+class _Guarded:
+    """The store's connection: every sqlite error, whatever the statement, becomes a
+    ``StoreError`` (a damaged page, a read-only file, a dropped table, a locked database)."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self.db, self.path = db, path
+
+    def execute(self, sql: str, parameters: tuple = ()) -> _Result:
+        try:
+            return _Result(self.db.execute(sql, parameters))
+        except sqlite3.Error as error:
+            raise _sqlite_error(self.path, error) from None
+        except UnicodeDecodeError as error:  # a damaged text value
+            raise _corrupt(self.path, "the file", error) from None
+
+    def executemany(self, sql: str, rows: Iterable[tuple]) -> _Result:
+        try:
+            return _Result(self.db.executemany(sql, rows))
+        except sqlite3.Error as error:
+            raise _sqlite_error(self.path, error) from None
+        except UnicodeDecodeError as error:
+            raise _corrupt(self.path, "the file", error) from None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+
 class EventStore:
     """Durable store of events, named state values and the privacy ledger on the device.
 
@@ -119,19 +173,11 @@ class EventStore:
         self._sealer = Sealer(key)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=timeout)
+            self._db = _Guarded(sqlite3.connect(self.path, isolation_level=None, timeout=timeout), self.path)
         except sqlite3.Error as error:
             raise StoreError(f"{self.path} cannot be opened: {error}") from None
         try:
             self._open()
-        except sqlite3.OperationalError as error:
-            self._db.close()
-            if "locked" in str(error) or "busy" in str(error):
-                raise StoreError(f"{self.path} is busy: another process holds it; try again") from None
-            raise _corrupt(self.path, "the file", error) from None
-        except sqlite3.DatabaseError as error:
-            self._db.close()
-            raise _corrupt(self.path, "the file", error) from None
         except BaseException:
             self._db.close()
             raise
@@ -184,14 +230,12 @@ class EventStore:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any exception."""
+        self._db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as error:
-            raise StoreError(f"{self.path} is busy: another process holds it ({error}); try again") from None
-        try:
-            yield self._db
+            yield self._db  # type: ignore[misc]
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
 

@@ -5,6 +5,7 @@ import json
 import sqlite3
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -322,3 +323,49 @@ def test_a_masked_vector_of_the_wrong_length_drops_that_device_not_the_round(tmp
 
     moved = any(not torch.equal(states[-1][k], v) for k, v in initial_state(config).items())
     assert moved  # the honest devices' sum was released and applied
+
+
+def _every_read_and_write(path):
+    """Open a store and use all of it; what it may raise is the test's business."""
+    with Personalizer(path, model=ModelConfig(num_items=20, dim=2)) as device:
+        device.store.events()
+        device.store.ledger()
+        device.store.get_state("consent")
+        device.record(Event("item1", "click", NOW))
+        device.rank(["item1", "item2"])
+
+
+@pytest.mark.parametrize("width", [1, 16])
+def test_a_byte_offset_sweep_of_store_corruption_gives_only_attune_errors(tmp_path, width):
+    """Issue 20: damaged data pages leaked raw sqlite3.DatabaseError (63 of 96 offsets). Every
+    offset of the file, overwritten, gives a store that works or an Attune error."""
+    clean = tmp_path / "clean.sqlite"
+    with Personalizer(clean, model=ModelConfig(num_items=20, dim=2)) as device:
+        device.grant_consent("v1")
+        device.record_many(Event(f"item{i % 20}", "click", NOW - 100 + i) for i in range(60))
+    data = clean.read_bytes()
+    raw = []
+    for offset in range(0, len(data), max(1, len(data) // 160)):
+        damaged = bytearray(data)
+        damaged[offset:offset + width] = bytes((b ^ 0xA5) for b in damaged[offset:offset + width])
+        path = tmp_path / f"d{offset}.sqlite"
+        path.write_bytes(bytes(damaged))
+        try:
+            _every_read_and_write(path)
+        except AttuneError:
+            pass
+        except Exception as error:  # noqa: BLE001 - what the test looks for
+            raw.append((offset, f"{type(error).__name__}: {error}"))
+        path.unlink(missing_ok=True)
+        Path(str(path) + "-journal").unlink(missing_ok=True)
+    assert raw == []
+
+
+def test_a_store_that_cannot_be_written_says_so(tmp_path):
+    path = _store_with_data(tmp_path / "r.sqlite")
+    with EventStore(path) as store:
+        store._db.db.execute("PRAGMA query_only = ON")  # what a read-only file gives, even as root
+        assert len(store.events()) == 5  # reading still works
+        with pytest.raises(StoreError, match="cannot be written"):
+            store.add(Event("item9", "click", NOW))
+        assert store.count() == 5
