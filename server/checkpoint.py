@@ -89,6 +89,8 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
 def load_checkpoint(path: Path) -> Checkpoint:
     """Load one checkpoint; ``StoreError`` if it is missing, partial, unreadable or does not match
     its checksum."""
+    if not path.is_file() or not _checksum_path(path).is_file():  # a device or a folder: never read it whole
+        raise StoreError(f"checkpoint {path} or its checksum is not a regular file")
     try:
         data = path.read_bytes()
         expected = _checksum_path(path).read_bytes().decode("ascii").strip()
@@ -113,15 +115,20 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 
 def latest_checkpoint(directory: Path) -> Checkpoint | None:
-    """The newest checkpoint (by round number) in ``directory`` that loads and verifies, if any."""
-    numbered = []
+    """The newest checkpoint in ``directory`` that loads and verifies, if any: newest by the round
+    recorded inside it (checksummed), never by its file name, so a renamed or swapped file does
+    not roll the run back."""
+    found: list[Checkpoint] = []
     for path in directory.glob("global_round_*.pt"):
         match = _NAME.fullmatch(path.name)
-        if match:
-            numbered.append((int(match.group(1)), path))
-    for _, path in sorted(numbered, reverse=True):
+        if not match:
+            continue
         try:
-            return load_checkpoint(path)
+            checkpoint = load_checkpoint(path)
         except StoreError as error:
             log.warning("skipping checkpoint: %s", error)
-    return None
+            continue
+        if checkpoint.round != int(match.group(1)):
+            log.warning("checkpoint %s holds round %d: renamed; read by its content", path, checkpoint.round)
+        found.append(checkpoint)
+    return max(found, key=lambda checkpoint: checkpoint.round, default=None)

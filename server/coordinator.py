@@ -118,8 +118,12 @@ def _resume(config: ServerConfig, fresh: RunState) -> RunState:
     if found is None:
         raise StoreError(f"resume=true but no checkpoint in {config.out_dir / 'checkpoints'} verifies: "
                          "refusing to restart from round 1 with an empty ledger")
-    fresh.optimizer.load_state_dict(found.optimizer)
     layout = shared_model(config.model).layout
+    if tuple(found.params.shape) != (layout.size,) or found.plan is None:
+        raise StoreError(f"the checkpoint of round {found.round} in {config.out_dir / 'checkpoints'} was written for "
+                         f"another model ({found.params.numel()} parameters, this one has {layout.size}): resume "
+                         "with the run's own model settings, or start a new run in another out-dir")
+    fresh.optimizer.load_state_dict(found.optimizer)
     return RunState(run_id=found.run_id, round=found.round, params=found.params,
                     buffers={p.name: found.state[p.name] for p in layout.buffers}, optimizer=fresh.optimizer,
                     plan=found.plan, device_level=found.device_level, participation=Counter(found.participation),

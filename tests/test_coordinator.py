@@ -148,6 +148,25 @@ def test_resume_without_a_checkpoint_that_verifies_is_refused(devices):
         run(transport_for(device_grid(directory, DEVICES, vocabulary, seed=1), config), config)
 
 
+def test_renamed_or_swapped_checkpoints_do_not_roll_the_run_back(devices):
+    """Issue 20: the round came from the file name; a renamed or swapped file rolled the run back
+    silently, a checkpoint symlinked to /dev/zero raised MemoryError, and resuming with another
+    model raised a raw RuntimeError."""
+    directory, log, vocabulary = devices
+    config = _config(directory, log, rounds=3)
+    run(transport_for(device_grid(directory, DEVICES, vocabulary, seed=1), config), config)
+    folder = directory / "run" / "checkpoints"
+    for suffix in ("", ".sha256"):  # swap rounds 2 and 3, checksums and all
+        two, three = folder / f"global_round_0002.pt{suffix}", folder / f"global_round_0003.pt{suffix}"
+        two.rename(folder / "swap"), three.rename(two), (folder / "swap").rename(three)
+    (folder / "global_round_0009.pt").symlink_to("/dev/zero")
+    (folder / "global_round_0009.pt.sha256").write_text("0" * 64)
+    assert latest_checkpoint(folder).round == 3
+    other = replace(config, resume=True, rounds=4, model=replace(config.model, dim=config.model.dim + 1))
+    with pytest.raises(StoreError, match="another model"):
+        run(transport_for(device_grid(directory, DEVICES, vocabulary, seed=1), other), other)
+
+
 @pytest.mark.parametrize("population,per_round,survivors,stated", [(100, 2, 1, 7.41), (1000, 100, 64, 11.15)])
 def test_rounds_that_release_nothing_are_accounted(population, per_round, survivors, stated):
     """Issue 19, item 8: an empty or aborted round shows the cohort was small, so whether a round
