@@ -66,9 +66,13 @@ def noise_refusal(model: ModelConfig, config: RoundConfig, privacy: PrivacyConfi
 
 
 def replayed(request: RoundRequest, rows: list[LedgerRow]) -> str | None:
-    """Refuse a round of a run this device already joined at the same or a later round."""
+    """Refuse a round of a run this device already joined at the same or a later round, and a
+    round of a run it left for another one (a signed round of an earlier run, delivered late)."""
     joined = [row.round for row in rows if row.run_id == request.run_id]
     if joined and request.round <= max(joined):
         return (f"round {request.round} of run {request.run_id} is not after round {max(joined)}, "
                 "which this device already joined: a replay")
+    if joined and rows[-1].run_id != request.run_id:
+        return (f"run {request.run_id} was followed on this device by run {rows[-1].run_id}: a round of an "
+                "earlier run is not joined again")
     return None

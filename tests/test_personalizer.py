@@ -71,6 +71,9 @@ def test_replayed_or_old_rounds_are_refused(tmp_path):
             assert outcome.status is Status.REFUSED and "replay" in outcome.reason
         assert device.contribute(request(round=1, run="run-b")).status is Status.CONTRIBUTED  # another run
         assert len(device.store.ledger()) == 2
+        late = device.contribute(request(round=3))  # the earlier run's next round, signed, delivered late
+        assert late.status is Status.REFUSED and "earlier run" in late.reason
+        assert len(device.store.ledger()) == 2
 
 
 def test_the_device_enforces_its_own_noise_floor_and_privacy(tmp_path):
