@@ -28,7 +28,7 @@ from pathlib import Path
 from attune.client.encryption import Sealer
 from attune.shared.accounting import Entry, epsilon_of, ledger_from_json, ledger_to_json
 from attune.shared.errors import ConfigError, InvalidEventError, StoreError, WrongKeyError
-from attune.shared.events import Event, EventContext
+from attune.shared.events import Event, EventContext, check_recordable
 
 SCHEMA_VERSION = 3
 APPLICATION_ID = 0x41544E45  # "ATNE": marks a file as an Attune store
@@ -262,9 +262,11 @@ class EventStore:
         if isinstance(events, (str, bytes)) or not isinstance(events, Iterable):
             raise InvalidEventError(f"events must be an iterable of Event, got {type(events).__name__}")
         batch = list(events)
+        now = time.time()
         for position, event in enumerate(batch):
             if not isinstance(event, Event):
                 raise InvalidEventError(f"event #{position} is a {type(event).__name__}, not an Event")
+            check_recordable(event, now)
         with self.transaction():
             for event in batch:  # the row id is known before sealing: each blob is bound to its row
                 row = self._db.execute("INSERT INTO events (day, payload) VALUES (?, x'')",

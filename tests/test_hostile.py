@@ -369,3 +369,18 @@ def test_a_store_that_cannot_be_written_says_so(tmp_path):
         with pytest.raises(StoreError, match="cannot be written"):
             store.add(Event("item9", "click", NOW))
         assert store.count() == 5
+
+
+def test_a_clock_moved_back_does_not_turn_a_stored_event_into_corruption(tmp_path, monkeypatch):
+    """Issue 20: an event stamped now + 23 h (allowed), then the clock corrected back by 2 h,
+    and every read raised StoreError(... destroy). The future check is a recording check now."""
+    path = tmp_path / "c.sqlite"
+    with Personalizer(path, model=ModelConfig(num_items=20, dim=2)) as device:
+        device.record(Event("item1", "click", NOW + 23 * 3600))
+        with pytest.raises(InvalidEventError, match="future"):
+            device.record(Event("item2", "click", NOW + 25 * 3600))
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 2 * 3600)
+    with Personalizer(path, model=ModelConfig(num_items=20, dim=2)) as device:
+        assert [e.item_id for e in device.store.events()] == ["item1"]
+        device.rank(["item1", "item2"])
