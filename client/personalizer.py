@@ -49,6 +49,7 @@ from attune.shared.wire import RoundRequest, check_global_state
 
 # Below this cosine an event's item is unrelated to the explained one and is not given as a reason.
 _MIN_EXPLAINING_SIMILARITY = 0.2
+DIVERSIFIED = 1000  # results MMR orders when rank() has no limit
 # Kept by ``erase``: the ledger (a table of its own), participation, and the person's choice.
 _KEPT_BY_ERASE = (device_state.DEVICE_KEY, CONSENT_KEY)
 
@@ -112,6 +113,11 @@ class Personalizer:
         if self.vocabulary.num_items != self.model_config.num_items:
             raise ConfigError("vocabulary and model disagree on num_items")
         self.privacy = privacy or PrivacyConfig()
+        if simulation_seed is not None and not (
+                isinstance(simulation_seed, tuple) and len(simulation_seed) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in simulation_seed)):
+            raise ConfigError(f"simulation_seed must be None or (run seed, device index), two integers >= 0, "
+                              f"got {simulation_seed!r}")
         self.simulation_seed = simulation_seed
         self.store = EventStore(store_path, retention, key=encryption_key)
         self._shared = shared_model(self.model_config)
@@ -176,6 +182,8 @@ class Personalizer:
         self.record_many([event])
 
     def record_many(self, events: Iterable[Event]) -> int:
+        """Record a batch atomically (all or none); returns how many of them the retention policy
+        kept."""
         if isinstance(events, (str, bytes)) or not isinstance(events, Iterable):
             raise InvalidEventError(f"events must be an iterable of Event, got {type(events).__name__}")
         batch = list(events)
@@ -208,9 +216,7 @@ class Personalizer:
 
     def score(self, item_ids: Sequence[str], context: EventContext | None = None) -> torch.Tensor:
         """Scores of ``item_ids`` for this person (global side only until the device has joined)."""
-        if isinstance(item_ids, str):
-            raise InvalidEventError("candidates must be a sequence of item ids, not one string")
-        return self._score(torch.tensor(self.vocabulary.indices(item_ids), dtype=torch.long), context)
+        return self._score(torch.tensor(self.vocabulary.indices(_candidates(item_ids)), dtype=torch.long), context)
 
     def _score(self, items: torch.Tensor, context: EventContext | None) -> torch.Tensor:
         if context is not None and not isinstance(context, EventContext):
@@ -245,11 +251,10 @@ class Personalizer:
         """Candidates ordered best first, with their scores (at most ``limit`` of them).
 
         ``diversity`` in [0, 1] trades score for variety (maximal marginal relevance over item
-        vectors; 0 is plain score order). Items the person marked "not interested" come last.
+        vectors; 0 is plain score order) in the first ``limit`` results (the first 1,000 without
+        a limit); the rest follow by score. Items the person marked "not interested" come last.
         """
-        if isinstance(candidate_item_ids, str):
-            raise InvalidEventError("candidates must be a sequence of item ids, not one string")
-        candidates = list(candidate_item_ids)
+        candidates = _candidates(candidate_item_ids)
         if isinstance(diversity, bool) or not isinstance(diversity, (int, float)) or not 0.0 <= diversity <= 1.0:
             raise ConfigError(f"diversity must be a number in [0, 1], got {diversity!r}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -262,7 +267,10 @@ class Personalizer:
         wanted = [i for i, item in enumerate(candidates) if item not in dismissed]
         keep = torch.tensor(wanted, dtype=torch.long)
         vectors = self._shared.item_side(self._state, items[keep])[0]
-        picked = mmr_order(scores[keep], vectors, float(diversity), len(wanted))
+        head = min(len(wanted), limit or DIVERSIFIED)  # MMR costs O(candidates) per pick
+        picked = mmr_order(scores[keep], vectors, float(diversity), head)
+        chosen = set(picked)
+        picked += [p for p in torch.argsort(scores[keep], descending=True, stable=True).tolist() if p not in chosen]
         unwanted = sorted(set(range(len(candidates))) - set(wanted), key=lambda i: -float(scores[i]))
         order = [wanted[p] for p in picked] + unwanted
         values = scores.tolist()
@@ -298,9 +306,13 @@ class Personalizer:
     def export_scorer(self, path: str | Path) -> Path:
         """Write this person's scorer (global item side plus their vector) as a ``torch.export``
         program (``.pt2``) for inference outside Python. Same scores as ``score`` for a context."""
+        if not isinstance(path, (str, Path)) or not str(path) or "\x00" in str(path):
+            raise ConfigError(f"the scorer path must be a file path, got {path!r}")
         target = Path(path)
         if target.suffix != ".pt2":
             raise ConfigError(f"the scorer file must end in .pt2, got {target.name!r}")
+        if not target.parent.is_dir():
+            raise ConfigError(f"the scorer's folder {target.parent} does not exist (or is a file)")
         with torch.no_grad():
             queries = torch.stack([self._query(EventContext(hour=h, weekday=w))[0]
                                    for h in range(24) for w in range(7)])
@@ -424,10 +436,11 @@ class Personalizer:
         if not self.store.forget_event(event_id):
             raise InvalidEventError(f"no stored event has id {event_id}")
 
-    def rotate_key(self, new_key: bytes) -> None:
-        """Re-encrypt the store under ``new_key`` (or encrypt a plain store). Keep the old key
-        until this returns: if interrupted, the file is still whole under the old key."""
-        self.store.rotate_key(new_key)
+    def rotate_key(self, new_key: bytes | None, *, decrypt: bool = False) -> None:
+        """Re-encrypt the store under ``new_key`` (or encrypt a plain store; ``None`` with
+        ``decrypt=True`` decrypts it). Keep the old key until this returns: if interrupted, the
+        file is still whole under the old key."""
+        self.store.rotate_key(new_key, decrypt=decrypt)
 
     def erase(self) -> None:
         """Delete everything stored about the person: events, user vectors, received model,
@@ -465,3 +478,10 @@ class Personalizer:
     def privacy_summary(self) -> str:
         """The privacy report as plain text for the person (what the app shows in its settings)."""
         return summary(self.privacy_report())
+
+
+def _candidates(item_ids: object) -> list:
+    """Candidate ids as a list, or ``InvalidEventError`` for anything that is not a sequence of them."""
+    if isinstance(item_ids, (str, bytes)) or not isinstance(item_ids, Iterable):
+        raise InvalidEventError(f"candidates must be a sequence of item ids, got {type(item_ids).__name__}")
+    return list(item_ids)

@@ -19,8 +19,7 @@ def mmr_order(scores: torch.Tensor, vectors: torch.Tensor, diversity: float, lim
         return torch.argsort(scores, descending=True, stable=True)[:limit].tolist()
     spread = scores.max() - scores.min()
     relevance = (scores - scores.min()) / spread if spread > 0 else torch.zeros_like(scores)
-    unit = torch.nn.functional.normalize(vectors, dim=1)
-    similarity = unit @ unit.T
+    unit = torch.nn.functional.normalize(vectors, dim=1)  # similarities one picked row at a time: O(n) memory
     closest = torch.full((n,), -1.0)  # max similarity to the picked items (none yet: -1)
     available = torch.ones(n, dtype=torch.bool)
     picked: list[int] = []
@@ -30,5 +29,5 @@ def mmr_order(scores: torch.Tensor, vectors: torch.Tensor, diversity: float, lim
         best = int(torch.argmax(gain))
         picked.append(best)
         available[best] = False
-        closest = torch.maximum(closest, similarity[best])
+        closest = torch.maximum(closest, unit @ unit[best])
     return picked

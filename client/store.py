@@ -57,8 +57,8 @@ class Retention:
 
     def __post_init__(self) -> None:
         events, days = self.max_events, self.max_age_days
-        if isinstance(events, bool) or not isinstance(events, int) or events < 1:
-            raise ConfigError(f"max_events must be an integer >= 1, got {events!r}")
+        if isinstance(events, bool) or not isinstance(events, int) or not 1 <= events <= 10**9:
+            raise ConfigError(f"max_events must be an integer in 1..10**9, got {events!r}")
         if isinstance(days, bool) or not isinstance(days, (int, float)) or not 0 < days < 1e6:
             raise ConfigError(f"max_age_days must be a number in (0, 1e6), got {days!r}")
 
@@ -103,11 +103,23 @@ def _corrupt(path: Path, what: str, error: Exception) -> StoreError:
 def _sqlite_error(path: Path, error: sqlite3.Error) -> StoreError:
     """What a sqlite error means for the person, as a ``StoreError`` that says what to do."""
     text = str(error)
+    if isinstance(error, sqlite3.ProgrammingError):  # the app's use of the object, not the file
+        if "closed" in text:
+            return StoreError(f"{path}: this store was closed; open a new Personalizer")
+        return StoreError(f"{path}: a store must be used from the thread that opened it; open one "
+                          f"Personalizer per thread ({text})")
     if "locked" in text or "busy" in text:
         return StoreError(f"{path} is busy: another process holds it; try again")
     if "readonly" in text or "read-only" in text or "unable to open" in text:
         return StoreError(f"{path} cannot be written ({text}): check the file's and its folder's permissions")
     return _corrupt(path, "the file", error)
+
+
+def _file_path(path: object, what: str) -> Path:
+    """``path`` as a ``Path`` to a file, or ``ConfigError``."""
+    if not isinstance(path, (str, Path)) or not str(path) or "\x00" in str(path):
+        raise ConfigError(f"{what} must be a file path, got {path!r}")
+    return Path(path)
 
 
 class _Result:
@@ -164,14 +176,17 @@ class EventStore:
 
     def __init__(self, path: str | Path, retention: Retention | None = None,
                  key: bytes | None = None, timeout: float = 10.0) -> None:
-        if not isinstance(path, (str, Path)) or not str(path):
-            raise ConfigError(f"the store path must be a file path, got {path!r}")
-        self.path = Path(path)
+        self.path = _file_path(path, "the store path")
         self.retention = retention or Retention()
         if not isinstance(self.retention, Retention):
             raise ConfigError(f"retention must be a Retention, got {type(retention).__name__}")
         self._sealer = Sealer(key)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"{self.path}: its folder cannot be created ({error.strerror})") from None
+        if self.path.is_dir():
+            raise ConfigError(f"the store path {self.path} is a folder; give a file path")
         try:
             self._db = _Guarded(sqlite3.connect(self.path, isolation_level=None, timeout=timeout), self.path)
         except sqlite3.Error as error:
@@ -220,7 +235,10 @@ class EventStore:
     def destroy(path: str | Path) -> None:
         """Delete a store file without opening it as a store (for a corrupt or foreign-looking
         file the person wants gone): overwritten with zeros, then removed, with its journal."""
-        for target in (Path(path), Path(str(path) + "-journal"), Path(str(path) + "-wal")):
+        path = _file_path(path, "the store path")
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder, not a store: nothing was deleted")
+        for target in (path, Path(str(path) + "-journal"), Path(str(path) + "-wal")):
             if target.exists():
                 with target.open("r+b") as handle:
                     handle.write(bytes(target.stat().st_size))
@@ -267,14 +285,19 @@ class EventStore:
             if not isinstance(event, Event):
                 raise InvalidEventError(f"event #{position} is a {type(event).__name__}, not an Event")
             check_recordable(event, now)
+        if not batch:
+            return 0
         with self.transaction():
+            rows = []
             for event in batch:  # the row id is known before sealing: each blob is bound to its row
                 row = self._db.execute("INSERT INTO events (day, payload) VALUES (?, x'')",
                                        (int(event.timestamp // _DAY_S),)).lastrowid
                 self._db.execute("UPDATE events SET payload = ? WHERE id = ?",
                                  (self._sealer.seal(_encode(event), f"event:{row}"), row))
+                rows.append(row)
             self._apply_retention()
-        return len(batch)
+            kept = self._db.execute("SELECT COUNT(*) FROM events WHERE id >= ?", (min(rows),)).fetchone()[0]
+        return int(kept)  # what retention kept of the batch
 
     def _apply_retention(self) -> None:
         cutoff_day = int((time.time() - self.retention.max_age_days * _DAY_S) // _DAY_S)
@@ -420,12 +443,15 @@ class EventStore:
                 self._write_state(kept)
         self._db.execute("VACUUM")
 
-    def rotate_key(self, new_key: bytes) -> None:
-        """Re-encrypt everything under ``new_key`` (also: encrypt a plain store) in one transaction.
+    def rotate_key(self, new_key: bytes | None, *, decrypt: bool = False) -> None:
+        """Re-encrypt everything under ``new_key`` (also: encrypt a plain store) in one transaction;
+        ``rotate_key(None, decrypt=True)`` stores everything in the clear (never by accident).
 
         Interrupted at any point, the file still holds every value under the old key: keep the
         old key in the keystore until this returns, then replace it.
         """
+        if (new_key is None) != decrypt:
+            raise ConfigError("rotate_key takes a new key, or None with decrypt=True to store everything in the clear")
         new = Sealer(new_key)
         with self.transaction():
             events = self._db.execute("SELECT id, payload FROM events").fetchall()

@@ -23,6 +23,8 @@ class Vocabulary:
     _lookup: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.num_items, bool) or not isinstance(self.num_items, int) or self.num_items < 1:
+            raise ConfigError(f"a vocabulary needs num_items >= 1, got {self.num_items!r}")
         if self.ids is not None and len(self.ids) != self.num_items:
             raise ConfigError(f"vocabulary has {len(self.ids)} ids but num_items={self.num_items}")
         lookup = {item: i for i, item in enumerate(self.ids)} if self.ids is not None else {}
@@ -32,6 +34,8 @@ class Vocabulary:
 
     @classmethod
     def of(cls, ids: Sequence[str]) -> Vocabulary:
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise ConfigError(f"vocabulary ids must be a sequence of item ids, got {type(ids).__name__}")
         return cls(num_items=len(ids), ids=tuple(ids))
 
     def index(self, item_id: str) -> int:

@@ -23,6 +23,7 @@ from attune import (
     PrivacyConfig,
     Retention,
     StoreError,
+    Vocabulary,
     WrongKeyError,
 )
 from attune.client.encryption import new_key
@@ -384,3 +385,75 @@ def test_a_clock_moved_back_does_not_turn_a_stored_event_into_corruption(tmp_pat
     with Personalizer(path, model=ModelConfig(num_items=20, dim=2)) as device:
         assert [e.item_id for e in device.store.events()] == ["item1"]
         device.rank(["item1", "item2"])
+
+
+API_MISUSE = {  # issue 20: each raised a raw exception (or was accepted and failed later)
+    "rank(None)": lambda d, t: d.rank(None),
+    "rank(5)": lambda d, t: d.rank(5),
+    "score(None)": lambda d, t: d.score(None),
+    "export to None": lambda d, t: d.export_scorer(None),
+    "export into a missing folder": lambda d, t: d.export_scorer(t / "nope" / "x.pt2"),
+    "export under a file": lambda d, t: d.export_scorer(t / "afile" / "x.pt2"),
+    "store under a file": lambda d, t: Personalizer(t / "afile" / "s.sqlite"),
+    "store path with NUL": lambda d, t: Personalizer(str(t / "a\x00b.sqlite")),
+    "destroy a folder": lambda d, t: Personalizer.destroy(t),
+    "destroy None": lambda d, t: Personalizer.destroy(None),
+    "use after close": lambda d, t: (d.close(), d.rank(["item1"])),
+    "Retention(max_events=2**63)": lambda d, t: Retention(max_events=2**63),
+    "simulation_seed='abc'": lambda d, t: Personalizer(t / "s.sqlite", simulation_seed="abc"),
+    "Vocabulary(0)": lambda d, t: Vocabulary(0),
+    "Vocabulary(-3)": lambda d, t: Vocabulary(-3),
+    "Vocabulary.of(5)": lambda d, t: Vocabulary.of(5),
+    "rotate_key(None) without decrypt": lambda d, t: d.rotate_key(None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(API_MISUSE))
+def test_public_entry_points_raise_only_attune_errors(tmp_path, name):
+    (tmp_path / "afile").write_text("x")
+    device = Personalizer(tmp_path / "d.sqlite", model=ModelConfig(num_items=20, dim=2))
+    try:
+        with pytest.raises(AttuneError):
+            API_MISUSE[name](device, tmp_path)
+    finally:
+        device.close()
+    assert (tmp_path / "afile").read_text() == "x" and tmp_path.is_dir()  # nothing destroyed
+
+
+def test_a_store_used_from_another_thread_says_so(tmp_path):
+    import threading
+
+    errors = []
+    with Personalizer(tmp_path / "d.sqlite", model=ModelConfig(num_items=20, dim=2)) as device:
+        thread = threading.Thread(target=lambda: errors.append(_raised(lambda: device.rank(["item1"]))))
+        thread.start()
+        thread.join()
+    assert isinstance(errors[0], StoreError) and "thread" in str(errors[0])
+
+
+def _raised(call):
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - returned to the test
+        return error
+    return None
+
+
+def test_record_many_returns_what_retention_kept_and_decrypting_is_explicit(tmp_path):
+    key = new_key()
+    with Personalizer(tmp_path / "d.sqlite", model=ModelConfig(num_items=20, dim=2), encryption_key=key,
+                      retention=Retention(max_age_days=30)) as device:
+        old = [Event("item1", "click", NOW - 90 * 86400), Event("item2", "click", NOW - 60 * 86400)]
+        assert device.record_many(old) == 0  # both older than the retention keeps
+        assert device.record_many([Event("item3", "click", NOW), *old]) == 1
+        device.rotate_key(None, decrypt=True)
+        assert not device.store.encrypted
+    with Personalizer(tmp_path / "d.sqlite", model=ModelConfig(num_items=20, dim=2)) as device:
+        assert [e.item_id for e in device.store.events()] == ["item3"]
+
+
+def test_diverse_ranking_of_many_candidates_needs_no_square_matrix(tmp_path):
+    """100k candidates with diversity built a 100k x 100k similarity matrix (40 GB)."""
+    with Personalizer(tmp_path / "d.sqlite", model=ModelConfig(num_items=100_000, dim=2)) as device:
+        ranked = device.rank([f"item{i}" for i in range(100_000)], diversity=0.5, limit=10)
+    assert len(ranked) == 10 and len({r.item_id for r in ranked}) == 10
