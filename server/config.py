@@ -77,7 +77,8 @@ class ServerConfig:
     server_optimizer: Optimizer = knob(Optimizer.ADAM, "adam or sgd, on the mean of the released sums")
     server_lr: float | None = knob(None, "server learning rate [mode preset: 0.1; off 0.03]", above=0.0)
     target_epsilon: float | None = knob(None, "per-device event-level epsilon the noise is calibrated to "
-                                        "[private modes: 8, unless a noise multiplier is given]", above=0.0)
+                                        "[private modes: 8, unless a noise multiplier is given]", above=0.0,
+                                        high=1000.0)
     delta: float = knob(1e-5, "delta of the event-level guarantee", above=0.0, high=0.1)
     user_share: float = knob(0.3, "share of the event-level budget spent on refreshing user vectors",
                              low=0.0, high=0.95)
@@ -93,7 +94,7 @@ class ServerConfig:
                                                above=0.0, high=1.0)
     device_level_noise: float | None = knob(None, "device-level DP (DP-FedAvg) noise multiplier on the sum", above=0.0)
     device_level_epsilon: float | None = knob(None, "device-level epsilon over all rounds (calibrates the noise "
-                                              "and stops the run at it)", above=0.0)
+                                              "and stops the run at it)", above=0.0, high=1000.0)
     device_level_delta: float = knob(1e-5, "delta of the device-level guarantee", above=0.0, high=0.1)
     aggregation: Aggregation = knob(Aggregation.SUM, "sum, trimmed-mean or median (the last two need each "
                                     "contribution: no secure aggregation)")

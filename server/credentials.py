@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,11 +63,20 @@ def _name(common_name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
 def _san(host: str) -> x509.GeneralName:
+    """An IP address or a DNS name (RFC 1123 labels, at most 253 characters), or ``ConfigError``."""
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
-        return x509.DNSName(host)
+        pass
+    if not isinstance(host, str) or not 0 < len(host) <= 253 or not all(
+            _LABEL.fullmatch(label) for label in host.removesuffix(".").split(".")):
+        raise ConfigError(f"{host!r} is neither an IP address nor a host name (letters, digits and '-' in "
+                          "dot-separated labels)")
+    return x509.DNSName(host)
 
 
 def create_credentials(directory: Path, hosts: list[str], supernodes: int, days: int = 365) -> Credentials:
@@ -75,6 +85,7 @@ def create_credentials(directory: Path, hosts: list[str], supernodes: int, days:
     Ed25519 model-signing key pair."""
     if not hosts:
         raise ConfigError("give at least one host name or IP address for the SuperLink certificate")
+    names = [_san(h) for h in hosts]  # every host checked before anything is written
     creds = Credentials(directory)
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -89,7 +100,7 @@ def create_credentials(directory: Path, hosts: list[str], supernodes: int, days:
     server = (x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca.subject)
               .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
               .not_valid_before(valid[0]).not_valid_after(valid[1])
-              .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+              .add_extension(x509.SubjectAlternativeName(names), critical=False)
               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
               .sign(ca_key, hashes.SHA384()))
     creds.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))

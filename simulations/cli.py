@@ -252,6 +252,10 @@ def main() -> None:
     except AttuneError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:  # a path that cannot be written, a port in use: one line, no traceback
+        where = f": {error.filename}" if error.filename else ""
+        print(f"error: {error.strerror or error}{where}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

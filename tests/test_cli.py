@@ -43,6 +43,26 @@ def test_bad_input_is_one_line(tmp_path, args, message):
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
 
 
+@pytest.mark.parametrize("args", [  # issue 20: each printed a traceback
+    ["simulate", "--synthetic-users", "30", "--rounds", "2", "--out", "{file}/x"],
+    ["simulate", "--synthetic-users", "30", "--rounds", "2", "--out", "/proc/attune-x"],
+    ["sweep", "--epsilons", "8", "--seeds", "0", "--modes", "distributed", "--algorithms", "partial-local",
+     "--rounds", "2", "--out", "{file}/x"],
+    ["audit", "--users", "30", "--out", "{file}/x.json"],
+    ["credentials", "--out", "{file}/x"],
+    ["credentials", "--host", "", "--out", "{tmp}/c1"],
+    ["credentials", "--host", "not a host!", "--out", "{tmp}/c2"],
+    ["simulate", "--epsilon", "1e308", "--synthetic-users", "30", "--out", "{tmp}/o"],
+])
+def test_unwritable_outputs_and_nonsense_values_are_one_line(tmp_path, args):
+    (tmp_path / "afile").write_text("x")
+    args = [a.format(file=tmp_path / "afile", tmp=tmp_path) for a in args]
+    result = attune(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+    assert not (tmp_path / "c2").exists()  # a bad host writes nothing
+
+
 def test_out_pointing_at_a_file_fails_before_any_work(tmp_path):
     target = tmp_path / "results.json"
     target.write_text("{}")
