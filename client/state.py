@@ -93,6 +93,8 @@ def decode_tensors(raw: bytes) -> dict[str, torch.Tensor]:
             start += values.itemsize * count
         if start != len(raw):
             raise ValueError(f"{len(raw) - start} trailing bytes")
+        if not all(bool(torch.isfinite(t).all()) for t in out.values() if t.is_floating_point()):
+            raise ValueError("a stored vector holds NaN or infinity")
         return out
     except (struct.error, ValueError, TypeError, AttributeError) as error:
         raise StoreError(f"a stored tensor value is damaged: {error}") from None

@@ -45,6 +45,8 @@ CREATE TABLE state (key TEXT PRIMARY KEY, generation INTEGER NOT NULL, value BLO
 CREATE TABLE ledger (id INTEGER PRIMARY KEY AUTOINCREMENT, payload BLOB NOT NULL);
 """
 _TABLES = {"meta", "events", "state", "ledger", "sqlite_sequence"}
+_OBJECTS = {("table", name) for name in _TABLES} | {("index", "events_by_day")} | {
+    ("index", f"sqlite_autoindex_{name}_1") for name in ("meta", "state")}  # what the schema creates
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,7 @@ class EventStore:
             raise StoreError(f"{self.path}: its folder cannot be created ({error.strerror})") from None
         if self.path.is_dir():
             raise ConfigError(f"the store path {self.path} is a folder; give a file path")
+        self._was_empty = not self.path.exists() or self.path.stat().st_size == 0  # only then is one created
         try:
             self._db = _Guarded(sqlite3.connect(self.path, isolation_level=None, timeout=timeout), self.path)
         except sqlite3.Error as error:
@@ -200,8 +203,12 @@ class EventStore:
     def _open(self) -> None:
         """Check the file is an Attune store of this schema (or empty) before writing anything."""
         application = self._db.execute("PRAGMA application_id").fetchone()[0]
-        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not tables and application == 0:
+        objects = set(self._db.execute("SELECT type, name FROM sqlite_master").fetchall())
+        tables = {name for kind, name in objects if kind == "table"}
+        if not objects and application == 0:
+            if not self._was_empty:  # a damaged (truncated) store, or another app's file: never overwritten
+                raise StoreError(f"{self.path} is not empty but holds no store (truncated or damaged?); nothing "
+                                 f"was changed: EventStore.destroy({str(self.path)!r}) deletes it")
             self._db.execute("PRAGMA secure_delete = ON")  # freed pages are zeroed
             self._db.execute("PRAGMA journal_mode = DELETE")  # no WAL file left holding old pages
             with self.transaction():
@@ -212,9 +219,9 @@ class EventStore:
                     ("schema_version", str(SCHEMA_VERSION)), ("key_check", self._sealer.key_check),
                     ("generation", "0")])
             return
-        if application != APPLICATION_ID or not tables <= _TABLES:
-            raise StoreError(f"{self.path} is not an Attune store (another application's file?); "
-                             "nothing was changed")
+        if application != APPLICATION_ID or not objects <= _OBJECTS:
+            raise StoreError(f"{self.path} is not an Attune store (another application's file, or objects "
+                             "added to it: views, triggers?); nothing was changed")
         self._db.execute("PRAGMA secure_delete = ON")
         self._db.execute("PRAGMA journal_mode = DELETE")
         meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
@@ -222,8 +229,10 @@ class EventStore:
             raise StoreError(f"{self.path}: the store's metadata is missing (damaged file); "
                              f"EventStore.destroy({str(self.path)!r}) deletes it")
         if meta["schema_version"] != str(SCHEMA_VERSION):
-            raise StoreError(f"{self.path} has schema version {meta['schema_version']}; this Attune reads "
-                             f"{SCHEMA_VERSION}")
+            raise StoreError(f"{self.path} has schema version {meta['schema_version']!r}; this Attune reads "
+                             f"{str(SCHEMA_VERSION)!r}")
+        if not meta["generation"].isdecimal() or len(meta["generation"]) > 18:
+            raise _corrupt(self.path, "the store's metadata", ValueError(f"generation {meta['generation']!r}"))
         if meta["key_check"] != self._sealer.key_check:
             if not meta["key_check"]:
                 raise WrongKeyError(f"{self.path} is not encrypted: open it without a key, then "

@@ -457,3 +457,55 @@ def test_diverse_ranking_of_many_candidates_needs_no_square_matrix(tmp_path):
     with Personalizer(tmp_path / "d.sqlite", model=ModelConfig(num_items=100_000, dim=2)) as device:
         ranked = device.rank([f"item{i}" for i in range(100_000)], diversity=0.5, limit=10)
     assert len(ranked) == 10 and len({r.item_id for r in ranked}) == 10
+
+
+def _with_view(path):
+    db = sqlite3.connect(path)
+    db.execute("CREATE VIEW mine AS SELECT 1 AS one")
+    db.commit()
+    db.close()
+
+
+def _with_trigger(path):
+    db = sqlite3.connect(path)
+    db.execute("CREATE TRIGGER spy AFTER INSERT ON events BEGIN DELETE FROM ledger; END")
+    db.commit()
+    db.close()
+
+
+def _meta(value):
+    def change(path):
+        db = sqlite3.connect(path)
+        db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (value,))
+        db.commit()
+        db.close()
+    return change
+
+
+@pytest.mark.parametrize("damage", [
+    lambda path: path.write_bytes(path.read_bytes()[:1]),  # truncated: it opened as a fresh empty store
+    lambda path: (path.unlink(), _with_view(path)),  # another app's file holding only a view
+    _with_trigger,
+    _meta("abc"),
+    _meta("9" * 40),
+])
+def test_damaged_or_foreign_stores_are_refused_and_left_as_they_are(tmp_path, damage):
+    path = _store_with_data(tmp_path / "s.sqlite")
+    damage(path)
+    before = path.read_bytes()
+    with pytest.raises(StoreError):
+        with EventStore(path) as store:
+            store.add(Event("item9", "click", NOW))
+    assert path.read_bytes() == before
+
+
+def test_a_stored_vector_with_nan_is_a_store_error_not_a_nan_ranking(tmp_path):
+    from attune.client.state import USER_KEY, encode_tensors
+
+    path = tmp_path / "n.sqlite"
+    with Personalizer(path, model=ModelConfig(num_items=20, dim=2)):
+        pass
+    with EventStore(path) as store:
+        store.put_state({USER_KEY: encode_tensors({"user": torch.tensor([float("nan"), 1.0])})})
+    with pytest.raises(StoreError, match="NaN"):
+        Personalizer(path, model=ModelConfig(num_items=20, dim=2)).rank(["item1"])

@@ -78,7 +78,7 @@ def test_foreign_schema_version_is_refused(tmp_path):
     path = tmp_path / "s.sqlite"
     with EventStore(path) as store:
         store._db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
-    with pytest.raises(StoreError, match="schema version 99"):
+    with pytest.raises(StoreError, match="schema version '99'"):
         EventStore(path)
 
 
