@@ -34,6 +34,7 @@ SCHEMA_VERSION = 3
 APPLICATION_ID = 0x41544E45  # "ATNE": marks a file as an Attune store
 _DAY_S = 86_400
 _MANIFEST = "__manifest__"
+_LEDGER = "~ledger"  # the manifest's entry for the ledger's extent
 
 # Only the insertion order and the day of each event are stored in the clear (retention needs
 # them); what was done, to which item and at what time is in ``payload``, sealed when a key is set.
@@ -346,9 +347,15 @@ class EventStore:
 
     # -- state -----------------------------------------------------------------------------------
 
-    def _manifest(self) -> dict[str, int]:
+    def _manifest(self) -> dict:
+        """Encrypted stores: the sealed list of what state holds (key -> generation, and the
+        ledger's row count and last id under ``_LEDGER``), so a deleted row is seen as well as a
+        rolled-back one. It exists once anything was written (generation > 0)."""
         row = self._db.execute("SELECT generation, value FROM state WHERE key = ?", (_MANIFEST,)).fetchone()
         if row is None:
+            generation = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+            if self.encrypted and generation is not None and generation[0] != "0":
+                raise WrongKeyError(f"{self.path}: the sealed list of stored values was deleted outside Attune")
             return {}
         try:
             return json.loads(self._sealer.open(bytes(row[1]), f"state:{_MANIFEST}:{row[0]}"))
@@ -358,6 +365,8 @@ class EventStore:
     def get_state(self, key: str) -> bytes | None:
         row = self._db.execute("SELECT generation, value FROM state WHERE key = ?", (key,)).fetchone()
         if row is None:
+            if self.encrypted and key in self._manifest():
+                raise WrongKeyError(f"{self.path}: the stored {key!r} was deleted outside Attune")
             return None
         value = self._sealer.open(bytes(row[1]), f"state:{key}:{row[0]}")
         if self.encrypted and self._manifest().get(key) != row[0]:
@@ -378,14 +387,16 @@ class EventStore:
         with self.transaction():
             self._write_state(values)
 
-    def _write_state(self, values: dict[str, bytes]) -> None:
-        """Inside a transaction: seal and write ``values`` under a new generation."""
+    def _write_state(self, values: dict[str, bytes], *, fresh: bool = False) -> None:
+        """Inside a transaction: seal and write ``values`` under a new generation (``fresh``: they
+        are all the state there is, the rest was just deleted)."""
+        base = {} if fresh or not self.encrypted else self._manifest()  # read before the generation moves
         generation = int(self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]) + 1
         self._db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(generation),))
         rows = [(key, generation, self._sealer.seal(value, f"state:{key}:{generation}"))
                 for key, value in values.items()]
         if self.encrypted:
-            manifest = {**self._manifest(), **{key: generation for key in values}}
+            manifest = {**base, **{key: generation for key in values}, _LEDGER: self._ledger_extent()}
             rows.append((_MANIFEST, generation,
                          self._sealer.seal(json.dumps(manifest).encode(), f"state:{_MANIFEST}:{generation}")))
         self._db.executemany("INSERT OR REPLACE INTO state (key, generation, value) VALUES (?, ?, ?)", rows)
@@ -400,8 +411,14 @@ class EventStore:
 
     # -- ledger ----------------------------------------------------------------------------------
 
+    def _ledger_extent(self) -> list[int]:
+        count, last = self._db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM ledger").fetchone()
+        return [int(count), int(last)]
+
     def ledger(self) -> list[LedgerRow]:
         """Every round this device paid for, oldest first."""
+        if self.encrypted and self._manifest().get(_LEDGER, [0, 0]) != self._ledger_extent():
+            raise WrongKeyError(f"{self.path}: privacy ledger rows were deleted or added outside Attune")
         rows = self._db.execute("SELECT id, payload FROM ledger ORDER BY id").fetchall()
         out = []
         try:
@@ -436,6 +453,8 @@ class EventStore:
                                   "local_entries": ledger_to_json(local_entries)}).encode()
             self._db.execute("UPDATE ledger SET payload = ? WHERE id = ?",
                              (self._sealer.seal(payload, f"ledger:{row}"), row))
+            if self.encrypted:
+                self._write_state({})  # the manifest, with the ledger's new extent
         return int(row)
 
     # -- whole store -----------------------------------------------------------------------------
@@ -448,8 +467,7 @@ class EventStore:
             kept = {key: value for key in keep_state if (value := self.get_state(key)) is not None}
             self._db.execute("DELETE FROM events")
             self._db.execute("DELETE FROM state")
-            if kept:
-                self._write_state(kept)
+            self._write_state(kept, fresh=True)
         self._db.execute("VACUUM")
 
     def rotate_key(self, new_key: bytes | None, *, decrypt: bool = False) -> None:
@@ -474,8 +492,7 @@ class EventStore:
             self._db.execute("DELETE FROM state")
             self._sealer, old = new, self._sealer
             try:
-                if values:
-                    self._write_state(values)  # type: ignore[arg-type]
+                self._write_state(values, fresh=True)  # type: ignore[arg-type]
                 self._db.execute("UPDATE meta SET value = ? WHERE key = 'key_check'", (new.key_check,))
             except BaseException:
                 self._sealer = old

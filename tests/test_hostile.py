@@ -509,3 +509,33 @@ def test_a_stored_vector_with_nan_is_a_store_error_not_a_nan_ranking(tmp_path):
         store.put_state({USER_KEY: encode_tensors({"user": torch.tensor([float("nan"), 1.0])})})
     with pytest.raises(StoreError, match="NaN"):
         Personalizer(path, model=ModelConfig(num_items=20, dim=2)).rank(["item1"])
+
+
+@pytest.mark.parametrize("deleted", ["state:device", "state:not_interested", "state:__manifest__", "ledger"])
+def test_rows_deleted_from_an_encrypted_store_are_seen(tmp_path, deleted):
+    """Issue 20: deleting the device state undid pause(True), deleting ledger rows reset epsilon
+    to 0, deleting the not-interested list brought dismissed items back, all unnoticed. The sealed
+    manifest covers absence now (and the ledger's extent)."""
+    from device_helpers import request
+
+    key = new_key()
+    path = tmp_path / "e.sqlite"
+    with Personalizer(path, model=ModelConfig(num_items=20, dim=2), encryption_key=key) as device:
+        device.grant_consent("v1")
+        device.record_many(Event(f"item{i}", "click", NOW - 100 + i) for i in range(6))
+        device.contribute(request(round=1, model=ModelConfig(num_items=20, dim=2)))
+        device.forget_item("item1", keep_as_negative=True)
+        device.pause(True)
+        assert device.store.ledger()
+    db = sqlite3.connect(path)
+    if deleted == "ledger":
+        db.execute("DELETE FROM ledger")
+    else:
+        db.execute("DELETE FROM state WHERE key = ?", (deleted.removeprefix("state:"),))
+    db.commit()
+    db.close()
+    with pytest.raises(WrongKeyError, match="outside Attune"):
+        with Personalizer(path, model=ModelConfig(num_items=20, dim=2), encryption_key=key) as device:
+            device.store.ledger()
+            assert device.paused
+            device.not_interested()
