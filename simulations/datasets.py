@@ -8,6 +8,7 @@ always gives the same indices.
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -36,7 +37,7 @@ class EventLog:
 
 def _index(raw: list[str]) -> tuple[np.ndarray, tuple[str, ...]]:
     def key(value: str) -> tuple[int, int | str]:
-        return (0, int(value)) if value.lstrip("-").isdigit() else (1, value)
+        return (0, int(value)) if re.fullmatch(r"-?[0-9]+", value) else (1, value)  # '--1' is a name
 
     vocabulary = tuple(sorted(set(raw), key=key))
     lookup = {value: i for i, value in enumerate(vocabulary)}
@@ -82,6 +83,8 @@ def load_movielens(directory: Path) -> EventLog:
                 times.append(float(parts[3]))
             except ValueError:
                 raise DataError(f"{path}:{number}: timestamp {parts[3]!r} is not a number") from None
+            if not (np.isfinite(times[-1]) and 0 <= times[-1] < 1e11):
+                raise DataError(f"{path}:{number}: timestamp {parts[3].strip()!r} is not unix seconds")
     ones = np.ones(len(users), dtype=np.float32)
     return _build("movielens-100k", users, items, np.asarray(times), ones)
 
@@ -94,7 +97,7 @@ def load_csv(
     if not path.is_file():
         raise DataError(f"{path} not found")
     try:
-        handle = path.open(newline="", encoding="utf-8")
+        handle = path.open(newline="", encoding="utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror})") from None
     try:
@@ -102,6 +105,8 @@ def load_csv(
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); convert it with "
                         "iconv -f latin1 -t utf-8") from None
+    except csv.Error as error:  # a field over the csv module's limit (128 KiB), a stray NUL
+        raise DataError(f"{path}: not a CSV file this loader reads ({error})") from None
     finally:
         handle.close()
 

@@ -105,3 +105,26 @@ def test_csv_loader_maps_ids_densely(tmp_path):
     assert (log.num_users, log.num_items, len(log)) == (2, 2, 3)
     assert log.item_ids == ("x", "y")
     assert json.dumps(log.weights.tolist()) == "[1.0, 2.0, 0.5]"
+
+
+def test_csv_loader_edge_rows(tmp_path):
+    """Issue 20: a BOM (Excel's "CSV UTF-8") hid the first column, ids -1 and --1 crashed the id
+    sort, a field over 128 KiB and NaN MovieLens timestamps gave tracebacks or were accepted."""
+    from attune.shared.errors import DataError
+    from attune.simulations.datasets import load_csv, load_movielens
+
+    columns = {"user_col": "user", "item_col": "item", "time_col": "timestamp"}
+    bom = tmp_path / "bom.csv"
+    bom.write_text("user,item,timestamp\n1,a,1000000000\n2,b,1000000001\n", encoding="utf-8-sig")
+    assert load_csv(bom, **columns).num_users == 2
+    ids = tmp_path / "ids.csv"
+    ids.write_text("user,item,timestamp\n-1,a,1000000000\n--1,b,1000000001\n")
+    assert load_csv(ids, **columns).num_users == 2
+    big = tmp_path / "big.csv"
+    big.write_text("user,item,timestamp\n1," + "x" * 140_000 + ",1000000000\n")
+    with pytest.raises(DataError, match="not a CSV file"):
+        load_csv(big, **columns)
+    (tmp_path / "ml").mkdir()
+    (tmp_path / "ml" / "u.data").write_text("1\t2\t5\t881250949\n1\t3\t4\tnan\n")
+    with pytest.raises(DataError, match="unix seconds"):
+        load_movielens(tmp_path / "ml")
