@@ -15,7 +15,8 @@ from attune.shared.errors import ConfigError
 
 @dataclass(frozen=True)
 class Batch:
-    """One (possibly empty) Poisson batch of training examples.
+    """A device's training examples for one step: each event against its sampled negatives
+    (all its events every round; possibly none).
 
     ``items[:, 0]`` is the interacted item and ``items[:, 1:]`` the sampled negatives;
     ``labels`` is 1 for the positive column and 0 elsewhere.

@@ -1,18 +1,12 @@
-"""Ranking metrics (HR@10, NDCG@10) and the held-out candidates a simulated device evaluates on.
+"""Ranking metrics (HR@10, NDCG@10) and the beyond-accuracy metrics of a ranked list.
 
-Shared because devices compute their own metrics (federated evaluation) and simulations compute
-baselines with the very same function.
+Computed by the simulator on the device's scores, for the model and for the baselines alike, with
+the very same functions; devices send no metric.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
-
-from attune.shared.events import EventContext
 
 CUTOFF = 10
 
@@ -31,29 +25,6 @@ def hit_and_ndcg(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rank = rank_of_first(np.asarray(scores, dtype=np.float64))
     hit = (rank < CUTOFF).astype(np.float64)
     return hit, hit / np.log2(rank + 2.0)
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """A held-out interaction (``candidates[0]``) and the unseen items it is ranked against."""
-
-    candidates: list[str]
-    context: EventContext
-
-
-def write_heldout(path: Path, heldout: HeldOut) -> None:
-    payload = {
-        "candidates": heldout.candidates,
-        "hour": heldout.context.hour,
-        "weekday": heldout.context.weekday,
-    }
-    Path(path).write_text(json.dumps(payload))
-
-
-def read_heldout(path: Path) -> HeldOut:
-    payload = json.loads(Path(path).read_text())
-    context = EventContext(hour=payload["hour"], weekday=payload["weekday"])
-    return HeldOut(candidates=list(payload["candidates"]), context=context)
 
 
 def intra_list_diversity(vectors: np.ndarray) -> float:

@@ -23,7 +23,7 @@ from attune.client.policy import PrivacyConfig, refusal
 from attune.client.training import Cohort, initial_user_vector, train_round
 from attune.server.coordinator import Collected
 from attune.shared.accounting import epsilon_of
-from attune.shared.config import PrivacyMode, RoundConfig, RoundTask
+from attune.shared.config import RoundConfig, RoundTask
 from attune.shared.errors import ConfigError
 from attune.shared.events import EVENT_TYPES, EVENT_WEIGHTS, context_matrix, nearest_event_types
 from attune.shared.mechanism import planned_entries, share_std
@@ -159,12 +159,3 @@ def subset(cohort: Cohort, devices: list[int]) -> Cohort:
     return Cohort(cohort.items[rows], cohort.weights[rows],
                   cohort.context[rows] if cohort.context is not None else None,
                   torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]))
-
-
-def noise_label(transport: InProcessTransport, config: RoundConfig) -> str:
-    if not config.private:
-        return "none"
-    if transport.noise == "aggregate" and config.privacy is PrivacyMode.DISTRIBUTED:
-        return "aggregate: the honest shares' total drawn once by the simulator (same accounting)"
-    return "per-device: every device draws its share from its own stream"
-
