@@ -2,8 +2,9 @@
 a legacy ``NumPyClient`` that runs the same device round as the Message API handler.
 
 In flwr 1.42 SecAgg+ is reachable only through the legacy fit protocol, so this adapter speaks it.
-Importing it installs Attune's mask generator and exact integer encoding into Flower's mod
-(``attune.shared.secure_sum``); the coordinator installs the same on its side. Around the mod
+``harden()`` (called by ``make_secure_client_app``) puts Attune's mask generator and exact integer
+encoding into Flower's mod (``attune.shared.secure_sum``), after checking the Flower release; the
+coordinator's transport does the same on its side. Around the mod
 the device also refuses to:
 - contribute when the signed ``min_survivors`` exceeds the number of devices SecAgg+ announced
   (its noise share would be sized for devices that do not exist), or when the reconstruction
@@ -51,14 +52,14 @@ FIT_CONFIG = "fitins.config"  # where the legacy protocol carries the round's co
 flower_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
 
 
-def install() -> None:
-    """Replace the weak pieces of Flower's client-side SecAgg+ with Attune's (idempotent)."""
+def harden() -> None:
+    """Replace the weak pieces of Flower's client-side SecAgg+ with Attune's (idempotent; checked
+    against the Flower release they were written for). The app factories call it."""
+    secure_sum.check_flower_version()
     flower_mod.pseudo_rand_gen = secure_sum.mask_stream
     flower_mod.create_shares = secure_sum.split_secret
     flower_mod.quantize = lambda parameters, clipping_range, target_range: secure_sum.encode(parameters)
 
-
-install()
 
 
 DECLINED = "this device does not contribute to this round"
@@ -121,4 +122,5 @@ def _check_instructions(msg: Message, context: Context) -> None:
 
 
 def make_secure_client_app(resolve: Callable[[Context], DeviceSettings]) -> ClientApp:
+    harden()
     return ClientApp(client_fn=lambda context: SecureDevice(resolve(context)).to_client(), mods=[_checked])

@@ -3,12 +3,13 @@ coordinator learns only the sum of the sampled devices' contributions.
 
 In flwr 1.42 SecAgg+ runs only through the legacy workflow API. This transport hands the workflow
 the round's signed global side and config and the sampled devices, and takes back the exact
-integer sum. Importing it installs Attune's mask generator and exact integer decoding into
-Flower's workflow (``attune.shared.secure_sum``); devices install the same on their side. The
-workflow is also stopped before it unmasks anything when fewer than ``min_survivors`` devices'
-vectors are in the sum (it never releases an under-noised sum), and the cohort is capped so the
-sum cannot wrap around the field. Shares go to ``O(log n)`` neighbours (SecAgg+'s sparse graph), at least
-``2 * colluders + 1``, with a threshold of a strict majority over ``colluders`` (``secure_sum.neighbourhood``).
+integer sum. Creating it calls ``harden()``, which puts Attune's mask generator and exact integer
+decoding into Flower's workflow (``attune.shared.secure_sum``) after checking the Flower release;
+devices do the same on their side. The workflow is also stopped before it unmasks anything when
+fewer than ``min_survivors`` devices' vectors are in the sum (it never releases an under-noised
+sum), and the cohort is capped so the sum cannot wrap around the field. Shares go to
+``O(log n)`` neighbours (SecAgg+'s sparse graph), at least ``2 * colluders + 1``, with a threshold
+of a strict majority over ``colluders`` (``secure_sum.neighbourhood``).
 """
 
 from __future__ import annotations
@@ -53,15 +54,15 @@ from attune.shared.wire import RoundRequest, check_contribution
 log = logging.getLogger(__name__)
 
 
-def install() -> None:
-    """Replace the weak pieces of Flower's server-side SecAgg+ with Attune's (idempotent)."""
+def harden() -> None:
+    """Replace the weak pieces of Flower's server-side SecAgg+ with Attune's (idempotent; checked
+    against the Flower release they were written for). The app factories call it."""
+    secure_sum.check_flower_version()
     flower_workflow.pseudo_rand_gen = secure_sum.mask_stream
     flower_workflow.combine_shares = secure_sum.combine_shares
     flower_workflow.dequantize = lambda residues, clipping_range, target_range: secure_sum.decode(residues)
     flower_workflow.factor_extract = lambda parameters: (1, parameters[1:])  # every weight is 1: no division
 
-
-install()
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ class SecureTransport:
     """A ``Transport`` over a Flower ``Grid`` whose rounds go through hardened SecAgg+."""
 
     def __init__(self, grid: Grid, signer, config: SecureAggregationConfig | None = None) -> None:  # noqa: ANN001
+        harden()
         self.grid, self.signer = grid, signer
         self.config = config or SecureAggregationConfig()
         self._strategy = _RoundStrategy()

@@ -20,6 +20,7 @@ sum into a 2^32 field with a weight per device. Attune replaces those three piec
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import math
 import secrets
 
@@ -82,6 +83,18 @@ def max_cohort(model: ModelConfig, config: RoundConfig) -> int:
     while devices > 0 and devices * per_device + 12 * share_std(config) * math.sqrt(devices) > room:
         devices -= 1
     return devices
+
+
+HARDENED_FLOWER = "1.42."  # the Flower release whose SecAgg+ internals the hardening replaces
+
+
+def check_flower_version() -> None:
+    """Refuse to harden a Flower release other than the one the replaced functions were read in:
+    their names and signatures are Flower's internals, not its API."""
+    found = importlib.metadata.version("flwr")
+    if not found.startswith(HARDENED_FLOWER):
+        raise ConfigError(f"Attune's SecAgg+ hardening is written for flwr {HARDENED_FLOWER}x, found {found}: "
+                          "install the pinned flwr")
 
 
 def neighbourhood(cohort: int, colluders: int) -> tuple[int, int]:

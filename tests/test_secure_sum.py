@@ -3,6 +3,7 @@ sums, fast Shamir sharing, a capped cohort, and the real protocol summing exactl
 devices computed, with dropouts, and never unmasking too few shares."""
 
 import importlib
+import importlib.metadata
 import math
 import secrets
 from dataclasses import replace
@@ -18,7 +19,7 @@ from attune.server.coordinator import run
 from attune.server.planning import plan
 from attune.shared import secure_sum
 from attune.shared.config import RoundSettings, preset
-from attune.shared.errors import ModelMismatchError
+from attune.shared.errors import ConfigError, ModelMismatchError
 from attune.shared.mechanism import contribution_dim, device_bound
 from attune.shared.model import ModelConfig
 from attune.simulations.fast import InProcessTransport, device_cohort
@@ -40,14 +41,20 @@ def test_masks_come_from_the_whole_key_not_a_32_bit_fold():
     assert ours[0].min() >= 0 and ours[0].max() < secure_sum.MODULUS
 
 
-def test_attune_pieces_are_installed_on_both_sides():
-    import attune.client.secure_aggregation  # noqa: F401
-    import attune.server.secure_aggregation  # noqa: F401
+def test_attune_pieces_are_installed_on_both_sides_by_an_explicit_checked_harden(monkeypatch):
+    import attune.client.secure_aggregation as device_side
+    import attune.server.secure_aggregation as coordinator_side
 
+    device_side.harden()
+    coordinator_side.harden()
     client = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
     server = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
     assert client.pseudo_rand_gen is secure_sum.mask_stream is server.pseudo_rand_gen
     assert client.create_shares is secure_sum.split_secret and server.combine_shares is secure_sum.combine_shares
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.43.0")
+    for side in (device_side, coordinator_side):  # other Flower internals: refused, not patched blindly
+        with pytest.raises(ConfigError, match="1.43.0"):
+            side.harden()
 
 
 def test_integers_enter_and_leave_the_field_exactly():
