@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export FLWR_TELEMETRY_ENABLED := 0
 PYTEST := $(BIN)/python -m pytest -q --timeout=900
 
-.PHONY: install demo test test-all figures
+.PHONY: install demo test test-all typecheck figures
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,14 @@ test: install
 	@rc=0; $(PYTEST) -m "not slow" || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
-test-all: install
+# mypy sees the package as it is imported: attune/ with client/, server/, shared/, simulations/ in it.
+typecheck: install
+	@tmp=$$(mktemp -d) && mkdir $$tmp/attune && cp attune/__init__.py $$tmp/attune/ && \
+	for d in client server shared simulations; do ln -s $(CURDIR)/$$d $$tmp/attune/$$d; done && \
+	cd $$tmp && $(CURDIR)/$(BIN)/python -m mypy -p attune --config-file $(CURDIR)/pyproject.toml \
+		--cache-dir $(CURDIR)/.mypy_cache; rc=$$?; rm -rf $$tmp; exit $$rc
+
+test-all: install typecheck
 	@rc=0; $(PYTEST) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 

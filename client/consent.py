@@ -8,6 +8,7 @@ person, and the coordinator's operator can demonstrate, what was agreed to.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from attune.client.store import EventStore
 from attune.shared.errors import ConfigError
@@ -29,7 +30,7 @@ def write_consent(store: EventStore, granted: bool, policy_version: str | None) 
         raise ConfigError(f"policy_version must be a non-empty string of at most 64 characters, "
                           f"got {policy_version!r}")
     def change(current: object | None) -> dict:
-        record = current if isinstance(current, dict) else {"purpose": CONSENT_PURPOSE, "history": []}
+        record: dict[str, Any] = current if isinstance(current, dict) else {"purpose": CONSENT_PURPOSE, "history": []}
         now = time.time()
         record.update(granted=granted, policy_version=policy_version, updated_at=now)
         record["history"].append({"granted": granted, "policy_version": policy_version, "at": now})

@@ -24,6 +24,10 @@ class PersonalScorer(nn.Module):
     """``forward(items, hour, weekday)`` -> scores ``[m]`` of item indices ``[m]`` (long tensors;
     hour and weekday are 0-dim) for this person."""
 
+    item_vectors: torch.Tensor
+    item_bias: torch.Tensor
+    queries: torch.Tensor
+
     def __init__(self, item_vectors: torch.Tensor, item_bias: torch.Tensor, queries: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("item_vectors", item_vectors.detach().clone())

@@ -359,9 +359,11 @@ class Personalizer:
             self.model_config.dim, self._stream("user-init"))
         output = train_round(request.state, request.model, start.unsqueeze(0), Cohort.of([self.local_data()]),
                              request.config, [self._stream(request.round)], [refresh])
-        self._user = output.users[0].float() if training else self._user
-        self.store.put_state({device_state.GLOBAL_KEY: encode_tensors(request.state)}
-                             | ({device_state.USER_KEY: encode_tensors({"user": self._user})} if training else {}))
+        written = {device_state.GLOBAL_KEY: encode_tensors(request.state)}
+        if training:
+            self._user = output.users[0].float()
+            written[device_state.USER_KEY] = encode_tensors({"user": self._user})
+        self.store.put_state(written)
         update_state(self.store, rounds_joined=lambda n: n + int(training), last_run=request.run_id,
                      last_round=request.round, device_level_epsilon=request.device_level_epsilon,
                      device_level_delta=request.device_level_delta)

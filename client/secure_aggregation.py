@@ -22,9 +22,10 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -49,7 +50,7 @@ FIT_CONFIG = "fitins.config"  # where the legacy protocol carries the round's co
 
 
 # the module, not the function of the same name its package exports
-flower_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+flower_mod: Any = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")  # internals
 
 
 def harden() -> None:
@@ -98,25 +99,36 @@ def _checked(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
         raise Declined(DECLINED) from None
 
 
+def _number(record: ConfigRecord, key: str) -> int:
+    value = record.get(key, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _numbers(record: ConfigRecord, key: str) -> set[int]:
+    value = record.get(key, [])
+    return {v for v in value if isinstance(v, int)} if isinstance(value, list) else set()
+
+
 def _check_instructions(msg: Message, context: Context) -> None:
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-    stage = configs.get(Key.STAGE) if configs is not None else None
+    if configs is None:
+        return
+    stage = configs.get(Key.STAGE)
     if stage == Stage.UNMASK:
-        alive = set(configs.get(Key.ACTIVE_NODE_ID_LIST, []))
-        dropped = set(configs.get(Key.DEAD_NODE_ID_LIST, []))
+        alive = _numbers(configs, Key.ACTIVE_NODE_ID_LIST)
+        dropped = _numbers(configs, Key.DEAD_NODE_ID_LIST)
         if alive & dropped:
             raise Declined(f"devices {sorted(alive & dropped)} are listed as alive and dropped: refusing to "
                            "reveal shares that would unmask one device's vector")
     if stage == Stage.COLLECT_MASKED_VECTORS and FIT_CONFIG in msg.content.config_records:
-        protocol = context.state.config_records[RECORD_KEY_STATE]
-        announced = int(protocol.get("sample_num", 0))
-        survivors = msg.content.config_records[FIT_CONFIG].get("min-survivors", 0)
-        if isinstance(survivors, int) and survivors > announced:
+        protocol, signed = context.state.config_records[RECORD_KEY_STATE], msg.content.config_records[FIT_CONFIG]
+        announced, survivors = _number(protocol, "sample_num"), _number(signed, "min-survivors")
+        if survivors > announced:
             raise Declined(f"the round asks for {survivors} surviving shares but SecAgg+ announced only "
                            f"{announced} devices")
-        shares, threshold = int(protocol.get("share_num", 0)), int(protocol.get("threshold", 0))
-        colluders = msg.content.config_records[FIT_CONFIG].get("colluders", 0)
-        if not isinstance(colluders, int) or not secure_sum.threshold_holds(shares, threshold, colluders):
+        shares, threshold = _number(protocol, "share_num"), _number(protocol, "threshold")
+        colluders = _number(signed, "colluders")
+        if not secure_sum.threshold_holds(shares, threshold, colluders):
             raise Declined(f"a reconstruction threshold of {threshold} of {shares} shares does not keep this "
                            f"device's vector from {colluders} colluders")
 

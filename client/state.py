@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ def read_state(store: EventStore) -> DeviceState:
     return DeviceState.from_json(store.get_json(DEVICE_KEY))
 
 
-def update_state(store: EventStore, **changes: object) -> DeviceState:
+def update_state(store: EventStore, **changes: Any) -> DeviceState:
     """Apply ``changes`` (field values, or functions of the current value) in one transaction."""
     def change(raw: object | None) -> dict:
         current = DeviceState.from_json(raw)

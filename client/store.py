@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from attune.client.encryption import Sealer
 from attune.shared.accounting import Entry, epsilon_of, ledger_from_json, ledger_to_json
@@ -129,16 +130,17 @@ class _Result:
     """A statement's rows, read in full while errors are still caught (sqlite reads pages lazily)."""
 
     def __init__(self, cursor: sqlite3.Cursor) -> None:
-        self.rows = cursor.fetchall()
-        self.lastrowid, self.rowcount = cursor.lastrowid, cursor.rowcount
+        self.rows: list[Any] = cursor.fetchall()
+        self.lastrowid: int = cursor.lastrowid or 0
+        self.rowcount: int = cursor.rowcount
 
-    def fetchone(self) -> tuple | None:
+    def fetchone(self) -> Any:  # a row (a tuple of sqlite values) or None
         return self.rows[0] if self.rows else None
 
-    def fetchall(self) -> list[tuple]:
+    def fetchall(self) -> list[Any]:
         return self.rows
 
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[Any]:
         return iter(self.rows)
 
 
@@ -165,7 +167,14 @@ class _Guarded:
         except UnicodeDecodeError as error:
             raise _corrupt(self.path, "the file", error) from None
 
-    def __getattr__(self, name: str) -> object:
+    @property
+    def in_transaction(self) -> bool:
+        return self.db.in_transaction
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.db, name)
 
 

@@ -248,6 +248,6 @@ def section_of(key: str) -> str:
 _DERIVED = {"min_survivors", "user_every", "noise_multiplier", "user_noise_multiplier"}
 
 
-def with_round(config: ServerConfig, **given: object) -> ServerConfig:
+def with_round(config: ServerConfig, **given: Any) -> ServerConfig:
     """``config`` with more round knobs given."""
     return replace(config, round=replace(config.round, **given))

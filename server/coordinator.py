@@ -119,10 +119,11 @@ def _resume(config: ServerConfig, fresh: RunState) -> RunState:
         raise StoreError(f"resume=true but no checkpoint in {config.out_dir / 'checkpoints'} verifies: "
                          "refusing to restart from round 1 with an empty ledger")
     layout = shared_model(config.model).layout
-    if tuple(found.params.shape) != (layout.size,) or found.plan is None:
+    if found.params is None or tuple(found.params.shape) != (layout.size,) or found.plan is None:
+        size = 0 if found.params is None else found.params.numel()
         raise StoreError(f"the checkpoint of round {found.round} in {config.out_dir / 'checkpoints'} was written for "
-                         f"another model ({found.params.numel()} parameters, this one has {layout.size}): resume "
-                         "with the run's own model settings, or start a new run in another out-dir")
+                         f"another model ({size} parameters, this one has {layout.size}): resume with the run's "
+                         "own model settings, or start a new run in another out-dir")
     fresh.optimizer.load_state_dict(found.optimizer)
     return RunState(run_id=found.run_id, round=found.round, params=found.params,
                     buffers={p.name: found.state[p.name] for p in layout.buffers}, optimizer=fresh.optimizer,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,10 +59,11 @@ def harden() -> None:
     """Replace the weak pieces of Flower's server-side SecAgg+ with Attune's (idempotent; checked
     against the Flower release they were written for). The app factories call it."""
     secure_sum.check_flower_version()
-    flower_workflow.pseudo_rand_gen = secure_sum.mask_stream
-    flower_workflow.combine_shares = secure_sum.combine_shares
-    flower_workflow.dequantize = lambda residues, clipping_range, target_range: secure_sum.decode(residues)
-    flower_workflow.factor_extract = lambda parameters: (1, parameters[1:])  # every weight is 1: no division
+    workflow: Any = flower_workflow  # Flower's internals, replaced by callables of the same arity
+    workflow.pseudo_rand_gen = secure_sum.mask_stream
+    workflow.combine_shares = secure_sum.combine_shares
+    workflow.dequantize = lambda residues, clipping_range, target_range: secure_sum.decode(residues)
+    workflow.factor_extract = lambda parameters: (1, parameters[1:])  # every weight is 1: no division
 
 
 
@@ -91,14 +93,14 @@ class _RoundStrategy(Strategy):
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
         assert self.round is not None
-        proxies = {int(p.node_id): p for p in client_manager.all().values()}  # type: ignore[attr-defined]
+        proxies = {int(p.node_id): p for p in client_manager.all().values()}
         return [(proxies[node], self.round.fit_ins) for node in self.round.nodes]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
         assert self.round is not None
         self.round.failures = len(failures)
-        self.round.contributors = [int(proxy.node_id) for proxy, _ in results]  # type: ignore[attr-defined]
+        self.round.contributors = [int(proxy.node_id) for proxy, _ in results]
         if results:  # SecAgg+ puts the unmasked sum in every result
             self.round.total = parameters_to_ndarrays(results[0][1].parameters)[0]
             return results[0][1].parameters, {}
@@ -160,15 +162,16 @@ class _Workflow(SecAggPlusWorkflow):
         self.min_survivors, self.dim = min_survivors, dim
         self.stopped = ""
 
-    def collect_masked_vectors_stage(self, grid, context, state) -> bool:  # type: ignore[no-untyped-def]
-        return super().collect_masked_vectors_stage(_MaskedVectorsChecked(grid, self.dim), context, state)
+    def collect_masked_vectors_stage(self, grid, context, state) -> bool:
+        checked = cast(Grid, _MaskedVectorsChecked(grid, self.dim))  # a proxy: the one method the stage calls
+        return super().collect_masked_vectors_stage(checked, context, state)
 
-    def share_keys_stage(self, grid, context, state) -> bool:  # type: ignore[no-untyped-def]
+    def share_keys_stage(self, grid, context, state) -> bool:
         done = super().share_keys_stage(grid, context, state)
         state.sampled_node_ids = set(state.active_node_ids)  # only these shared keys and masked with others
         return done
 
-    def unmask_stage(self, grid, context, state) -> bool:  # type: ignore[no-untyped-def]
+    def unmask_stage(self, grid, context, state) -> bool:
         if len(state.active_node_ids) < self.min_survivors:
             self.stopped = (f"{len(state.active_node_ids)} devices' vectors in the sum, fewer than "
                             f"min_survivors={self.min_survivors}: not unmasked")
@@ -201,7 +204,7 @@ class SecureTransport:
             return Collected(None, [], failed=len(cohort),
                              aborted=f"{len(cohort)} devices sampled, fewer than {max(2, min_survivors)}")
         content = request_content(request, self.signer(request))
-        config = dict(content.config_records["config"])
+        config = cast(dict[str, Scalar], dict(content.config_records["config"]))  # the round config: scalars only
         parameters = ndarrays_to_parameters(list(request.arrays().values()))  # in layout order
         self._strategy.round = _Round(nodes=cohort, fit_ins=FitIns(parameters, config))
         manager = self._context.client_manager

@@ -55,7 +55,7 @@ def knob(default: Any, help: str, *, low: float | None = None, high: float | Non
 
 
 @cache
-def _hints(cls: type) -> dict[str, Any]:
+def _hints(cls: Any) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
@@ -74,7 +74,7 @@ def validate(config: Any) -> None:
         if "help" not in f.metadata:
             continue
         value = getattr(config, f.name)
-        kind, optional = _kind(_hints(type(config))[f.name])
+        kind, optional = _kind(_hints(type(config))[f.name])  # type: ignore[arg-type]  # classes hash
         if value is None and optional:
             continue
         if isinstance(kind, type) and issubclass(kind, Enum):
@@ -182,7 +182,7 @@ PRESETS: dict[PrivacyMode, RoundConfig] = {
 }
 
 
-def preset(mode: PrivacyMode | str, **changes: object) -> RoundConfig:
+def preset(mode: PrivacyMode | str, **changes: Any) -> RoundConfig:
     """The defaults of ``mode`` with ``changes`` applied (validated)."""
     try:
         base = PRESETS[PrivacyMode(mode)]

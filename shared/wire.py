@@ -69,11 +69,13 @@ def _typed(cls: type, items: Mapping[str, object]) -> object:
             raise ModelMismatchError(f"{key} must be true or false, got {value!r}")
         if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
             raise ModelMismatchError(f"{key} must be an integer, got {value!r}")
-        if expected is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ModelMismatchError(f"{key} must be a number, got {value!r}")
+        if expected is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ModelMismatchError(f"{key} must be a number, got {value!r}")
+            value = float(value)
         if expected is str and not isinstance(value, str):
             raise ModelMismatchError(f"{key} must be a string, got {value!r}")
-        kwargs[f.name] = float(value) if expected is float else value
+        kwargs[f.name] = value
     try:
         return cls(**kwargs)
     except ConfigError as error:
@@ -118,10 +120,12 @@ class RoundRequest:
             raise ModelMismatchError(f"run-id must be a non-empty string, got {run_id!r}")
         if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 1:
             raise ModelMismatchError(f"server-round must be a positive integer, got {server_round!r}")
-        guarantee = [items.get(DEVICE_LEVEL_EPSILON, 0.0), items.get(DEVICE_LEVEL_DELTA, 0.0)]
-        for key, value in zip((DEVICE_LEVEL_EPSILON, DEVICE_LEVEL_DELTA), guarantee, strict=True):
+        guarantee: list[float] = []
+        for key in (DEVICE_LEVEL_EPSILON, DEVICE_LEVEL_DELTA):
+            value = items.get(key, 0.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ModelMismatchError(f"{key} must be a finite number >= 0, got {value!r}")
+            guarantee.append(float(value))
         model = _typed(ModelConfig, items)
         config = _typed(RoundConfig, items)
         state = check_global_state(arrays, model, version)  # type: ignore[arg-type]

@@ -25,7 +25,8 @@ from attune.simulations.evaluation import Ranking, Split, rank_heldout, test_que
 
 
 class Algorithm(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def rank(self, state: dict[str, torch.Tensor], model: ModelConfig, users: torch.Tensor,
              started: torch.Tensor, cohort: Cohort, split: Split, seed: int) -> Ranking: ...
@@ -35,7 +36,7 @@ class Algorithm(Protocol):
 class PartialLocal:
     name: str = "partial-local"
 
-    def rank(self, state, model, users, started, cohort, split, seed):  # type: ignore[no-untyped-def]
+    def rank(self, state, model, users, started, cohort, split, seed):
         return rank_heldout(state, model, users, started, cohort, split, seed)
 
 
@@ -43,7 +44,7 @@ class PartialLocal:
 class Global:
     name: str = "global"
 
-    def rank(self, state, model, users, started, cohort, split, seed):  # type: ignore[no-untyped-def]
+    def rank(self, state, model, users, started, cohort, split, seed):
         return rank_heldout(state, model, torch.zeros_like(users), started, cohort, split, seed, rank_fit=False)
 
 
@@ -55,7 +56,7 @@ class Ditto:
     strength: float = 1.0
     name: str = "ditto"
 
-    def rank(self, state, model, users, started, cohort, split, seed):  # type: ignore[no-untyped-def]
+    def rank(self, state, model, users, started, cohort, split, seed):
         generator = torch.Generator().manual_seed(seed)
         vectors = fit_rank_vectors(state, model, users, cohort, generator) * started.unsqueeze(1)
         shared = shared_model(model)

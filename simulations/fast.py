@@ -39,14 +39,15 @@ _TYPE_WEIGHTS = torch.tensor([EVENT_WEIGHTS[t] for t in EVENT_TYPES])
 
 def device_cohort(log: EventLog, split: Split, use_context: bool) -> Cohort:
     """Every user's training events as its device builds them from its store (store order)."""
-    order = np.lexsort((np.arange(len(log)), log.timestamps, log.users))
-    order = torch.from_numpy(order[split.train[order]])
+    everything = np.lexsort((np.arange(len(log)), log.timestamps, log.users))
+    kept = everything[split.train[everything]]
+    order = torch.from_numpy(kept)
     kinds = nearest_event_types(torch.from_numpy(log.weights)[order])  # as simulations.devices stores them
     context = None
     if use_context:
-        hours, days = hours_weekdays(log.timestamps[order.numpy()])
+        hours, days = hours_weekdays(log.timestamps[kept])
         context = context_matrix(hours, days, kinds)
-    bounds = np.searchsorted(log.users[order.numpy()], np.arange(log.num_users + 1))
+    bounds = np.searchsorted(log.users[kept], np.arange(log.num_users + 1))
     return Cohort(items=torch.from_numpy(log.items)[order], weights=_TYPE_WEIGHTS[kinds],
                   context=context, offsets=torch.from_numpy(bounds.astype(np.int64)))
 

@@ -204,7 +204,7 @@ class LocalFederation:
             runs = json.loads(result.stdout).get("runs", [])
         except (json.JSONDecodeError, AttributeError):
             return []
-        return [int(run.get("run-id", run.get("run_id", 0))) for run in runs if isinstance(run, dict)]
+        return [int(run.get("run-id") or run.get("run_id") or 0) for run in runs if isinstance(run, dict)]
 
     def kill_supernode(self, index: int) -> None:
         """SIGKILL one SuperNode and its ClientApp processes (a device vanishing mid-round)."""

@@ -83,8 +83,12 @@ def _follow(out: Path, run: subprocess.Popen, evaluate_at: set[int], evaluate: E
                 state = snapshot["state"]
                 devices = Devices(users=snapshot["users"], started=snapshot["started"], joined=none, counted=none)
                 saved.unlink()
-            evaluate(record, state, lambda devices=devices: devices)
+            evaluate(record, state, _constant(devices))
             done += 1
         if ended:
             return
         time.sleep(POLL_SECONDS)
+
+
+def _constant(devices: Devices) -> Callable[[], Devices]:
+    return lambda: devices

@@ -80,7 +80,7 @@ class DataSource:
         if values is None or not 2 <= ranges[0] <= ranges[1] <= 10**6:  # type: ignore[operator]
             raise DataError(f"synthetic_events must be a mean like 150 or a range like 30-150 (2 to 1e6), "
                             f"got {self.synthetic_events!r}")
-        return values  # type: ignore[return-value]
+        return values
 
     def load(self, seed: int) -> EventLog:
         if self.dataset == "synthetic":
@@ -202,7 +202,11 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
         transport = InProcessTransport(cohort, server.seed, privacy, availability=config.availability,
                                        noise=config.noise)
         torch.set_num_threads(1)
-        run(transport, server, lambda r, s: evaluate(r, s, lambda: transport.devices_state))  # type: ignore[arg-type]
+        def current_devices() -> Devices:
+            assert transport.devices_state is not None  # set in the first round, before any evaluation
+            return transport.devices_state
+
+        run(transport, server, lambda r, s: evaluate(r, s, current_devices))
         assert transport.devices_state is not None
         ledger, local = _fast_ledgers(transport.devices_state, server, run_plan)
         secure = "simulated: the sum is computed directly" if run_plan.round.private else "none"

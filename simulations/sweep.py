@@ -64,7 +64,7 @@ class SweepConfig:
 
 
 def _cell(config: SweepConfig, mode: str, name: str, epsilon: float | None, seed: int) -> dict:
-    server = ServerConfig(mode=mode, seed=seed, **({"target_epsilon": epsilon} if epsilon is not None else {}))
+    server = ServerConfig(mode=PrivacyMode(mode), seed=seed, target_epsilon=epsilon)  # None: absent
     if config.rounds is not None:
         server = replace(server, rounds=config.rounds)
     label = f"{mode}-{name}-{'nodp' if epsilon is None else f'eps{epsilon:g}'}-seed{seed}"
