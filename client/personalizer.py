@@ -147,7 +147,16 @@ class Personalizer:
         seed, device = self.simulation_seed
         return device_stream(seed, device, *labels)
 
+    def _fresh(self) -> None:
+        """Reload the cached model and vectors when the store changed under this object (another
+        object on the same store erased the person's data, say): a stale cache never ranks, trains
+        or writes back what was erased."""
+        if self.store.generation() != self._loaded_at:
+            self._state = self._initial_state()
+            self._load()
+
     def _load(self) -> None:
+        self._loaded_at = self.store.generation()  # read first: a write during the load reloads next time
         raw = self.store.get_state(device_state.GLOBAL_KEY)
         if raw is not None:
             saved = decode_tensors(raw)
@@ -222,11 +231,13 @@ class Personalizer:
         if context is not None and not isinstance(context, EventContext):
             raise InvalidEventError("context must be an EventContext or None")
         with torch.no_grad():
-            return self._shared.score(self._state, self._query(context), items.unsqueeze(0))[0]
+            query = self._query(context)  # first: it refreshes a stale cache
+            return self._shared.score(self._state, query, items.unsqueeze(0))[0]
 
     def _query(self, context: EventContext | None) -> torch.Tensor:
         """The person's query ``[1, dim]``: their ranking vector (none while paused or before the
         first round) at ``context``."""
+        self._fresh()
         features = context_features(context, RANKED_EVENT_TYPE).unsqueeze(0)
         own = self._rank if self._rank is not None else self._user
         if own is None or self.state.paused:
@@ -238,6 +249,7 @@ class Personalizer:
         never shapes anything that is sent. Starts from the DP user vector."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+        self._fresh()
         if self._user is None:
             return
         generator = torch.Generator().manual_seed(int.from_bytes(self._stream("rank").key_bytes()[:8], "little"))
@@ -354,6 +366,7 @@ class Personalizer:
             if "budget" in row:
                 update_state(self.store, budget_exhausted=True)
             return Contribution(Status.REFUSED, row)
+        self._fresh()
         self._state = dict(request.state)
         start = self._user if self._user is not None else initial_user_vector(
             self.model_config.dim, self._stream("user-init"))

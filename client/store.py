@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from attune.client.encryption import Sealer
-from attune.shared.accounting import Entry, epsilon_of, ledger_from_json, ledger_to_json
+from attune.shared.accounting import Entry, epsilon_of, ledger_from_json, ledger_to_json, load_analysis
 from attune.shared.errors import ConfigError, InvalidEventError, StoreError, WrongKeyError
 from attune.shared.events import Event, EventContext, check_recordable
 
@@ -280,6 +280,10 @@ class EventStore:
     def encrypted(self) -> bool:
         return self._sealer.encrypted
 
+    def generation(self) -> str:
+        """Moves with every state write, by any object or process: what a cache of state checks."""
+        return str(self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+
     def close(self) -> None:
         self._db.close()
 
@@ -448,6 +452,7 @@ class EventStore:
         ``check(rows)`` may refuse for another reason (a replayed round). Recorded before anything
         leaves the device, so what was spent is never under-reported.
         """
+        load_analysis()  # not while holding the store's write lock
         with self.transaction():
             rows = self.ledger()
             if (reason := check(rows)) is not None:

@@ -16,6 +16,7 @@ import attune.client.personalizer as personalizer_module
 from attune.client.flower_app import handle_train
 from attune.client.personalizer import Personalizer, PrivacyConfig, Status
 from attune.client.settings import DeviceSettings
+from attune.client.state import RANK_KEY, USER_KEY
 from attune.shared.accounting import epsilon_of
 from attune.shared.errors import AttuneError, ConfigError, InvalidEventError
 from attune.shared.mechanism import round_entries
@@ -189,6 +190,24 @@ def test_two_objects_on_one_store_lose_neither_a_round_nor_a_pause(tmp_path):
         assert first.contribute(request(round=3)).status is Status.REFUSED  # paused by... itself
         assert second.paused and len(second.store.ledger()) == 2 == len(first.store.ledger())
         assert second.state.rounds_joined == 2
+
+
+def test_a_stale_second_object_never_writes_erased_data_back(tmp_path):
+    """Issue 20: A.erase() then B.refresh_ranking() or B.contribute() wrote B's cached vectors
+    (computed from the erased events) back into the store, and B kept ranking with them."""
+    path = tmp_path / "d.sqlite"
+    first, second = open_device(path), Personalizer(path, model=MODEL, vocabulary=VOCAB, simulation_seed=(0, 3))
+    with first, second:
+        assert second.contribute(request(round=1)).status is Status.CONTRIBUTED
+        assert second.store.get_state(USER_KEY) is not None
+        blank = [r.score for r in Personalizer(tmp_path / "blank.sqlite", model=MODEL, vocabulary=VOCAB).rank(
+            VOCAB.ids[:5])]
+        first.erase()
+        second.refresh_ranking()
+        assert second.store.get_state(USER_KEY) is None and second.store.get_state(RANK_KEY) is None
+        assert [r.score for r in second.rank(VOCAB.ids[:5])] == pytest.approx(blank)  # nothing personal left
+        assert second.contribute(request(round=2)).status is Status.CONTRIBUTED  # from the events there are now
+        assert second.store.count() == 0
 
 
 _CHILD = textwrap.dedent("""
