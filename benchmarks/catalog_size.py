@@ -55,7 +55,7 @@ shared = shared_model(model)
 counts = 1000.0 / torch.arange(1, model.num_items + 1)
 state = shared.adopt(shared.init_state(torch.Generator().manual_seed(0)), select(counts, model.rows, min_count=0.0,
                                                                                   negatives=4))
-config = preset("distributed", min_survivors=100, noise_multiplier=2.0, task=task)  # over the device's floor
+config = preset("distributed", min_survivors=100, noise_multiplier=2.0, user_noise_multiplier=2.0, task=task)
 request = RoundRequest("bench", 1, model, config, state)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 outcome = device.contribute(request)
