@@ -430,7 +430,8 @@ class EventStore:
 
     def ledger(self) -> list[LedgerRow]:
         """Every round this device paid for, oldest first."""
-        if self.encrypted and self._manifest().get(_LEDGER, [0, 0]) != self._ledger_extent():
+        recorded = self._manifest().get(_LEDGER) if self.encrypted else None  # None: a store from before it
+        if recorded is not None and recorded != self._ledger_extent():
             raise WrongKeyError(f"{self.path}: privacy ledger rows were deleted or added outside Attune")
         rows = self._db.execute("SELECT id, payload FROM ledger ORDER BY id").fetchall()
         out = []
