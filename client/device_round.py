@@ -76,8 +76,7 @@ def run_round(settings: DeviceSettings, arrays: Mapping[str, np.ndarray],
 def _send(device: Personalizer, outcome: Contribution) -> torch.Tensor | None:
     """Check consent once more just before the contribution leaves: withdrawn meanwhile, nothing
     is sent. The round stays charged: its user-vector refresh was computed from the events and is
-    kept (one rule: a ledger entry is released only if nothing derived from the events was
-    computed, kept or sent)."""
+    kept (no ledger entry is ever released, docs/privacy.md "Charging")."""
     if not device.consented:
         log.info("consent was withdrawn during the round: nothing is sent")
         return None

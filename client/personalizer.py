@@ -28,7 +28,7 @@ from attune.client.policy import PrivacyConfig, refusal, replayed
 from attune.client.ranking import mmr_order
 from attune.client.report import PrivacyReport, build_report, summary
 from attune.client.state import DeviceState, decode_tensors, encode_tensors, read_state, update_state
-from attune.client.store import EventStore, Retention, StoredEvent
+from attune.client.store import EventStore, Retention, StoredEvent, file_path
 from attune.client.training import Cohort, LocalData, fit_rank_vectors, initial_user_vector, train_round
 from attune.shared.accounting import epsilon_of
 from attune.shared.config import RoundTask
@@ -318,9 +318,7 @@ class Personalizer:
     def export_scorer(self, path: str | Path) -> Path:
         """Write this person's scorer (global item side plus their vector) as a ``torch.export``
         program (``.pt2``) for inference outside Python. Same scores as ``score`` for a context."""
-        if not isinstance(path, (str, Path)) or not str(path) or "\x00" in str(path):
-            raise ConfigError(f"the scorer path must be a file path, got {path!r}")
-        target = Path(path)
+        target = file_path(path, "the scorer path")
         if target.suffix != ".pt2":
             raise ConfigError(f"the scorer file must end in .pt2, got {target.name!r}")
         if not target.parent.is_dir():

@@ -119,7 +119,7 @@ def _sqlite_error(path: Path, error: sqlite3.Error) -> StoreError:
     return _corrupt(path, "the file", error)
 
 
-def _file_path(path: object, what: str) -> Path:
+def file_path(path: object, what: str) -> Path:
     """``path`` as a ``Path`` to a file, or ``ConfigError``."""
     if not isinstance(path, (str, Path)) or not str(path) or "\x00" in str(path):
         raise ConfigError(f"{what} must be a file path, got {path!r}")
@@ -188,7 +188,7 @@ class EventStore:
 
     def __init__(self, path: str | Path, retention: Retention | None = None,
                  key: bytes | None = None, timeout: float = 10.0) -> None:
-        self.path = _file_path(path, "the store path")
+        self.path = file_path(path, "the store path")
         self.retention = retention or Retention()
         if not isinstance(self.retention, Retention):
             raise ConfigError(f"retention must be a Retention, got {type(retention).__name__}")
@@ -254,7 +254,7 @@ class EventStore:
     def destroy(path: str | Path) -> None:
         """Delete a store file without opening it as a store (for a corrupt or foreign-looking
         file the person wants gone): overwritten with zeros, then removed, with its journal."""
-        path = _file_path(path, "the store path")
+        path = file_path(path, "the store path")
         if path.is_dir():
             raise ConfigError(f"{path} is a folder, not a store: nothing was deleted")
         for target in (path, Path(str(path) + "-journal"), Path(str(path) + "-wal")):
@@ -366,8 +366,7 @@ class EventStore:
         rolled-back one. It exists once anything was written (generation > 0)."""
         row = self._db.execute("SELECT generation, value FROM state WHERE key = ?", (_MANIFEST,)).fetchone()
         if row is None:
-            generation = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-            if self.encrypted and generation is not None and generation[0] != "0":
+            if self.encrypted and self.generation() != "0":
                 raise WrongKeyError(f"{self.path}: the sealed list of stored values was deleted outside Attune")
             return {}
         try:

@@ -97,12 +97,12 @@ class RoundOutput:
 def _draw_negatives(cohort: Cohort, config: RoundConfig, num_items: int, streams: list[Stream],
                     among: list[int], pool: torch.Tensor | None = None) -> torch.Tensor:
     """Negative items of every event of the devices in ``among``, each from its own stream:
-    uniform over ``pool`` (the items with a trained row), or over the catalog."""
+    uniform over ``pool`` (``SharedModel.negative_pool``; the whole catalog when not given)."""
+    pool = torch.arange(num_items) if pool is None else pool
     sizes = cohort.sizes().tolist()
-    high = num_items if pool is None or len(pool) == 0 else len(pool)
-    parts = [integers(streams[k], (sizes[k], config.negatives), high) for k in among]
+    parts = [integers(streams[k], (sizes[k], config.negatives), len(pool)) for k in among]
     drawn = torch.cat(parts) if parts else torch.zeros(0, config.negatives, dtype=torch.long)
-    return drawn if pool is None or len(pool) == 0 else pool[drawn]
+    return pool[drawn]
 
 
 def _rows(cohort: Cohort, among: list[int]) -> torch.Tensor:
@@ -221,9 +221,8 @@ def fit_rank_vectors(state: State, model: ModelConfig, starts: torch.Tensor, coh
     optimizer = torch.optim.Adam([vectors], lr=lr, weight_decay=weight_decay)
     pool = shared.negative_pool(state)
     for _ in range(steps):
-        drawn = torch.randint(0, model.num_items if pool is None or len(pool) == 0 else len(pool),
-                              (len(device), negatives), generator=generator)
-        columns = torch.cat([cohort.items.unsqueeze(1), drawn if pool is None or len(pool) == 0 else pool[drawn]], 1)
+        drawn = pool[torch.randint(0, len(pool), (len(device), negatives), generator=generator)]
+        columns = torch.cat([cohort.items.unsqueeze(1), drawn], 1)
         labels = torch.zeros(columns.shape)
         labels[:, 0] = 1.0
         batch = Batch(columns, labels, cohort.weights, None)

@@ -233,15 +233,16 @@ def calibrated(model: ModelConfig, config: RoundConfig, *, epsilon: float, delta
         raise ConfigError(f"user_share and count_share must be >= 0 and leave a share for training, got "
                           f"{user_share} and {count_share}")
 
-    def multiplier(z: float, of: float) -> float:  # the accounted z is noise_multiplier * 2**bits / of
-        return z * of / 2.0**config.quantum_bits
+    def multiplier(z: float, of: float, round_config: RoundConfig) -> float:  # z = multiplier * 2**bits / of
+        return z * of / 2.0**round_config.quantum_bits
 
     def at(scale: float) -> tuple[RoundConfig, RoundConfig | None]:
-        item = multiplier(scale * math.sqrt(participations / (2 * (1 - user - counted))), sensitivity(model, config))
-        user_noise = multiplier(scale * math.sqrt(refresh_steps / (2 * user)), user_sensitivity(model, config)) \
-            if user else config.user_noise_multiplier
+        item = multiplier(scale * math.sqrt(participations / (2 * (1 - user - counted))), sensitivity(model, config),
+                          config)
+        user_noise = multiplier(scale * math.sqrt(refresh_steps / (2 * user)), user_sensitivity(model, config),
+                                config) if user else config.user_noise_multiplier
         counting = None if count is None else replace(
-            count, noise_multiplier=multiplier(scale * math.sqrt(1 / (2 * counted)), sensitivity(model, count))
+            count, noise_multiplier=multiplier(scale * math.sqrt(1 / (2 * counted)), sensitivity(model, count), count)
             if counted else count.noise_multiplier, user_noise_multiplier=user_noise)
         return replace(config, noise_multiplier=item, user_noise_multiplier=user_noise), counting
 

@@ -133,9 +133,9 @@ class SharedModel(ABC):
         the layout has checked names, shapes, dtypes and finiteness."""
         return None
 
-    def negative_pool(self, state: State) -> torch.Tensor | None:
-        """The items negatives are drawn from (``None``: the whole catalog)."""
-        return None
+    def negative_pool(self, state: State) -> torch.Tensor:
+        """The items negatives are drawn from (long): the whole catalog unless a model says less."""
+        return torch.arange(self.config.num_items)
 
     @property
     def counts_items(self) -> bool:
@@ -255,10 +255,11 @@ class EmbeddingModel(SharedModel):
         bias = torch.where(named, selection.prior[selection.row_items.clamp(min=0)], 0.0).unsqueeze(1)
         return state | {ROW_ITEMS: selection.row_items, ITEM_PRIOR: selection.prior, ITEM_BIAS: bias.float()}
 
-    def negative_pool(self, state: State) -> torch.Tensor | None:
-        if not self.config.trained_items:
-            return None
-        owners = state[ROW_ITEMS]
+    def negative_pool(self, state: State) -> torch.Tensor:
+        """The items with a trained row (the whole catalog until a count gave rows out)."""
+        owners = state.get(ROW_ITEMS)
+        if owners is None or not bool((owners >= 0).any()):
+            return super().negative_pool(state)
         return owners[owners >= 0]
 
     def item_side(self, state: State, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
