@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -18,6 +19,17 @@ from attune.shared.errors import AttuneError
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Attune: private on-device personalization with federated learning.")
 console = Console(stderr=True)
+
+
+def _folder(value: str) -> Path:
+    """An output path: an empty one would write into the current folder unasked."""
+    if not str(value).strip():
+        raise typer.BadParameter("is empty; name the output path")
+    return Path(value)
+
+
+def _out(default: str, help: str = "output folder") -> Path:  # noqa: A002 - typer's name
+    return typer.Option(Path(default), parser=_folder, metavar="PATH", help=help)
 
 
 def _run(config, label: str = "") -> dict:  # noqa: ANN001 - a SimulationConfig
@@ -69,7 +81,7 @@ def _print_table(results: dict, out: Path) -> None:
     Console().print(f"results: {out / 'results.json'}  curve: {out / 'curve.png'}")
 
 
-def _simulate(out: Path = typer.Option(Path("runs/simulate"), help="output folder"),
+def _simulate(out: Path = _out("runs/simulate"),
               no_dp: bool = typer.Option(False, "--no-dp", help="the same as --mode off: NO privacy"),
               **options: object) -> None:
     """Federated simulation: one virtual device per user, the same coordinator loop and device round
@@ -98,7 +110,7 @@ DEMO = {"rounds": 30, "dim": 8}
 
 
 @cli.command()
-def demo(out: Path = typer.Option(Path("runs/demo")), seed: int = typer.Option(0)) -> None:
+def demo(out: Path = _out("runs/demo"), seed: int = typer.Option(0)) -> None:
     """A few-minute federated run on the built-in synthetic data: distributed DP (epsilon 8), the
     real ServerApp and ClientApps run by ``flwr run`` in Flower's simulation runtime, every round
     through SecAgg+."""
@@ -123,7 +135,7 @@ def sweep(
     epsilons: str = typer.Option("1,2,4,8,none", help="per-device epsilons; none = no DP"),
     seeds: str = typer.Option("0,1"),
     rounds: int | None = typer.Option(None, help="default: each mode's preset"),
-    out: Path = typer.Option(Path("runs/sweep")),
+    out: Path = _out("runs/sweep"),
 ) -> None:
     """Privacy/utility sweep on the fast backend: modes x algorithms x epsilon x seeds, a table
     (CSV and JSON, mean and std over seeds) and a plot of HR@10 against epsilon."""
@@ -162,7 +174,7 @@ def audit(
     no_dp: bool = typer.Option(False, "--no-dp", help="audit a round WITHOUT privacy"),
     users: int = typer.Option(1000, help="synthetic: devices (each audited with one canary)"),
     seed: int = typer.Option(0),
-    out: Path = typer.Option(Path("runs/audit.json")),
+    out: Path = _out("runs/audit.json", "output file"),
 ) -> None:
     """Empirical privacy audit with one training run (Steinke, Nasr, Jagielski 2023): canary
     events in half the devices, membership guesses from the contributions the coordinator would
@@ -186,7 +198,7 @@ def audit(
 
 @cli.command()
 def credentials(
-    out: Path = typer.Option(Path("deploy/credentials")),
+    out: Path = _out("deploy/credentials"),
     host: list[str] = typer.Option(["127.0.0.1"], help="SuperLink host name or IP (repeatable)"),
     supernodes: int = typer.Option(3, help="SuperNode key pairs to create"),
 ) -> None:
@@ -206,8 +218,8 @@ def credentials(
 def federation(
     supernodes: int = typer.Option(3, help="SuperNodes, each with its own device store"),
     rounds: int = typer.Option(3),
-    out: Path = typer.Option(Path("runs/federation")),
-    port: int = typer.Option(18000, help="SuperLink port on 127.0.0.1"),
+    out: Path = _out("runs/federation"),
+    port: int = typer.Option(18000, min=1, max=65535, help="SuperLink port on 127.0.0.1"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS and no SuperNode authentication "
                                   "(local experiments only)"),
     app: Path = typer.Option(Path("."), help="the Attune project directory (its pyproject.toml)"),
@@ -222,11 +234,11 @@ def federation(
 
     if supernodes < 2 or rounds < 1:
         raise AttuneError("--supernodes must be at least 2 and --rounds at least 1")
-    log = synthetic(num_users=max(supernodes, 10), seed=0)
-    vocabulary = write_devices(log, leave_one_out(log), out / "devices")
     stores = tuple(store_path(out / "devices", user) for user in range(supernodes))
     config = FederationConfig(directory=out / "federation", stores=stores, app=app.resolve(),
-                              vocabulary=vocabulary, port=port, insecure=insecure)
+                              port=port, insecure=insecure)  # checked before anything is written
+    log = synthetic(num_users=max(supernodes, 10), seed=0)
+    config = replace(config, vocabulary=write_devices(log, leave_one_out(log), out / "devices"))
     with LocalFederation(config) as running:
         console.print(f"SuperLink on {running.address} ({'insecure' if insecure else 'TLS + node auth'}), "
                       f"{supernodes} SuperNodes online; logs in {running.logs}")

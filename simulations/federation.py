@@ -52,6 +52,8 @@ class FederationConfig:
             raise ConfigError("a federation needs at least one device store")
         if self.stores and self.simulated_devices:
             raise ConfigError("a federation runs either SuperNodes over stores or simulated devices, not both")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is not a TCP port (1 to 65535, or 0 for a free one)")
         if not (self.app / "pyproject.toml").is_file():
             raise ConfigError(f"{self.app} is not a Flower App directory (no pyproject.toml)")
 

@@ -63,6 +63,19 @@ def test_unwritable_outputs_and_nonsense_values_are_one_line(tmp_path, args):
     assert not (tmp_path / "c2").exists()  # a bad host writes nothing
 
 
+@pytest.mark.parametrize("args", [
+    ["simulate", "--out", ""], ["demo", "--out", " "], ["sweep", "--out", ""], ["audit", "--out", ""],
+    ["credentials", "--out", ""], ["federation", "--out", ""], ["federation", "--port", "70000"],
+    ["federation", "--port", "0"],
+])
+def test_an_empty_output_path_or_a_port_out_of_range_is_refused_and_writes_nothing(tmp_path, args):
+    result = subprocess.run([sys.executable, "-m", "attune.simulations.cli", *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "Invalid value for '--" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_pointing_at_a_file_fails_before_any_work(tmp_path):
     target = tmp_path / "results.json"
     target.write_text("{}")
