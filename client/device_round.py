@@ -63,6 +63,8 @@ def run_round(settings: DeviceSettings, arrays: Mapping[str, np.ndarray],
         return None
     try:
         with device:
+            if settings.before_round is not None:
+                settings.before_round(device, request)
             outcome = device.contribute(request)
             if outcome.status is not Status.CONTRIBUTED:
                 log.info("not contributing: %s", outcome.reason)

@@ -29,10 +29,18 @@ from attune.client.ranking import mmr_order
 from attune.client.report import PrivacyReport, build_report, summary
 from attune.client.state import DeviceState, decode_tensors, encode_tensors, read_state, update_state
 from attune.client.store import EventStore, Retention, StoredEvent, file_path
-from attune.client.training import Cohort, LocalData, fit_rank_vectors, initial_user_vector, train_round
+from attune.client.training import (
+    Cohort,
+    LocalData,
+    evaluation_contributions,
+    fit_rank_vectors,
+    initial_user_vector,
+    train_round,
+)
 from attune.shared.accounting import epsilon_of
 from attune.shared.config import RoundTask
 from attune.shared.errors import ConfigError, InvalidEventError
+from attune.shared.evaluation import NEGATIVES, STATISTICS, statistics
 from attune.shared.events import (
     EVENT_TYPES,
     RANKED_EVENT_TYPE,
@@ -50,6 +58,7 @@ from attune.shared.wire import RoundRequest, check_global_state
 # Below this cosine an event's item is unrelated to the explained one and is not given as a reason.
 _MIN_EXPLAINING_SIMILARITY = 0.2
 DIVERSIFIED = 1000  # results MMR orders when rank() has no limit
+MAX_EVALUATED = 10_000  # ranked events kept for the next evaluation round (the newest)
 # Kept by ``erase``: the ledger (a table of its own), participation, and the person's choice.
 _KEPT_BY_ERASE = (device_state.DEVICE_KEY, CONSENT_KEY)
 
@@ -199,7 +208,37 @@ class Personalizer:
         for event in batch:
             if isinstance(event, Event):
                 self.vocabulary.index(event.item_id)
-        return self.store.add_many(batch)
+        kept = self.store.add_many(batch)
+        self._evaluate_recorded(batch)
+        return kept
+
+    def _evaluate_recorded(self, events: list[Event]) -> None:
+        """Rank each new event's item against ``NEGATIVES`` items the person never used, with the
+        model held now (before any training saw the event), and keep its statistics for the next
+        evaluation round (``attune.shared.evaluation``). Only once a round brought a global model."""
+        self._fresh()
+        if self.store.get_state(device_state.GLOBAL_KEY) is None or not events:
+            return
+        seen = torch.zeros(self.model_config.num_items, dtype=torch.bool)
+        seen[self.local_data().items] = True
+        unseen = (~seen).nonzero().squeeze(1)
+        if len(unseen) == 0:
+            return
+        generator = torch.Generator().manual_seed(int.from_bytes(self._stream("evaluate").key_bytes()[:8], "little"))
+        items = torch.tensor([self.vocabulary.index(e.item_id) for e in events], dtype=torch.long)
+        drawn = unseen[torch.randint(0, len(unseen), (len(events), NEGATIVES), generator=generator)]
+        candidates = torch.cat([items.unsqueeze(1), drawn], 1)
+        with torch.no_grad():
+            queries = torch.cat([self._query(e.resolved_context()) for e in events])
+            model_scores = self._shared.score(self._state, queries, candidates)
+            _, popular = self._shared.item_side(self._state, candidates)
+        stats = statistics(model_scores, popular)
+        self.store.put_state({device_state.EVALUATION_KEY: encode_tensors({"stats": torch.cat(
+            [self._pending_evaluation(), stats])[-MAX_EVALUATED:]})})
+
+    def _pending_evaluation(self) -> torch.Tensor:
+        raw = self.store.get_state(device_state.EVALUATION_KEY)
+        return decode_tensors(raw)["stats"].double() if raw is not None else torch.zeros(0, len(STATISTICS))
 
     def stored_events(self) -> list[StoredEvent]:
         """The person's events with their ids (for showing them and deleting single ones)."""
@@ -353,7 +392,7 @@ class Personalizer:
         reason = refusal(request, self.privacy, consented=self.consented, paused=current.paused)
         if reason is not None:
             return Contribution(Status.REFUSED, reason)
-        training = request.config.task is RoundTask.TRAIN  # else a count round: items counted, nothing trained
+        training = request.config.task is RoundTask.TRAIN  # else items counted or events evaluated: nothing trained
         refresh = training and request.config.refresh_due(current.rounds_joined)
         row = self.store.reserve(round_entries(request.model, request.config, refresh),
                                  local_entries(request.model, request.config, refresh),
@@ -368,9 +407,19 @@ class Personalizer:
         self._state = dict(request.state)
         start = self._user if self._user is not None else initial_user_vector(
             self.model_config.dim, self._stream("user-init"))
+        written = {device_state.GLOBAL_KEY: encode_tensors(request.state)}
+        if request.config.task is RoundTask.EVALUATE:  # the events ranked since the last one, then none pending
+            stats = self._pending_evaluation()
+            vector = evaluation_contributions(stats, torch.zeros(len(stats), dtype=torch.long), 1, request.config,
+                                              [self._stream(request.round)])[0]
+            written[device_state.EVALUATION_KEY] = encode_tensors({"stats": torch.zeros(0, len(STATISTICS))})
+            self.store.put_state(written)
+            update_state(self.store, last_run=request.run_id, last_round=request.round,
+                         device_level_epsilon=request.device_level_epsilon,
+                         device_level_delta=request.device_level_delta)
+            return Contribution(Status.CONTRIBUTED, "ok", vector)
         output = train_round(request.state, request.model, start.unsqueeze(0), Cohort.of([self.local_data()]),
                              request.config, [self._stream(request.round)], [refresh])
-        written = {device_state.GLOBAL_KEY: encode_tensors(request.state)}
         if training:
             self._user = output.users[0].float()
             written[device_state.USER_KEY] = encode_tensors({"user": self._user})
@@ -436,6 +485,7 @@ class Personalizer:
         if not isinstance(keep_as_negative, bool):
             raise ConfigError("keep_as_negative must be True or False")
         deleted = self.store.forget_item(item_id)
+        self._forget_evaluation()
         if keep_as_negative:
             self.store.update_json(device_state.NOT_INTERESTED_KEY, lambda current: [
                 *(current if isinstance(current, list) else []),
@@ -448,6 +498,11 @@ class Personalizer:
             raise InvalidEventError(f"event_id must be a positive integer, got {event_id!r}")
         if not self.store.forget_event(event_id):
             raise InvalidEventError(f"no stored event has id {event_id}")
+        self._forget_evaluation()
+
+    def _forget_evaluation(self) -> None:
+        """Deleted events take what was derived from them along: the pending evaluation goes."""
+        self.store.put_state({device_state.EVALUATION_KEY: encode_tensors({"stats": torch.zeros(0, len(STATISTICS))})})
 
     def rotate_key(self, new_key: bytes | None, *, decrypt: bool = False) -> None:
         """Re-encrypt the store under ``new_key`` (or encrypt a plain store; ``None`` with

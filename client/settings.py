@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attune.client.policy import PrivacyConfig
 from attune.shared.errors import ConfigError
+
+if TYPE_CHECKING:
+    from attune.client.personalizer import Personalizer
+    from attune.shared.wire import RoundRequest
 
 NODE_CONFIG_KEYS = frozenset({"store-path", "epsilon-budget", "delta", "min-noise-multiplier", "allow-non-private",
                               "vocabulary-path", "encryption-key-file", "coordinator-public-key",
@@ -29,6 +34,9 @@ class DeviceSettings:
     encryption_key_file: Path | None = None
     coordinator_public_key: Path | None = None
     allow_unsigned: bool = False
+    # simulations only: the simulator playing the app just before a verified round (it records the
+    # held-out event of an evaluation round, as a person's app records what they used)
+    before_round: Callable[[Personalizer, RoundRequest], None] | None = None
 
     def encryption_key(self) -> bytes | None:
         """The store's key from ``encryption-key-file`` (64 hex digits), read when opening."""

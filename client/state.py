@@ -23,6 +23,7 @@ USER_KEY = "user_vector"
 RANK_KEY = "rank_vector"
 GLOBAL_KEY = "global_model"
 NOT_INTERESTED_KEY = "not_interested"
+EVALUATION_KEY = "evaluation"  # statistics of events ranked when recorded, until an evaluation round
 
 
 @dataclass(frozen=True)

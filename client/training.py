@@ -28,6 +28,7 @@ import torch
 
 from attune.shared.config import Loss, RoundConfig, RoundTask
 from attune.shared.errors import ConfigError
+from attune.shared.evaluation import evaluation_gradients, evaluation_layout
 from attune.shared.layout import Dense, DenseGradient, EventGradients, Layout, Param, State
 from attune.shared.loss import Batch, logit_gradients, per_example_loss
 from attune.shared.mechanism import add_noise, bound, bound_floats, share_std
@@ -171,6 +172,15 @@ def _counts(model: SharedModel, cohort: Cohort, config: RoundConfig, streams: li
     gradients = count_gradients(cohort.items, config.clip)
     return _release(gradients, count_layout(model.config.num_items), cohort.device_of_events(), len(cohort), config,
                     streams, shares)
+
+
+def evaluation_contributions(stats: torch.Tensor, device: torch.Tensor, count: int, config: RoundConfig,
+                             streams: list[Stream], shares: bool = True) -> torch.Tensor:
+    """Each of ``count`` devices' evaluation round contribution: the statistics ``[events, 5]`` of
+    its evaluated events (``device[e]`` owns event ``e``), released by the same mechanism
+    (``attune.shared.evaluation``)."""
+    return _release(evaluation_gradients(stats, config.clip), evaluation_layout(), device, count, config, streams,
+                    shares)
 
 
 def _release(gradients: EventGradients, layout: Layout, device: torch.Tensor, count: int, config: RoundConfig,

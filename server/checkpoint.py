@@ -41,6 +41,7 @@ class Checkpoint:
     params: torch.Tensor | None = None  # the flattened model in float64: a resumed run continues exactly
     counted: bool = True  # the count round (if the model has one) released its sum
     counts: dict[int, int] = field(default_factory=dict)  # device -> count rounds contributed
+    evaluated: dict[int, int] = field(default_factory=dict)  # device -> evaluation rounds contributed
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -63,7 +64,8 @@ def _plan_dict(plan: Plan | None) -> dict | None:
         return None if config is None else {name: value.value if isinstance(value, Enum) else value
                                             for name, value in asdict(config).items()}
 
-    return {**asdict(plan), "round": plain(plan.round), "count": plain(plan.count)}
+    return {**asdict(plan), "round": plain(plan.round), "count": plain(plan.count),
+            "evaluation": plain(plan.evaluation), "evaluation_rounds": list(plan.evaluation_rounds)}
 
 
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
@@ -76,7 +78,8 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
                 "plan": _plan_dict(checkpoint.plan), "device_level": ledger_to_json(checkpoint.device_level),
                 "participation": {str(k): int(v) for k, v in checkpoint.participation.items()},
                 "params": checkpoint.params, "counted": checkpoint.counted,
-                "counts": {str(k): int(v) for k, v in checkpoint.counts.items()}}, buffer)
+                "counts": {str(k): int(v) for k, v in checkpoint.counts.items()},
+                "evaluated": {str(k): int(v) for k, v in checkpoint.evaluated.items()}}, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest().encode()
     path = directory / f"global_round_{checkpoint.round:04d}.pt"
@@ -103,13 +106,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raw_plan = payload["plan"]
         plan = None if raw_plan is None else Plan(**{
             **raw_plan, "round": RoundConfig(**raw_plan["round"]),
-            "count": None if raw_plan["count"] is None else RoundConfig(**raw_plan["count"])})
+            "count": None if raw_plan["count"] is None else RoundConfig(**raw_plan["count"]),
+            "evaluation": None if raw_plan.get("evaluation") is None else RoundConfig(**raw_plan["evaluation"]),
+            "evaluation_rounds": tuple(int(r) for r in raw_plan.get("evaluation_rounds", ()))})
         return Checkpoint(round=int(payload["round"]), state=payload["state"], optimizer=payload["optimizer"],
                           run_id=str(payload["run_id"]), plan=plan,
                           device_level=ledger_from_json(payload["device_level"]),
                           participation={int(k): int(v) for k, v in payload["participation"].items()},
                           params=payload["params"], counted=bool(payload["counted"]),
-                          counts={int(k): int(v) for k, v in payload["counts"].items()})
+                          counts={int(k): int(v) for k, v in payload["counts"].items()},
+                          evaluated={int(k): int(v) for k, v in payload.get("evaluated", {}).items()})
     except (KeyError, TypeError, ValueError, RuntimeError, AttuneError) as error:
         raise StoreError(f"checkpoint {path} cannot be read: {error}") from None
 

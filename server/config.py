@@ -84,6 +84,10 @@ class ServerConfig:
                              low=0.0, high=0.95)
     count_share: float = knob(0.1, "share of the event-level budget spent on the count that selects the trained "
                               "items (models with trained_items)", low=0.0, high=0.9)
+    eval_share: float = knob(0.0, "share of the event-level budget spent on evaluation rounds (federated HR@10 "
+                             "under DP, attune.shared.evaluation); 0: no evaluation rounds", low=0.0, high=0.9)
+    eval_every: int = knob(0, "an evaluation round after every this many training rounds (0: only after the "
+                           "last); with eval-share > 0", low=0, high=10**6)
     min_item_count: float = knob(10.0, "events an item's noisy count must reach to get a trained row (models with "
                                  "trained_items)", low=0.0)
     user_refreshes: int | None = knob(None, "user-vector refreshes a device makes over its planned rounds "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import time
 from collections import Counter
@@ -24,10 +25,11 @@ from attune.server.aggregation import ServerOptimizer, device_level_noise, serve
 from attune.server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from attune.server.config import ServerConfig
 from attune.server.planning import Plan, plan
+from attune.shared import evaluation
 from attune.shared.accounting import Entry, epsilon_of
 from attune.shared.config import PrivacyMode
 from attune.shared.errors import StoreError
-from attune.shared.mechanism import dequantize, device_bound, planned_entries, units
+from attune.shared.mechanism import dequantize, device_bound, planned_entries, share_std, units
 from attune.shared.model import ModelConfig, shared_model
 from attune.shared.randomness import Stream, bernoulli
 from attune.shared.selection import select
@@ -72,6 +74,8 @@ class RoundRecord:
     epsilon: float  # event-level, of the device that joined most rounds (planned entries)
     device_level_epsilon: float | None
     rejections: tuple[str, ...] = ()
+    task: str = "train"  # train, count or evaluate
+    evaluation: dict[str, float] | None = None  # an evaluation round's estimate (attune.shared.evaluation)
 
 
 RoundCallback = Callable[[RoundRecord, dict[str, torch.Tensor]], None]
@@ -110,6 +114,7 @@ class RunState:
     participation: Counter  # device id -> training rounds its contribution was in a released sum
     counted: bool = False  # the count round released its sum (or the model has none)
     counts: Counter = field(default_factory=Counter)  # device id -> count rounds it was in a released sum
+    evaluated: Counter = field(default_factory=Counter)  # device id -> evaluation rounds in a released sum
 
 
 def _resume(config: ServerConfig, fresh: RunState) -> RunState:
@@ -128,7 +133,7 @@ def _resume(config: ServerConfig, fresh: RunState) -> RunState:
     return RunState(run_id=found.run_id, round=found.round, params=found.params,
                     buffers={p.name: found.state[p.name] for p in layout.buffers}, optimizer=fresh.optimizer,
                     plan=found.plan, device_level=found.device_level, participation=Counter(found.participation),
-                    counted=found.counted, counts=Counter(found.counts))
+                    counted=found.counted, counts=Counter(found.counts), evaluated=Counter(found.evaluated))
 
 
 def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | None = None,
@@ -149,10 +154,13 @@ def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | No
              "per device %d", run_plan.population, run_plan.round.noise_multiplier,
              run_plan.round.user_noise_multiplier, run_plan.device_level_noise, run_plan.participations)
     history: list[RoundRecord] = []
-    for server_round in range(state.round + 1, config.rounds + 1):
-        cohort = sample(transport.devices(), run_plan.sample_rate, _stream(config, "sample", server_round))
+    for server_round in range(state.round + 1, config.rounds + len(run_plan.evaluation_rounds) + 1):
+        evaluating = server_round in run_plan.evaluation_rounds  # every device is asked
+        cohort = sample(transport.devices(), 1.0 if evaluating else run_plan.sample_rate,
+                        _stream(config, "sample", server_round))
         if run_plan.device_level_noise > 0 and config.device_level_epsilon is not None:
-            after = epsilon_of([*state.device_level, run_plan.device_level_entry()], config.device_level_delta)
+            after = epsilon_of([*state.device_level, run_plan.device_level_entry(evaluating)],
+                               config.device_level_delta)
             if after > config.device_level_epsilon * (1 + 1e-9):
                 log.warning("stopping: the next round would bring device-level epsilon to %.3f, over %.3f",
                             after, config.device_level_epsilon)
@@ -164,7 +172,7 @@ def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | No
                 round=server_round, state=_state_dict(state, config), optimizer=state.optimizer.state_dict(),
                 run_id=state.run_id, plan=run_plan, device_level=state.device_level,
                 participation=dict(state.participation), params=state.params, counted=state.counted,
-                counts=dict(state.counts)))
+                counts=dict(state.counts), evaluated=dict(state.evaluated)))
             with (config.out_dir / "rounds.jsonl").open("a") as handle:
                 handle.write(json.dumps(asdict(record)) + "\n")
         if on_round is not None:
@@ -184,8 +192,12 @@ def _round(transport: Transport, config: ServerConfig, state: RunState, cohort: 
     guarantee = 0.0
     if run_plan.device_level_noise > 0:  # what the released model will guarantee after this round
         guarantee = epsilon_of([*state.device_level, run_plan.device_level_entry()], config.device_level_delta)
-    counting = not state.counted  # until a count round released its sum, rounds count the items
+    evaluating = server_round in run_plan.evaluation_rounds
+    counting = not state.counted and not evaluating  # until a count round released its sum, rounds count the items
     round_config = run_plan.count if counting and run_plan.count is not None else run_plan.round
+    if evaluating:
+        assert run_plan.evaluation is not None
+        round_config = run_plan.evaluation
     request = RoundRequest(run_id=state.run_id, round=server_round, model=config.model, config=round_config,
                            state=_state_dict(state, config), device_level_epsilon=guarantee,
                            device_level_delta=config.device_level_delta if guarantee else 0.0)
@@ -194,41 +206,74 @@ def _round(transport: Transport, config: ServerConfig, state: RunState, cohort: 
     if collected.total is not None and len(collected.contributors) < survivors:  # never release it
         collected = Collected(None, [], collected.refused, collected.rejected, collected.failed,
                               f"{len(collected.contributors)} survivors, fewer than {survivors}", collected.rejections)
+    estimate = None
     if collected.total is not None:
         gradient = dequantize(collected.total, round_config) if round_config.private else collected.total.double()
         bound = device_bound(round_config) / units(round_config) if round_config.private \
             else round_config.device_norm * round_config.clip
         gradient = device_level_noise(gradient, bound, run_plan.device_level_noise,
                                       _stream(config, "device-level", server_round))
-        if counting:
+        if evaluating:
+            std = math.hypot(share_std(round_config) * math.sqrt(len(collected.contributors)) / units(round_config),
+                             run_plan.device_level_noise * bound)
+            clip = round_config.clip
+            estimate = evaluation.estimate(evaluation.in_events(gradient, clip),
+                                           float(evaluation.in_events(torch.tensor(std), clip)),
+                                           len(collected.contributors))
+            state.evaluated.update(collected.contributors)
+            log.info("evaluation round %d: HR@10 %.4f ± %.4f (popular list %.4f ± %.4f) over %d devices, %.0f "
+                     "events (noised)", server_round, estimate.hr, estimate.hr_half_width, estimate.popular_hr,
+                     estimate.popular_hr_half_width, estimate.devices, estimate.events)
+        elif counting:
             _select(state, config, gradient / (round_config.clip * run_plan.sample_rate))
             state.counts.update(collected.contributors)
         else:
             state.params = state.optimizer.step(state.params, gradient / run_plan.expected_cohort)
             state.participation.update(collected.contributors)
     if run_plan.device_level_noise > 0:  # an empty or aborted round shows that it released nothing: charged too
-        state.device_level.append(run_plan.device_level_entry())
+        state.device_level.append(run_plan.device_level_entry(evaluating))
     state.round = server_round
     return RoundRecord(
         round=server_round, sampled=len(cohort), contributed=len(collected.contributors),
         refused=collected.refused, rejected=collected.rejected, failed=collected.failed,
         aborted=collected.aborted,
-        epsilon=most_spent(config.model, run_plan, state.participation, state.counts, config.delta)[0],
+        epsilon=most_spent(config.model, run_plan, Joined(state.participation, state.counts, state.evaluated),
+                           config.delta)[0],
         device_level_epsilon=epsilon_of(state.device_level, config.device_level_delta)
         if run_plan.device_level_noise > 0 else None,
-        rejections=tuple(collected.rejections[:20]))
+        rejections=tuple(collected.rejections[:20]), task=round_config.task.value,
+        evaluation=None if estimate is None else estimate.as_dict())
 
 
-def most_spent(model: ModelConfig, run_plan: Plan, joined: Mapping[int, int], counted: Mapping[int, int],
-               delta: float) -> tuple[float, int, int]:
-    """Epsilon of the device that spent most, and its training and count rounds: device ``d``
-    joined ``joined[d]`` training and ``counted[d]`` count rounds of the plan (each distinct pair
-    is accounted once)."""
-    pairs = sorted({(joined.get(d, 0), counted.get(d, 0)) for d in {*joined, *counted}} or {(0, 0)})
-    spent = [epsilon_of(planned_entries(model, run_plan.round, j, count=run_plan.count, counts=c), delta)
-             for j, c in pairs]
-    top = max(range(len(spent)), key=spent.__getitem__)
-    return spent[top], *pairs[top]
+@dataclass(frozen=True)
+class Joined:
+    """Per device, the rounds of each kind its contribution was in a released sum."""
+
+    training: Mapping[int, int]
+    counts: Mapping[int, int]
+    evaluations: Mapping[int, int] = field(default_factory=dict)
+
+    def kinds(self) -> set[tuple[int, int, int]]:
+        """The distinct (training, count, evaluation) triples among the devices."""
+        devices = {*self.training, *self.counts, *self.evaluations}
+        return {(self.training.get(d, 0), self.counts.get(d, 0), self.evaluations.get(d, 0)) for d in devices} \
+            or {(0, 0, 0)}
+
+
+def spent(model: ModelConfig, run_plan: Plan, training: int, counts: int, evaluations: int, *,
+          local: bool = False) -> list[Entry]:
+    """The planned ledger of a device that joined that many rounds of each kind."""
+    return planned_entries(model, run_plan.round, training, local=local, count=run_plan.count, counts=counts,
+                           evaluation=run_plan.evaluation, evaluations=evaluations)
+
+
+def most_spent(model: ModelConfig, run_plan: Plan, joined: Joined, delta: float) -> tuple[float, int, int, int]:
+    """Epsilon of the device that spent most, and its training, count and evaluation rounds (each
+    distinct triple is accounted once)."""
+    kinds = sorted(joined.kinds())
+    epsilons = [epsilon_of(spent(model, run_plan, *kind), delta) for kind in kinds]
+    top = max(range(len(epsilons)), key=epsilons.__getitem__)
+    return epsilons[top], *kinds[top]
 
 
 def _select(state: RunState, config: ServerConfig, counts: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ from attune.server.config import DEFAULT_MIN_SURVIVOR_FRACTION, DEFAULT_USER_REF
 from attune.shared.accounting import Entry, binomial_pmf, calibrate
 from attune.shared.config import PrivacyMode, RoundConfig, RoundTask, preset
 from attune.shared.errors import ConfigError
-from attune.shared.mechanism import calibrated
+from attune.shared.mechanism import Side, calibrated
 from attune.shared.model import shared_model
 
 
@@ -31,16 +31,19 @@ class Plan:
     device_level_noise: float  # DP-FedAvg noise multiplier on the sum (0: off)
     server_lr: float
     target_epsilon: float | None  # what the noise was calibrated to (None: the noise was given)
+    evaluation: RoundConfig | None = None  # the evaluation rounds' config (every device is asked)
+    evaluation_rounds: tuple[int, ...] = ()  # the server rounds that evaluate (after training rounds)
 
-    def device_level_entry(self) -> Entry:
+    def device_level_entry(self, every_device: bool = False) -> Entry:
         """One round of device-level DP: a Poisson-sampled Gaussian on the sum (one device zeroed
         out, sensitivity ``device_norm * clip``), which also shows whether it released: its
         ``pivot`` is the chance that exactly one device fewer than the round needs was sampled
-        besides this one (``docs/privacy.md``)."""
+        besides this one (``docs/privacy.md``). An evaluation round asks ``every_device``."""
+        if every_device or self.sample_rate >= 1:
+            return Entry("gaussian", z=self.device_level_noise)
         needed = self.round.min_survivors if self.round.privacy is PrivacyMode.DISTRIBUTED else 1
         return Entry("gaussian", z=self.device_level_noise, q=self.sample_rate,
-                     pivot=binomial_pmf(needed - 1, self.population - 1, self.sample_rate)
-                     if self.sample_rate < 1 else 0.0)
+                     pivot=binomial_pmf(needed - 1, self.population - 1, self.sample_rate))
 
 
 def planned_participations(rounds: int, rate: float) -> int:
@@ -58,6 +61,20 @@ def lowest_cohort(cohort: int, rate: float) -> float:
     deviations under the Poisson-sampled mean (a round falls under it about once in 700), so that
     sampling alone does not abort rounds."""
     return cohort if rate >= 1 else max(0.0, cohort - 3 * math.sqrt(cohort * (1 - rate)))
+
+
+def evaluation_rounds(rounds: int, every: int) -> tuple[int, ...]:
+    """The server rounds that evaluate: one after every ``every`` training rounds (``0``: none but
+    the last) and one after the last, numbered among the training rounds they follow."""
+    after = sorted({t for t in range(1, rounds + 1) if every and t % every == 0} | {rounds})
+    return tuple(t + k + 1 for k, t in enumerate(after))
+
+
+def planned_evaluations(config: ServerConfig) -> tuple[int, ...]:
+    """The run's evaluation rounds: with a share of a private mode's budget only."""
+    if config.eval_share > 0 and config.mode is not PrivacyMode.OFF:
+        return evaluation_rounds(config.rounds, config.eval_every)
+    return ()
 
 
 def plan(config: ServerConfig, population: int) -> Plan:
@@ -91,19 +108,23 @@ def plan(config: ServerConfig, population: int) -> Plan:
             raise ConfigError("distributed mode needs min_survivors >= 2: one share alone is not the noise")
     round_config = RoundConfig(**values)
     count = replace(round_config, task=RoundTask.COUNT) if counting else None
+    evaluating = planned_evaluations(config)
+    evaluation = replace(round_config, task=RoundTask.EVALUATE) if evaluating else None
     noise_given = bool({"noise_multiplier", "user_noise_multiplier"} & set(given))
     target = config.target_epsilon
     if target is None and not noise_given:
         target = config.preset.target_epsilon
     if target is not None:
-        round_config, count = calibrated(config.model, round_config, epsilon=target, delta=config.delta,
-                                         participations=participations, user_share=config.user_share, count=count,
-                                         count_share=config.count_share)
+        round_config, count, evaluation = calibrated(
+            config.model, round_config, epsilon=target, delta=config.delta, participations=participations,
+            user_share=config.user_share, count=count and Side(count, 1, config.count_share),
+            evaluation=evaluation and Side(evaluation, len(evaluating), config.eval_share))
     noise = config.device_level_noise or 0.0
     if config.device_level_epsilon is not None:
-        noise = calibrate(lambda z: [Entry("gaussian", count=config.rounds, z=z, q=rate)],
+        noise = calibrate(lambda z: [Entry("gaussian", count=config.rounds, z=z, q=rate),
+                                     Entry("gaussian", count=len(evaluating), z=z)],
                           config.device_level_epsilon, config.device_level_delta)
     return Plan(round=round_config, count=count, population=population, expected_cohort=float(cohort), sample_rate=rate,
                 participations=participations, device_level_noise=noise,
                 server_lr=config.server_lr if config.server_lr is not None else config.preset.server_lr,
-                target_epsilon=target)
+                target_epsilon=target, evaluation=evaluation, evaluation_rounds=evaluating)

@@ -33,11 +33,13 @@ class PrivacyMode(str, Enum):
 
 
 class RoundTask(str, Enum):
-    """What a round asks of devices: train the shared side, or count their items (the DP count
-    that selects which items get a trained row, ``attune.shared.selection``)."""
+    """What a round asks of devices: train the shared side, count their items (the DP count
+    that selects which items get a trained row, ``attune.shared.selection``), or sum how the model
+    ranked their recorded events (``attune.shared.evaluation``)."""
 
     TRAIN = "train"
     COUNT = "count"
+    EVALUATE = "evaluate"
 
 
 class Loss(str, Enum):
@@ -119,7 +121,8 @@ class RoundConfig:
     the coordinator's plan, signed and sent with every round; every field is set."""
 
     mode: PrivacyMode = knob(PrivacyMode.DISTRIBUTED, "privacy mode: distributed, local or off")
-    task: RoundTask = knob(RoundTask.TRAIN, "train the shared side, or count the devices' items")
+    task: RoundTask = knob(RoundTask.TRAIN, "train the shared side, count the devices' items, or "
+                                 "evaluate")
     negatives: int = knob(4, "sampled negative items per event", low=1, high=1000)
     loss: Loss = knob(Loss.BCE, "bce or bpr")
     clip: float = knob(1.0, "L2 bound of one event's gradient on the shared side", above=0.0)

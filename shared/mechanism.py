@@ -31,13 +31,14 @@ Integer data plus integer noise: nothing here is exposed to floating-point attac
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from attune.shared.accounting import Entry, calibrate, distributed_tau
 from attune.shared.config import RoundConfig, RoundTask
 from attune.shared.errors import ConfigError, PrivacyError
+from attune.shared.evaluation import EVALUATION_SHAPE, evaluation_layout
 from attune.shared.layout import EventGradients, Layout, rounding_bound
 from attune.shared.model import ModelConfig, shared_model
 from attune.shared.randomness import Stream, discrete_gaussian
@@ -49,9 +50,12 @@ NORM_EPS = 1e-6
 
 
 def layout_of(model: ModelConfig, task: RoundTask = RoundTask.TRAIN) -> Layout:
-    """What a round's contribution covers: the model's trained parameters, or in a count round
-    one count per catalog item (``attune.shared.selection``)."""
-    return count_layout(model.num_items) if task is RoundTask.COUNT else shared_model(model).layout
+    """What a round's contribution covers: the model's trained parameters, in a count round one
+    count per catalog item (``attune.shared.selection``), in an evaluation round five sums
+    (``attune.shared.evaluation``)."""
+    if task is RoundTask.COUNT:
+        return count_layout(model.num_items)
+    return evaluation_layout() if task is RoundTask.EVALUATE else shared_model(model).layout
 
 
 def contribution_dim(model: ModelConfig, task: RoundTask = RoundTask.TRAIN) -> int:
@@ -68,8 +72,9 @@ def event_rounding(model: ModelConfig, config: RoundConfig) -> float:
     """Bound on the L2 norm of one event's rounding error, in units: half a unit on every number
     of every part its gradient touches (``EventShape``: for the embedding model, the ``dim + 1``
     numbers of each of its ``1 + negatives`` items, and the context block)."""
-    if config.task is RoundTask.COUNT:
-        return rounding_bound(layout_of(model, config.task), COUNT_SHAPE)
+    if config.task is not RoundTask.TRAIN:
+        shape = COUNT_SHAPE if config.task is RoundTask.COUNT else EVALUATION_SHAPE
+        return rounding_bound(layout_of(model, config.task), shape)
     shared = shared_model(model)
     return rounding_bound(shared.layout, shared.event_shape(config.negatives))
 
@@ -197,14 +202,17 @@ def dequantize(total: torch.Tensor, config: RoundConfig) -> torch.Tensor:
 
 
 def planned_entries(model: ModelConfig, config: RoundConfig, participations: int, *,
-                    local: bool = False, count: RoundConfig | None = None, counts: int = 1) -> list[Entry]:
-    """The ledger of a device that joins ``counts`` count rounds ``count`` (if any) and
-    ``participations`` training rounds (what noise is planned for); ``local``: what its own
-    contributions alone reveal (``local_entries``)."""
+                    local: bool = False, count: RoundConfig | None = None, counts: int = 1,
+                    evaluation: RoundConfig | None = None, evaluations: int = 0) -> list[Entry]:
+    """The ledger of a device that joins ``counts`` count rounds ``count`` (if any),
+    ``participations`` training rounds (what noise is planned for) and ``evaluations`` evaluation
+    rounds ``evaluation``; ``local``: what its own contributions alone reveal (``local_entries``)."""
     if not config.private:
         return []
     release = local_entries if local else round_entries
     entries = [e.times(counts) for e in release(model, count, refresh=False)] if count is not None and counts else []
+    if evaluation is not None and evaluations:
+        entries += [e.times(evaluations) for e in release(model, evaluation, refresh=False)]
     if participations == 0:
         return entries
     entries += [entry.times(participations) for entry in release(model, config, refresh=False)]
@@ -215,36 +223,57 @@ def planned_entries(model: ModelConfig, config: RoundConfig, participations: int
     return entries
 
 
+@dataclass(frozen=True)
+class Side:
+    """A round other than training that a run plans (a count or an evaluation round): its config,
+    how many of them a device joins, and its share of the budget (zCDP; 0: its noise is kept)."""
+
+    config: RoundConfig
+    times: int
+    share: float
+
+
 def calibrated(model: ModelConfig, config: RoundConfig, *, epsilon: float, delta: float, participations: int,
-               user_share: float, count: RoundConfig | None = None,
-               count_share: float = 0.0) -> tuple[RoundConfig, RoundConfig | None]:
-    """``config`` (and the count round ``count``) with their noise multipliers set so that the
-    count round and ``participations`` training rounds spend ``epsilon``: in zCDP terms the
-    user-vector refreshes get ``user_share`` of the budget, the count ``count_share``, the released
-    sums the rest (one common scale, solved by bisection against the ledger). The split is on the
-    accounted ``z`` (noise over true sensitivity, rounding included), so it holds at any
-    ``quantum_bits``."""
+               user_share: float, count: Side | None = None,
+               evaluation: Side | None = None) -> tuple[RoundConfig, RoundConfig | None, RoundConfig | None]:
+    """``config``, the count round and the evaluation rounds with their noise multipliers set so
+    that all the rounds a device is planned to join spend ``epsilon``: in zCDP terms the
+    user-vector refreshes get ``user_share`` of the budget, the count and the evaluations their
+    ``share``, the released training sums the rest (one common scale, solved by bisection against
+    the ledger). The split is on the accounted ``z`` (noise over true sensitivity, rounding
+    included), so it holds at any ``quantum_bits``."""
     if not config.private:
-        return config, count
+        return config, count and count.config, evaluation and evaluation.config
     refresh_steps = config.refreshes(participations) * config.user_steps
     user = user_share if refresh_steps else 0.0
-    counted = count_share if count is not None else 0.0
-    if not (0 <= user and 0 <= counted and user + counted < 1):
-        raise ConfigError(f"user_share and count_share must be >= 0 and leave a share for training, got "
-                          f"{user_share} and {count_share}")
+    sides = [side for side in (count, evaluation) if side is not None and side.times]
+    taken = sum(side.share for side in sides)
+    if not (0 <= user and all(side.share >= 0 for side in sides) and user + taken < 1):
+        raise ConfigError(f"user_share ({user_share}), count_share and eval_share must be >= 0 and leave a share "
+                          "for training")
 
     def multiplier(z: float, of: float, round_config: RoundConfig) -> float:  # z = multiplier * 2**bits / of
         return z * of / 2.0**round_config.quantum_bits
 
-    def at(scale: float) -> tuple[RoundConfig, RoundConfig | None]:
-        item = multiplier(scale * math.sqrt(participations / (2 * (1 - user - counted))), sensitivity(model, config),
+    def side_at(scale: float, side: Side | None, user_noise: float) -> RoundConfig | None:
+        if side is None:
+            return None
+        noise = multiplier(scale * math.sqrt(side.times / (2 * side.share)), sensitivity(model, side.config),
+                           side.config) if side.times and side.share else side.config.noise_multiplier
+        return replace(side.config, noise_multiplier=noise, user_noise_multiplier=user_noise)
+
+    def at(scale: float) -> tuple[RoundConfig, RoundConfig | None, RoundConfig | None]:
+        item = multiplier(scale * math.sqrt(participations / (2 * (1 - user - taken))), sensitivity(model, config),
                           config)
         user_noise = multiplier(scale * math.sqrt(refresh_steps / (2 * user)), user_sensitivity(model, config),
                                 config) if user else config.user_noise_multiplier
-        counting = None if count is None else replace(
-            count, noise_multiplier=multiplier(scale * math.sqrt(1 / (2 * counted)), sensitivity(model, count), count)
-            if counted else count.noise_multiplier, user_noise_multiplier=user_noise)
-        return replace(config, noise_multiplier=item, user_noise_multiplier=user_noise), counting
+        return (replace(config, noise_multiplier=item, user_noise_multiplier=user_noise),
+                side_at(scale, count, user_noise), side_at(scale, evaluation, user_noise))
 
-    scale = calibrate(lambda s: planned_entries(model, at(s)[0], participations, count=at(s)[1]), epsilon, delta)
+    def ledger(scale: float) -> list[Entry]:
+        train, counting, evaluating = at(scale)
+        return planned_entries(model, train, participations, count=counting, counts=count.times if count else 0,
+                               evaluation=evaluating, evaluations=evaluation.times if evaluation else 0)
+
+    scale = calibrate(ledger, epsilon, delta)
     return at(scale)

@@ -36,15 +36,19 @@ def _run(config, label: str = "") -> dict:  # noqa: ANN001 - a SimulationConfig
     """Run one simulation with progress: a bar on a terminal, one plain line per round otherwise."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from attune.server.planning import planned_evaluations
     from attune.simulations.runner import quiet_third_parties, simulate
 
     quiet_third_parties()
     log = config.source.load(config.server.seed)  # bad input fails here, before any progress is drawn
-    rounds = config.server.rounds
+    rounds = config.server.rounds + len(planned_evaluations(config.server))
     if not console.is_terminal:
         def plain(record, metrics) -> None:  # noqa: ANN001
             hr = f"  HR@10 {metrics['hr@10']:.4f}" if "hr@10" in metrics else ""
-            print(f"{label}round {record.round}/{rounds}: {record.contributed} devices, epsilon "
+            if record.evaluation is not None:
+                hr = (f"  federated HR@10 {record.evaluation['hr']:.4f} ± {record.evaluation['hr_half_width']:.4f} "
+                      "(DP estimate)")
+            print(f"{label}round {record.round}/{rounds} ({record.task}): {record.contributed} devices, epsilon "
                   f"{record.epsilon:.3f}{hr}", file=sys.stderr, flush=True)
 
         results = simulate(config, plain, log)
@@ -63,14 +67,23 @@ def _run(config, label: str = "") -> dict:  # noqa: ANN001 - a SimulationConfig
     return results
 
 
+def _interval(value: float | None, half_width: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} ± {half_width:.3f}" if half_width is not None else f"{value:.3f}"
+
+
 def _print_table(results: dict, out: Path) -> None:
     table = Table(title=f"{results['dataset']['name']}: {results['label']}")
     for column in ("round", "HR@10", "NDCG@10", "devices", "epsilon (max device)"):
         table.add_column(column, justify="right")
     for row in results["rounds"]:
+        epsilon = "-" if row["epsilon"] is None else f"{row['epsilon']:.3f}"
         if row["hr@10"] is not None:
             table.add_row(str(row["round"]), f"{row['hr@10']:.4f}", f"{row['ndcg@10']:.4f}", str(row["contributed"]),
-                          "-" if row["epsilon"] is None else f"{row['epsilon']:.3f}")
+                          epsilon)
+        elif row["evaluation"] is not None:  # the coordinator's DP estimate of the round before
+            estimate = row["evaluation"]
+            table.add_row(f"{row['round']} (DP est.)", _interval(estimate["hr"], estimate["hr_half_width"]),
+                          _interval(estimate["ndcg"], estimate["ndcg_half_width"]), str(row["contributed"]), epsilon)
     pop = results["baseline"]["popular"]
     table.add_row("popular", f"{pop['hr@10']:.4f}", f"{pop['ndcg@10']:.4f}", "", "")
     Console().print(table)
@@ -256,6 +269,47 @@ def federation(
         record = json.loads(line)
         table.add_row(str(record["round"]), str(record["contributed"]), f"{record['epsilon']:.2f}")
     Console().print(table)
+
+
+runs = typer.Typer(no_args_is_help=True, help="Watch a run: its rounds.jsonl as a table and a plot.")
+cli.add_typer(runs, name="runs")
+
+
+@runs.command("show")
+def show(
+    run_dir: Path = typer.Argument(..., help="the run's out-dir (deployment) or --out folder (simulation)"),
+    follow: bool = typer.Option(False, "--follow", help="keep printing rounds as they are recorded (Ctrl-C stops)"),
+    plot: Path | None = typer.Option(None, help="where the plot goes [RUN_DIR/rounds.png]"),
+    seconds: float = typer.Option(0.0, "--for", help="with --follow: stop after this many seconds (0: never)",
+                                  min=0.0),
+) -> None:
+    """The run's rounds as the coordinator saw them: cohort, contributions, declines (devices never
+    say why), the coordinator's rejections and their reasons, aborted rounds and why, epsilon spent,
+    and the noised evaluation with its 95% interval; and a plot of them."""
+    import time
+
+    from attune.simulations import watch
+
+    path = watch.rounds_file(run_dir)
+    records = watch.read_rounds(path)
+    out = Console() if Console().is_terminal else Console(width=140)  # a file or a pipe gets whole cells
+    out.print(watch.table(records, f"rounds of {path.parent}"))
+    for reason, count in watch.rejections(records).most_common():
+        out.print(f"rejected {count}x: {reason}")
+    if follow:
+        started = time.monotonic()
+        try:
+            while not seconds or time.monotonic() - started < seconds:
+                time.sleep(1.0)
+                fresh = watch.read_rounds(path)
+                for record in fresh[len(records):]:
+                    out.print("  ".join(f"{name} {cell}" for name, cell in
+                                              zip(watch.COLUMNS, watch.row(record), strict=True) if cell))
+                records = fresh
+        except KeyboardInterrupt:
+            pass
+    target = watch.plot(records, plot or path.parent / "rounds.png")
+    out.print(f"plot: {target}")
 
 
 def main() -> None:

@@ -1,8 +1,10 @@
 """Turn a behavior log into virtual devices: one event store per user.
 
 The devices are real ``attune.client`` stores, so simulations exercise the same code as phones.
-The held-out events stay with the simulator (``attune.simulations.evaluation``): devices never see
-them and send nothing for evaluation. Timestamps are shifted so the newest event is an hour old
+The held-out events stay with the simulator (``attune.simulations.evaluation``): devices never train
+on them. For evaluation rounds the simulator records each device's held-out event on it just
+before the round (``held_out``), as the person's app would, and deletes it after. Timestamps are
+shifted so the newest event is an hour old
 (the store rejects pre-2000 and future times and applies retention); hour and weekday are taken
 from the original times.
 """
@@ -32,8 +34,19 @@ def store_path(directory: Path, user: int) -> Path:
     return directory / "devices" / f"device-{user:06d}.sqlite"
 
 
+def held_out_path(directory: Path) -> Path:
+    return directory / "held_out.json"
+
+
+def held_out(directory: Path, user: int) -> Event:
+    """The held-out event of ``user`` as ``write_devices`` wrote it."""
+    item, kind, stamp, original = json.loads(held_out_path(directory).read_text())[user]
+    return Event(item_id=item, event_type=kind, timestamp=stamp, context=EventContext.at(original))
+
+
 def write_devices(log: EventLog, split: Split, directory: Path) -> Path:
-    """Create one store per user with its training events; return the vocabulary file."""
+    """Create one store per user with its training events, and the held-out events beside them;
+    return the vocabulary file."""
     directory.mkdir(parents=True, exist_ok=True)
     vocabulary_path = directory / "vocabulary.json"
     vocabulary_path.write_text(json.dumps(list(log.item_ids)))
@@ -54,6 +67,12 @@ def write_devices(log: EventLog, split: Split, directory: Path) -> Path:
         with EventStore(path, SIMULATION_RETENTION) as store:
             store.add_many(events)
             write_consent(store, True, SIMULATED_POLICY)  # every simulated person opted in
+    held = [None] * log.num_users
+    everything = np.lexsort((np.arange(len(log)), log.timestamps, log.users))
+    for r in everything[~split.train[everything]]:  # per user the latest wins: the held-out one
+        original = float(log.timestamps[r])
+        held[int(log.users[r])] = [log.item_ids[log.items[r]], EVENT_TYPES[kinds[r]], original + shift, original]
+    held_out_path(directory).write_text(json.dumps(held))
     return vocabulary_path
 
 

@@ -14,14 +14,15 @@ variance (same accounting; it skips ``devices x dim`` draws per round).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from attune.client.policy import PrivacyConfig, refusal
-from attune.client.training import Cohort, initial_user_vector, train_round
-from attune.server.coordinator import Collected
+from attune.client.training import Cohort, evaluation_contributions, initial_user_vector, train_round
+from attune.server.coordinator import Collected, Joined
 from attune.shared.accounting import epsilon_of
 from attune.shared.config import RoundConfig, RoundTask
 from attune.shared.errors import ConfigError
@@ -62,6 +63,15 @@ class Devices:
     started: torch.Tensor  # bool [devices]
     joined: torch.Tensor  # long [devices]: training rounds
     counted: torch.Tensor  # long [devices]: count rounds
+    evaluated: torch.Tensor  # long [devices]: evaluation rounds
+
+    def joined_rounds(self) -> Joined:
+        return Joined(*(dict(enumerate(t.tolist())) for t in (self.joined, self.counted, self.evaluated)))
+
+
+# The statistics (``attune.shared.evaluation``) of each device's evaluated events under a global
+# state: ``[devices, 5]``, one evaluated event per device (the simulator's held-out one).
+Evaluator = Callable[[dict[str, torch.Tensor], Devices], torch.Tensor]
 
 
 class InProcessTransport:
@@ -70,13 +80,16 @@ class InProcessTransport:
     a sampled device is online."""
 
     def __init__(self, cohort: Cohort, seed: int, privacy: PrivacyConfig, *, availability: float = 1.0,
-                 noise: str = "aggregate") -> None:
+                 noise: str = "aggregate", evaluator: Evaluator | None = None) -> None:
         if noise not in NOISE:
             raise ConfigError(f"noise must be one of {', '.join(NOISE)}, got {noise!r}")
         self.cohort, self.seed, self.privacy = cohort, seed, privacy
         self.availability, self.noise = availability, noise
         self.devices_state: Devices | None = None
         self.count_config: RoundConfig | None = None  # the run's count round, once seen
+        self.evaluation_config: RoundConfig | None = None  # and its evaluation rounds
+        self.evaluator = evaluator
+        self._stats = torch.zeros(0, 5)
 
     def devices(self) -> list[int]:
         return list(range(len(self.cohort)))
@@ -85,13 +98,14 @@ class InProcessTransport:
         if self.devices_state is None:
             count = len(self.cohort)
             self.devices_state = Devices(torch.zeros(count, dim), torch.zeros(count, dtype=torch.bool),
-                                         torch.zeros(count, dtype=torch.long), torch.zeros(count, dtype=torch.long))
+                                         *(torch.zeros(count, dtype=torch.long) for _ in range(3)))
         return self.devices_state
 
-    def spent(self, request: RoundRequest, joined: int, counted: int) -> float:
-        """What a device that joined ``joined`` training and ``counted`` count rounds has spent."""
+    def spent(self, request: RoundRequest, joined: int, counted: int, evaluated: int) -> float:
+        """What a device that joined that many training, count and evaluation rounds has spent."""
         return epsilon_of(planned_entries(request.model, request.config, joined, count=self.count_config,
-                                          counts=counted), self.privacy.delta)
+                                          counts=counted, evaluation=self.evaluation_config, evaluations=evaluated),
+                          self.privacy.delta)
 
     def collect(self, request: RoundRequest, cohort: list[int], min_survivors: int) -> Collected:
         state = self._state(request.model.dim)
@@ -102,9 +116,15 @@ class InProcessTransport:
             online = [d for d, up in zip(cohort, flags.tolist(), strict=True) if up]
         if request.config.task is RoundTask.COUNT:
             self.count_config = request.config
+        if request.config.task is RoundTask.EVALUATE:
+            if self.evaluator is None:
+                raise ConfigError("an evaluation round needs the simulator's evaluator")
+            self.evaluation_config = request.config
+            self._stats = self.evaluator(request.state, state)  # every device's, computed once
         declined = refusal(request, self.privacy, consented=True, paused=False)  # same for every device
         # a budget check depends only on these counts: once per pair
-        joined = list(zip(state.joined[online].tolist(), state.counted[online].tolist(), strict=True))
+        joined = list(zip(state.joined[online].tolist(), state.counted[online].tolist(),
+                          state.evaluated[online].tolist(), strict=True))
         admits = {} if declined else {pair: self._admits(request, *pair) for pair in set(joined)}
         admitted = [d for d, pair in zip(online, joined, strict=True) if admits.get(pair, False)]
         total = None
@@ -120,12 +140,13 @@ class InProcessTransport:
         return Collected(total=total, contributors=admitted, refused=len(online) - len(admitted),
                          failed=len(cohort) - len(online))
 
-    def _admits(self, request: RoundRequest, joined: int, counted: int) -> bool:
+    def _admits(self, request: RoundRequest, joined: int, counted: int, evaluated: int) -> bool:
         """The device's budget check (``EventStore.reserve`` on a phone): would it stay within?"""
         if not request.config.private:
             return True
-        counting = request.config.task is RoundTask.COUNT
-        after = self.spent(request, joined + (not counting), counted + counting)
+        task = request.config.task
+        after = self.spent(request, joined + (task is RoundTask.TRAIN), counted + (task is RoundTask.COUNT),
+                           evaluated + (task is RoundTask.EVALUATE))
         return after <= self.privacy.epsilon_budget * (1 + 1e-9)
 
     def _run_block(self, request: RoundRequest, block: list[int]) -> torch.Tensor:
@@ -133,6 +154,10 @@ class InProcessTransport:
         index = torch.tensor(block, dtype=torch.long)
         cohort = subset(self.cohort, block)
         streams = [device_stream(self.seed, device, request.round) for device in block]
+        if request.config.task is RoundTask.EVALUATE:
+            state.evaluated[index] += 1
+            return evaluation_contributions(self._stats[index], torch.arange(len(block)), len(block), request.config,
+                                            streams, shares=self.noise == "per-device").sum(dim=0)
         if request.config.task is RoundTask.COUNT:  # nothing trained: the users' vectors play no part
             state.counted[index] += 1
             return train_round(request.state, request.model, state.users[index], cohort, request.config, streams,

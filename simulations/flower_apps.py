@@ -5,7 +5,9 @@ Flower's simulation runtime gives each virtual SuperNode a ``partition-id``; the
 index finds its store under the run's ``out-dir``. The ServerApp runs in Flower's process, not the
 simulator's, so at each round the simulator evaluates it saves the global model and the devices'
 user vectors (read from their stores, as the in-process backend reads them) for the simulator to
-score. Devices send nothing for evaluation.
+score exactly. Before an evaluation round each device gets its held-out event recorded, as the
+person's app would record it, and loses it before its next round (``play_the_app``): the
+coordinator's DP estimate is then of the same events the simulator scores.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import tomli_w
@@ -22,14 +25,17 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from attune.client.flower_app import make_client_app
+from attune.client.personalizer import Personalizer
 from attune.client.policy import PrivacyConfig
 from attune.client.secure_aggregation import DECLINED
 from attune.client.settings import DeviceSettings
 from attune.server.app import transport_for
 from attune.server.config import ServerConfig, to_run_config
 from attune.server.coordinator import RoundRecord, run
-from attune.shared.errors import ConfigError
-from attune.simulations.devices import read_user_vectors, store_path
+from attune.shared.config import RoundTask
+from attune.shared.errors import ConfigError, InvalidEventError
+from attune.shared.wire import RoundRequest
+from attune.simulations.devices import held_out, read_user_vectors, store_path
 
 HARNESS = "flower-simulation.json"
 FINISHED = "flower-finished"
@@ -90,6 +96,27 @@ def _not_a_decline(record: logging.LogRecord) -> bool:
 logging.getLogger("flwr").addFilter(_not_a_decline)  # keeps the run's log to real errors
 
 
+def play_the_app(out: Path, user: int, device: Personalizer, request: RoundRequest) -> None:
+    """What the simulated person's app does before a verified round: delete the held-out event it
+    recorded for the last evaluation round, and record it again (with the round's model, which the
+    device adopts, as the newest it holds) for this one if it evaluates."""
+    marker = out / "held-out-recorded" / f"device-{user:06d}.json"
+    if marker.exists():
+        try:
+            device.forget_event(int(json.loads(marker.read_text())))
+        except InvalidEventError:
+            pass  # the person erased it already
+        marker.unlink()
+    if request.config.task is not RoundTask.EVALUATE or not device.consented:
+        return
+    device.set_global(request.state)
+    event = held_out(out, user)
+    device.record(event)
+    recorded = max(stored.id for stored in device.stored_events() if stored.event == event)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(recorded))
+
+
 def _device_settings(context: Context) -> DeviceSettings:
     out = Path(str(context.run_config["out-dir"]))
     if "partition-id" not in context.node_config:
@@ -98,7 +125,8 @@ def _device_settings(context: Context) -> DeviceSettings:
     torch.set_num_threads(1)
     return DeviceSettings(store_path=store_path(out, device), privacy=Harness.read(out).privacy,
                           vocabulary_path=out / "vocabulary.json", simulation_seed=(seed, device),
-                          coordinator_public_key=coordinator_keys(out)[1])
+                          coordinator_public_key=coordinator_keys(out)[1],
+                          before_round=partial(play_the_app, out, device))
 
 
 client_app = make_client_app(_device_settings)

@@ -25,12 +25,13 @@ import torch
 
 from attune.client.policy import PrivacyConfig, noise_refusal
 from attune.server.config import ServerConfig
-from attune.server.coordinator import RoundRecord, most_spent, run
+from attune.server.coordinator import RoundRecord, most_spent, run, spent
 from attune.server.planning import Plan, plan
+from attune.shared import evaluation
 from attune.shared.accounting import ACCOUNTANT_NAME, Entry, epsilon_of, ledger_to_json
-from attune.shared.config import PrivacyMode, knob, validate
+from attune.shared.config import PrivacyMode, RoundTask, knob, validate
 from attune.shared.errors import ConfigError, DataError
-from attune.shared.mechanism import planned_entries, sensitivity
+from attune.shared.mechanism import sensitivity
 from attune.shared.metrics import hit_and_ndcg
 from attune.shared.model import shared_model
 from attune.shared.statements import DEVICE_LEVEL, DISCLOSED, statement
@@ -147,6 +148,8 @@ class _Progress:
     report: dict | None = None
     started: float = field(default_factory=time.monotonic)
     seconds: list[float] = field(default_factory=list)
+    estimates: dict[int, dict[str, float] | None] = field(default_factory=dict)  # evaluation rounds' estimates
+    final: dict[str, float] = field(default_factory=dict)  # the exact metrics after the last training round
 
 
 def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], None] | None = None,
@@ -180,7 +183,9 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
     def evaluate(record: RoundRecord, state: dict[str, torch.Tensor], devices_now: Callable[[], Devices]) -> None:
         progress.history.append(record)
         progress.seconds.append(time.monotonic() - progress.started)
-        if record.round in evaluate_at:
+        if record.task == RoundTask.EVALUATE.value:  # the coordinator's DP estimate, beside the exact value
+            progress.estimates[record.round] = record.evaluation
+        elif len(progress.history) - len(progress.estimates) in evaluate_at:  # the training round's number
             devices = devices_now()
             ranking = ranker.rank(state, model, devices.users, devices.started, cohort, split, server.seed)
             hits, gains = hit_and_ndcg(ranking.scores.numpy())
@@ -188,7 +193,8 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
                 raise DataError(f"round {record.round}: the model diverged (non-finite scores); lower the "
                                 "server learning rate")
             progress.metrics[record.round] = {"hr@10": float(hits.mean()), "ndcg@10": float(gains.mean())}
-            if record.round == server.rounds:
+            if len(progress.history) - len(progress.estimates) == server.rounds:
+                progress.final = progress.metrics[record.round]
                 vectors, global_bias = shared_model(model).all_items(state)
                 bias = global_bias.numpy()
                 progress.report = {"algorithm": ranker.name, **beyond_accuracy(
@@ -198,9 +204,15 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
         if on_round is not None:
             on_round(record, progress.metrics.get(record.round, {}))
 
+    def statistics(state: dict[str, torch.Tensor], devices: Devices) -> torch.Tensor:
+        """What each device would evaluate: its held-out event, ranked as ``evaluate`` ranks it."""
+        ranking = ranker.rank(state, model, devices.users, devices.started, cohort, split, server.seed)
+        _, popular = shared_model(model).item_side(state, torch.from_numpy(split.candidates))
+        return evaluation.statistics(ranking.scores, popular)
+
     if config.backend == "fast":
         transport = InProcessTransport(cohort, server.seed, privacy, availability=config.availability,
-                                       noise=config.noise)
+                                       noise=config.noise, evaluator=statistics)
         torch.set_num_threads(1)
         def current_devices() -> Devices:
             assert transport.devices_state is not None  # set in the first round, before any evaluation
@@ -214,12 +226,14 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
     else:
         from attune.simulations.flower_backend import run_flower
 
-        ledger, local = run_flower(log, split, server, privacy, evaluate_at, evaluate)
+        training = [r for r in range(1, server.rounds + len(run_plan.evaluation_rounds) + 1)
+                    if r not in run_plan.evaluation_rounds]  # the server round of each training round
+        ledger, local = run_flower(log, split, server, privacy, {training[t - 1] for t in evaluate_at}, evaluate)
         secure = "flower-secagg+ (hardened)" if server.uses_secure_aggregation else "none"
         noise = "per-device" if run_plan.round.private else "none"
-    if len(progress.history) < server.rounds:
-        raise ConfigError(f"the run stopped after {len(progress.history)} of {server.rounds} rounds "
-                          "(device-level budget)")
+    if len(progress.history) < server.rounds + len(run_plan.evaluation_rounds):
+        raise ConfigError(f"the run stopped after {len(progress.history)} of "
+                          f"{server.rounds + len(run_plan.evaluation_rounds)} rounds (device-level budget)")
     results = build_results(log, split, server, run_plan, progress, ledger, local, secure=secure, noise=noise)
     results.update(backend=config.backend, algorithm=ranker.name, beyond_accuracy=progress.report,
                    heterogeneity={"availability": config.availability, "data_skew": config.data_skew})
@@ -230,12 +244,29 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
 
 
 def _fast_ledgers(devices: Devices, server: ServerConfig, run_plan: Plan) -> tuple[list[Entry], list[Entry]]:
-    """The ledger of the device that joined most rounds (every device's is its count rounds and its
-    ``joined`` training rounds, as planned)."""
-    _, joined, counted = most_spent(server.model, run_plan, dict(enumerate(devices.joined.tolist())),
-                                    dict(enumerate(devices.counted.tolist())), server.delta)
-    return tuple(planned_entries(server.model, run_plan.round, joined, local=local, count=run_plan.count,
-                                 counts=counted) for local in (False, True))  # type: ignore[return-value]
+    """The ledger of the device that spent most (every device's is its count, training and
+    evaluation rounds, as planned)."""
+    _, *kind = most_spent(server.model, run_plan, devices.joined_rounds(), server.delta)
+    return tuple(spent(server.model, run_plan, *kind, local=local)  # type: ignore[return-value]
+                 for local in (False, True))
+
+
+def _federated(progress: _Progress, run_plan: Plan, server: ServerConfig) -> dict | None:
+    """The last evaluation round's DP estimate beside the exact value it estimates, and what the
+    evaluation rounds cost alone (their share of every device's ledger)."""
+    if not progress.estimates:
+        return None
+    last = progress.estimates[max(progress.estimates)]
+    exact = progress.final.get("hr@10")
+    covered = None
+    if last is not None and exact is not None and math.isfinite(last["hr_half_width"]):
+        covered = abs(last["hr"] - exact) <= last["hr_half_width"]
+    alone = spent(server.model, replace(run_plan, count=None), 0, 0, len(run_plan.evaluation_rounds))
+    return {"estimate": None if last is None else {k: _r(v) for k, v in last.items()}, "exact_hr@10": _r(exact),
+            "covered": covered, "eval_share": server.eval_share, "rounds": list(run_plan.evaluation_rounds),
+            "epsilon_alone": _r(epsilon_of(alone, server.delta)),
+            "noise_multiplier": None if run_plan.evaluation is None else run_plan.evaluation.noise_multiplier,
+            "interval": "95%, for the noise added (the devices that took part, not a sample of people)"}
 
 
 def _r(value: float | None) -> float | None:
@@ -253,8 +284,10 @@ def build_results(log: EventLog, split: Split, server: ServerConfig, run_plan: P
                "device_level_epsilon": _r(r.device_level_epsilon),
                "hr@10": _r(progress.metrics.get(r.round, {}).get("hr@10")),
                "ndcg@10": _r(progress.metrics.get(r.round, {}).get("ndcg@10")),
-               "seconds": _r(seconds)} for r, seconds in zip(progress.history, progress.seconds, strict=True)]
-    final = progress.metrics.get(server.rounds, {})
+               "seconds": _r(seconds), "task": r.task,
+               "evaluation": None if r.evaluation is None else {k: _r(v) for k, v in r.evaluation.items()}}
+              for r, seconds in zip(progress.history, progress.seconds, strict=True)]
+    final = progress.final
     last = progress.history[-1]
     device_level = None
     if run_plan.device_level_noise > 0:
@@ -267,6 +300,7 @@ def build_results(log: EventLog, split: Split, server: ServerConfig, run_plan: P
         "private": private,
         "dataset": {"name": log.name, "users": log.num_users, "items": log.num_items, "events": len(log)},
         "final": {"hr@10": _r(final.get("hr@10")), "ndcg@10": _r(final.get("ndcg@10"))},
+        "federated_evaluation": _federated(progress, run_plan, server),
         "baseline": {"popular": {k: _r(v) for k, v in popularity_baseline(log, split).items()}},
         "rounds": rounds,
         "privacy": {

@@ -89,12 +89,25 @@ def test_a_diverged_run_says_so_and_exits_non_zero(tmp_path):
 
 
 def test_a_run_writes_its_results_and_one_plain_line_per_round(tmp_path):
-    result = attune("simulate", "--rounds", "3", "--synthetic-users", "30", "--dim", "8", "--out", str(tmp_path / "o"))
+    result = attune("simulate", "--rounds", "3", "--synthetic-users", "30", "--dim", "8", "--eval-share", "0.05",
+                    "--out", str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("round ")]
-    assert [line.split(":")[0] for line in lines] == ["round 1/3", "round 2/3", "round 3/3"]  # plain lines
+    assert [line.split(":")[0] for line in lines] == ["round 1/4 (count)", "round 2/4 (train)", "round 3/4 (train)",
+                                                      "round 4/4 (evaluate)"]  # plain lines
+    assert "federated HR@10" in lines[-1] and "(DP estimate)" in lines[-1]
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results["privacy"]["mode"] == "distributed" and results["dataset"]["users"] == 30
+    shown = attune("runs", "show", str(tmp_path / "o"))  # what the coordinator watches, from rounds.jsonl
+    assert shown.returncode == 0, shown.stderr
+    assert "evaluate" in shown.stdout and "±" in shown.stdout and (tmp_path / "o" / "rounds.png").is_file()
+
+
+def test_runs_show_says_what_is_missing_or_unreadable(tmp_path):
+    missing = attune("runs", "show", str(tmp_path))
+    assert missing.returncode == 2 and "rounds.jsonl not found" in missing.stderr
+    (tmp_path / "rounds.jsonl").write_text("not json\n")
+    assert "not a JSON line" in attune("runs", "show", str(tmp_path)).stderr
 
 
 def test_csv_without_named_columns_and_bad_timestamps(tmp_path):

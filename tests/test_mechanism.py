@@ -11,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attune.client.training import Cohort, LocalData, _refresh_users, train_round
+from attune.shared.accounting import epsilon_of
 from attune.shared.config import Loss, RoundTask, preset
 from attune.shared.errors import PrivacyError
 from attune.shared.layout import Dense, DenseGradient, EventGradients, Layout, Param
 from attune.shared.mechanism import (
+    Side,
     add_noise,
     bound,
     calibrated,
@@ -201,16 +203,20 @@ def test_the_budget_split_holds_in_accounted_terms_at_any_grid(bits):
     model = ModelConfig(num_items=200, dim=8, use_context=False, trained_items=0)
     config = preset("distributed", min_survivors=20, quantum_bits=bits, user_every=2, user_steps=1)
     count = preset("distributed", min_survivors=20, quantum_bits=bits, task=RoundTask.COUNT)
-    train, counting = calibrated(model, config, epsilon=4.0, delta=1e-5, participations=10, user_share=0.3,
-                                 count=count, count_share=0.1)
-    entries = planned_entries(model, train, 10, count=counting)
-    rho = {"user": 0.0, "count": 0.0, "train": 0.0}
+    evaluation = preset("distributed", min_survivors=20, quantum_bits=bits, task=RoundTask.EVALUATE)
+    train, counting, evaluating = calibrated(model, config, epsilon=4.0, delta=1e-5, participations=10,
+                                             user_share=0.3, count=Side(count, 1, 0.1),
+                                             evaluation=Side(evaluation, 3, 0.05))
+    entries = planned_entries(model, train, 10, count=counting, evaluation=evaluating, evaluations=3)
+    assert epsilon_of(entries, 1e-5) == pytest.approx(4.0, rel=1e-3)
+    rho = {"user": 0.0, "count": 0.0, "evaluation": 0.0, "train": 0.0}
     for e in entries:
-        part = "user" if e.dim == model.dim else "count" if e.dim == model.num_items else "train"
+        part = {model.dim: "user", model.num_items: "count", 5: "evaluation"}.get(e.dim, "train")
         rho[part] += e.count / (2 * e.z**2)
     total = sum(rho.values())
     assert rho["user"] / total == pytest.approx(0.3, rel=1e-6)
     assert rho["count"] / total == pytest.approx(0.1, rel=1e-6)
+    assert rho["evaluation"] / total == pytest.approx(0.05, rel=1e-6)
 
 
 @pytest.mark.parametrize("bits", [4, 16])
