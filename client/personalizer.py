@@ -13,6 +13,7 @@ Raw events, their number and the person's vectors never leave the device; only
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ from attune.shared.vocabulary import Vocabulary
 from attune.shared.wire import RoundRequest, check_global_state
 
 # Below this cosine an event's item is unrelated to the explained one and is not given as a reason.
+log = logging.getLogger(__name__)
 _MIN_EXPLAINING_SIMILARITY = 0.2
 DIVERSIFIED = 1000  # results MMR orders when rank() has no limit
 MAX_EVALUATED = 10_000  # ranked events kept for the next evaluation round (the newest)
@@ -167,6 +169,7 @@ class Personalizer:
     def _load(self) -> None:
         self._loaded_at = self.store.generation()  # read first: a write during the load reloads next time
         raw = self.store.get_state(device_state.GLOBAL_KEY)
+        self._has_global = raw is not None
         if raw is not None:
             saved = decode_tensors(raw)
             self._state = check_global_state(saved, self.model_config, MODEL_VERSION)
@@ -186,7 +189,7 @@ class Personalizer:
         """Adopt a global model published by the coordinator outside a round (validated first;
         a round adopts its own model through ``contribute``)."""
         checked = check_global_state(state, self.model_config, version)
-        self._state = checked
+        self._state, self._has_global = checked, True
         self.store.put_state({device_state.GLOBAL_KEY: encode_tensors(checked)})
 
     @property
@@ -209,7 +212,10 @@ class Personalizer:
             if isinstance(event, Event):
                 self.vocabulary.index(event.item_id)
         kept = self.store.add_many(batch)
-        self._evaluate_recorded(batch)
+        try:
+            self._evaluate_recorded(batch)
+        except Exception:  # noqa: BLE001 - the events are stored; their statistics are not worth failing for
+            log.exception("could not rank the recorded events for evaluation; they are left out of it")
         return kept
 
     def _evaluate_recorded(self, events: list[Event]) -> None:
@@ -217,7 +223,7 @@ class Personalizer:
         model held now (before any training saw the event), and keep its statistics for the next
         evaluation round (``attune.shared.evaluation``). Only once a round brought a global model."""
         self._fresh()
-        if self.store.get_state(device_state.GLOBAL_KEY) is None or not events:
+        if not self._has_global or not events:
             return
         seen = torch.zeros(self.model_config.num_items, dtype=torch.bool)
         seen[self.local_data().items] = True
@@ -398,13 +404,14 @@ class Personalizer:
                                  local_entries(request.model, request.config, refresh),
                                  budget=self.privacy.epsilon_budget, delta=self.privacy.delta,
                                  run_id=request.run_id, round=request.round, mode=request.config.mode,
+                                 task=request.config.task.value,
                                  check=lambda rows: replayed(request, rows))
         if isinstance(row, str):
             if "budget" in row:
                 update_state(self.store, budget_exhausted=True)
             return Contribution(Status.REFUSED, row)
         self._fresh()
-        self._state = dict(request.state)
+        self._state, self._has_global = dict(request.state), True
         start = self._user if self._user is not None else initial_user_vector(
             self.model_config.dim, self._stream("user-init"))
         written = {device_state.GLOBAL_KEY: encode_tensors(request.state)}
@@ -520,7 +527,7 @@ class Personalizer:
         """
         self.store.erase(keep_state=_KEPT_BY_ERASE)
         self._user = self._rank = None
-        self._state = self._initial_state()
+        self._state, self._has_global = self._initial_state(), False
 
     def export(self) -> dict:
         """Everything stored about the person, as one JSON-ready document (access, portability)."""

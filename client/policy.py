@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from attune.client.store import LedgerRow
-from attune.shared.config import RoundConfig
+from attune.shared.config import RoundConfig, RoundTask
 from attune.shared.errors import ConfigError
 from attune.shared.mechanism import smallest_z
 from attune.shared.model import ModelConfig
@@ -27,13 +27,15 @@ class PrivacyConfig:
     (what the coordinator can learn, by the ledger). The device refuses rounds with a mechanism
     whose accounted noise multiplier (noise std over its true sensitivity, rounding included: the
     ``z`` its ledger writes) is under ``min_noise_multiplier``, so no one round can take much of
-    the budget, and, without ``allow_non_private``, rounds that are not private.
+    the budget, and, without ``allow_non_private``, rounds that are not private. Without
+    ``allow_evaluation`` it spends nothing on evaluation rounds (``attune.shared.evaluation``).
     """
 
     epsilon_budget: float = 8.0
     delta: float = 1e-5
     min_noise_multiplier: float = 1.0
     allow_non_private: bool = False
+    allow_evaluation: bool = True
 
     def __post_init__(self) -> None:
         for name, value, top in (("epsilon_budget", self.epsilon_budget, 1e3), ("delta", self.delta, 1.0),
@@ -41,8 +43,9 @@ class PrivacyConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not 0 < value < top:
                 raise ConfigError(f"{name} must be a finite number in (0, {top:g}), got {value!r}")
-        if not isinstance(self.allow_non_private, bool):
-            raise ConfigError(f"allow_non_private must be True or False, got {self.allow_non_private!r}")
+        for name in ("allow_non_private", "allow_evaluation"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 def refusal(request: RoundRequest, privacy: PrivacyConfig, *, consented: bool, paused: bool) -> str | None:
@@ -54,6 +57,8 @@ def refusal(request: RoundRequest, privacy: PrivacyConfig, *, consented: bool, p
         return "paused by the person: nothing is computed or sent"
     if not config.private and not privacy.allow_non_private:
         return "non-private rounds are not allowed on this device"
+    if config.task is RoundTask.EVALUATE and not privacy.allow_evaluation:
+        return "this device takes no part in evaluation rounds (allow_evaluation=False)"
     return noise_refusal(request.model, config, privacy)
 
 

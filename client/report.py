@@ -23,6 +23,7 @@ class RoundSpent:
     round: int
     mode: str
     epsilon: float
+    task: str = "train"  # train, count or evaluate
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class PrivacyReport:
     accountant: str
     epsilon_spent: float  # what the coordinator can learn about any one event (by the ledger)
     epsilon_local: float  # what the device's own contributions alone reveal (distributed rounds)
+    epsilon_evaluation: float  # what its evaluation rounds alone cost (part of epsilon_spent)
     epsilon_budget: float
     epsilon_left: float
     delta: float
@@ -66,9 +68,10 @@ def build_report(rows: list[LedgerRow], state: DeviceState, *, budget: float, de
                         "statement": DEVICE_LEVEL}
     return PrivacyReport(
         unit="event", accountant=ACCOUNTANT_NAME, epsilon_spent=spent, epsilon_local=epsilon_of(local_entries, delta),
+        epsilon_evaluation=epsilon_of([e for row in rows if row.task == "evaluate" for e in row.entries], delta),
         epsilon_budget=budget, epsilon_left=max(budget - spent, 0.0), delta=delta,
         statements=tuple(statement(mode) for mode in modes),
-        rounds=tuple(RoundSpent(row.at, row.run_id, row.round, row.mode, epsilon_of(row.entries, delta))
+        rounds=tuple(RoundSpent(row.at, row.run_id, row.round, row.mode, epsilon_of(row.entries, delta), row.task)
                      for row in rows),
         entries=tuple(entry.as_dict() for entry in spent_entries), events_stored=events,
         rounds_joined=state.rounds_joined, contributions_sent=state.contributions_sent, bytes_sent=state.bytes_sent,
@@ -95,6 +98,9 @@ def summary(report: PrivacyReport) -> str:
         f"Privacy spent on your events: epsilon {report.epsilon_spent:.2f} of {report.epsilon_budget:.2f} "
         f"({report.epsilon_left:.2f} left, delta {report.delta:g}).",
     ]
+    if report.epsilon_evaluation > 0:
+        lines.append(f"Of that, measuring how well the shared model ranks (evaluation rounds, the same protection): "
+                     f"epsilon {report.epsilon_evaluation:.2f}.")
     if PrivacyMode.DISTRIBUTED.value in modes:
         lines.append(f"Your contributions alone, without the secure sum's protection: epsilon "
                      f"{report.epsilon_local:.2f}.")

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from attune.shared.wire import RoundRequest
 
 NODE_CONFIG_KEYS = frozenset({"store-path", "epsilon-budget", "delta", "min-noise-multiplier", "allow-non-private",
+                              "allow-evaluation",
                               "vocabulary-path", "encryption-key-file", "coordinator-public-key",
                               "allow-unsigned", "partition-id", "num-partitions"})
 
@@ -62,6 +63,7 @@ class DeviceSettings:
             min_noise_multiplier=node_config.get("min-noise-multiplier",  # type: ignore[arg-type]
                                                  defaults.min_noise_multiplier),
             allow_non_private=node_config.get("allow-non-private", False),  # type: ignore[arg-type]
+            allow_evaluation=node_config.get("allow-evaluation", True),  # type: ignore[arg-type]
         )
         allow_unsigned = node_config.get("allow-unsigned", False)
         if not isinstance(allow_unsigned, bool):

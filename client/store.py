@@ -86,6 +86,7 @@ class LedgerRow:
     mode: str
     entries: tuple[Entry, ...]  # what the coordinator's view of the round cost
     local_entries: tuple[Entry, ...]  # what the device's own contribution alone reveals
+    task: str = "train"  # train, count or evaluate
 
 
 def _encode(event: Event) -> bytes:
@@ -439,14 +440,14 @@ class EventStore:
                 raw = json.loads(self._sealer.open(bytes(payload), f"ledger:{row_id}"))
                 out.append(LedgerRow(row_id, float(raw["at"]), str(raw["run_id"]), int(raw["round"]),
                                      str(raw["mode"]), tuple(ledger_from_json(raw["entries"])),
-                                     tuple(ledger_from_json(raw["local_entries"]))))
+                                     tuple(ledger_from_json(raw["local_entries"])), str(raw.get("task", "train"))))
         except (ValueError, TypeError, KeyError) as error:
             raise _corrupt(self.path, "the privacy ledger", error) from None
         return out
 
     def reserve(self, entries: list[Entry], local_entries: list[Entry], *, budget: float, delta: float,
-                run_id: str, round: int,
-                mode: str, check: Callable[[list[LedgerRow]], str | None] = lambda rows: None) -> int | str:
+                run_id: str, round: int, mode: str, task: str = "train",
+                check: Callable[[list[LedgerRow]], str | None] = lambda rows: None) -> int | str:
         """Append a round's ledger entries if they fit the budget, atomically: the row id, or why not.
 
         ``check(rows)`` may refuse for another reason (a replayed round). Recorded before anything
@@ -462,7 +463,7 @@ class EventStore:
             if after > budget * (1 + 1e-9):
                 return f"this round would bring epsilon to {after:.3f}, over the budget of {budget}"
             row = self._db.execute("INSERT INTO ledger (payload) VALUES (x'')").lastrowid
-            payload = json.dumps({"at": time.time(), "run_id": run_id, "round": round, "mode": mode,
+            payload = json.dumps({"at": time.time(), "run_id": run_id, "round": round, "mode": mode, "task": task,
                                   "entries": ledger_to_json(entries),
                                   "local_entries": ledger_to_json(local_entries)}).encode()
             self._db.execute("UPDATE ledger SET payload = ? WHERE id = ?",

@@ -87,6 +87,7 @@ class InProcessTransport:
         self.availability, self.noise = availability, noise
         self.devices_state: Devices | None = None
         self.count_config: RoundConfig | None = None  # the run's count round, once seen
+        self.training_config: RoundConfig | None = None  # and its training rounds
         self.evaluation_config: RoundConfig | None = None  # and its evaluation rounds
         self.evaluator = evaluator
         self._stats = torch.zeros(0, 5)
@@ -103,7 +104,8 @@ class InProcessTransport:
 
     def spent(self, request: RoundRequest, joined: int, counted: int, evaluated: int) -> float:
         """What a device that joined that many training, count and evaluation rounds has spent."""
-        return epsilon_of(planned_entries(request.model, request.config, joined, count=self.count_config,
+        training = self.training_config or request.config  # before any training round: joined is 0
+        return epsilon_of(planned_entries(request.model, training, joined, count=self.count_config,
                                           counts=counted, evaluation=self.evaluation_config, evaluations=evaluated),
                           self.privacy.delta)
 
@@ -116,6 +118,8 @@ class InProcessTransport:
             online = [d for d, up in zip(cohort, flags.tolist(), strict=True) if up]
         if request.config.task is RoundTask.COUNT:
             self.count_config = request.config
+        if request.config.task is RoundTask.TRAIN:
+            self.training_config = request.config
         if request.config.task is RoundTask.EVALUATE:
             if self.evaluator is None:
                 raise ConfigError("an evaluation round needs the simulator's evaluator")
