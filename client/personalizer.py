@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
@@ -60,6 +60,7 @@ from attune.shared.wire import RoundRequest, check_global_state
 log = logging.getLogger(__name__)
 _MIN_EXPLAINING_SIMILARITY = 0.2
 DIVERSIFIED = 1000  # results MMR orders when rank() has no limit
+HISTORY_HALF_LIFE_DAYS = 30.0  # ranking by the person's own history, before the first global model
 MAX_EVALUATED = 10_000  # ranked events kept for the next evaluation round (the newest)
 # Kept by ``erase``: the ledger (a table of its own), participation, and the person's choice.
 _KEPT_BY_ERASE = (device_state.DEVICE_KEY, CONSENT_KEY)
@@ -131,6 +132,7 @@ class Personalizer:
                               f"got {simulation_seed!r}")
         self.simulation_seed = simulation_seed
         self.store = EventStore(store_path, retention, key=encryption_key)
+        self._bind_budget()
         self._shared = shared_model(self.model_config)
         self._state = self._initial_state()
         self._load()
@@ -151,6 +153,29 @@ class Personalizer:
         self.close()
 
     # -- state -----------------------------------------------------------------------------------
+
+    def _bind_budget(self) -> None:
+        """The person's budget lives in the store and binds every process that opens it: the
+        smaller of the stored one and this object's wins, and is stored."""
+        stored = self.state.epsilon_budget
+        if stored is None or self.privacy.epsilon_budget < stored:
+            update_state(self.store, epsilon_budget=lambda current: min(
+                self.privacy.epsilon_budget, self.privacy.epsilon_budget if current is None else current))
+
+    @property
+    def epsilon_budget(self) -> float:
+        """The lifetime event-level budget in force: the store's (see ``set_epsilon_budget``)."""
+        stored = self.state.epsilon_budget
+        return self.privacy.epsilon_budget if stored is None else min(stored, self.privacy.epsilon_budget)
+
+    def set_epsilon_budget(self, epsilon: float) -> None:
+        """Set the person's lifetime budget explicitly, up or down, for every process that opens
+        this store (a budget given when opening can only lower it). Lowering it under what was
+        spent stops contributions."""
+        privacy = replace(self.privacy, epsilon_budget=epsilon)  # validated like any PrivacyConfig
+        self.privacy = privacy
+        update_state(self.store, epsilon_budget=privacy.epsilon_budget,
+                     budget_exhausted=lambda _: self.epsilon() >= privacy.epsilon_budget)
 
     def _stream(self, *labels: int | str) -> Stream:
         if self.simulation_seed is None:
@@ -269,12 +294,16 @@ class Personalizer:
     # -- ranking ---------------------------------------------------------------------------------
 
     def score(self, item_ids: Sequence[str], context: EventContext | None = None) -> torch.Tensor:
-        """Scores of ``item_ids`` for this person (global side only until the device has joined)."""
+        """Scores of ``item_ids`` for this person: by their own history before the device holds any
+        global model, then by the model (its global side only until the device has joined)."""
         return self._score(torch.tensor(self.vocabulary.indices(_candidates(item_ids)), dtype=torch.long), context)
 
     def _score(self, items: torch.Tensor, context: EventContext | None) -> torch.Tensor:
         if context is not None and not isinstance(context, EventContext):
             raise InvalidEventError("context must be an EventContext or None")
+        self._fresh()
+        if not self._has_global:  # before the first round: the person's own history, not a random model
+            return self._history_scores(items)
         with torch.no_grad():
             query = self._query(context)  # first: it refreshes a stale cache
             return self._shared.score(self._state, query, items.unsqueeze(0))[0]
@@ -288,6 +317,18 @@ class Personalizer:
         if own is None or self.state.paused:
             own = torch.zeros(self.model_config.dim)
         return self._shared.query(self._state, own.float().unsqueeze(0), features)
+
+    def _history_scores(self, items: torch.Tensor) -> torch.Tensor:
+        """Each item's weight in the person's own events, the newest counting most (half-life
+        ``HISTORY_HALF_LIFE_DAYS``): how a device ranks before it holds any global model."""
+        totals = torch.zeros(self.model_config.num_items, dtype=torch.float64)
+        now = time.time()
+        for event in self.store.events():
+            index = self.vocabulary.find(event.item_id)
+            if index is not None:
+                age_days = max(now - event.timestamp, 0.0) / 86400
+                totals[index] += event.weight * 0.5 ** (age_days / HISTORY_HALF_LIFE_DAYS)
+        return totals[items].float()
 
     def refresh_ranking(self, steps: int = 40) -> None:
         """Fit the ranking vector to the current global side, on the device and without DP: it
@@ -337,21 +378,28 @@ class Personalizer:
         """The person's own recent events that most support ``item_id``'s score, strongest first.
 
         An event supports an item in proportion to the event's weight and the similarity (cosine)
-        of the two item vectors (unrelated items, below cosine 0.2, are left out). Computed on the
-        device from the local store; nothing is sent.
+        of the two item vectors (unrelated items, below cosine 0.2, are left out). Before the
+        device holds a global model, only the item's own events (what its score is made of).
+        Computed on the device from the local store; nothing is sent.
         """
         target = self.vocabulary.index(item_id)
         for name, value in (("limit", limit), ("recent", recent)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        self._fresh()
         known = [(event, self.vocabulary.find(event.item_id)) for event in self.store.events()[-recent:]]
+        if not self._has_global:  # no model yet: only the item's own events support its score
+            known = [(event, index) for event, index in known if index == target]
         events = [event for event, index in known if index is not None]
         if not events:
             return []
-        indices = torch.tensor([index for _, index in known if index is not None], dtype=torch.long)
-        vectors = torch.nn.functional.normalize(self._shared.item_side(self._state, indices)[0], dim=1)
-        wanted = torch.nn.functional.normalize(self._shared.item_side(self._state, torch.tensor([target]))[0], dim=1)
-        similarity = (vectors @ wanted[0]).tolist()
+        similarity = [1.0] * len(events)  # the item's own events, before any model
+        if self._has_global:
+            indices = torch.tensor([index for _, index in known if index is not None], dtype=torch.long)
+            vectors = torch.nn.functional.normalize(self._shared.item_side(self._state, indices)[0], dim=1)
+            wanted = torch.nn.functional.normalize(self._shared.item_side(self._state, torch.tensor([target]))[0],
+                                                   dim=1)
+            similarity = (vectors @ wanted[0]).tolist()
         latest: dict[str, Support] = {}  # one line per item: its latest event, summed support
         for event, sim in zip(events, similarity, strict=True):
             if sim < _MIN_EXPLAINING_SIMILARITY:
@@ -402,7 +450,7 @@ class Personalizer:
         refresh = training and request.config.refresh_due(current.rounds_joined)
         row = self.store.reserve(round_entries(request.model, request.config, refresh),
                                  local_entries(request.model, request.config, refresh),
-                                 budget=self.privacy.epsilon_budget, delta=self.privacy.delta,
+                                 budget=self.epsilon_budget, delta=self.privacy.delta,
                                  run_id=request.run_id, round=request.round, mode=request.config.mode,
                                  task=request.config.task.value,
                                  check=lambda rows: replayed(request, rows))
@@ -546,7 +594,7 @@ class Personalizer:
 
     def privacy_report(self) -> PrivacyReport:
         """What this device has spent and shared, and under which guarantee, in plain terms."""
-        return build_report(self.store.ledger(), self.state, budget=self.privacy.epsilon_budget,
+        return build_report(self.store.ledger(), self.state, budget=self.epsilon_budget,
                             delta=self.privacy.delta, events=self.store.count(), consented=self.consented,
                             encrypted=self.store.encrypted, shared_parameters=self._shared.layout.names)
 

@@ -84,7 +84,8 @@ def summary(report: PrivacyReport) -> str:
     """The report as plain text for the person (what the app shows in its settings)."""
     when = ("never" if report.last_sent_at is None else
             datetime.fromtimestamp(report.last_sent_at, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    state = "paused" if report.paused else "taking part"
+    used_up = report.budget_exhausted or report.epsilon_spent >= report.epsilon_budget
+    state = "paused" if report.paused else "not contributing (privacy budget used up)" if used_up else "taking part"
     state = state if report.consented else "not taking part (no consent)"
     modes = sorted({r.mode for r in report.rounds})
     lines = [
@@ -96,7 +97,10 @@ def summary(report: PrivacyReport) -> str:
         "What was sent: one noised, clipped sum of your events' effect on the shared item model per round; "
         "never your events, their number, your personal vector, a loss or a score.",
         f"Privacy spent on your events: epsilon {report.epsilon_spent:.2f} of {report.epsilon_budget:.2f} "
-        f"({report.epsilon_left:.2f} left, delta {report.delta:g}).",
+        f"({report.epsilon_left:.2f} left, delta {report.delta:g})."
+        if report.epsilon_spent <= report.epsilon_budget else
+        f"Privacy spent on your events: epsilon {report.epsilon_spent:.2f}, spent before your budget was lowered "
+        f"to {report.epsilon_budget:.2f} (delta {report.delta:g}); nothing more is spent.",
     ]
     if report.epsilon_evaluation > 0:
         lines.append(f"Of that, measuring how well the shared model ranks (evaluation rounds, the same protection): "
@@ -108,6 +112,6 @@ def summary(report: PrivacyReport) -> str:
     if report.device_level is not None:
         lines.append(f"Coordinator's guarantee for all your data together: epsilon "
                      f"{report.device_level['epsilon']:.2f} (delta {report.device_level['delta']:g}).")
-    if report.budget_exhausted:
+    if used_up:
         lines.append("The privacy budget is used up: this device no longer contributes.")
     return "\n".join(lines)

@@ -38,6 +38,9 @@ class DeviceState:
     last_round: int = 0
     paused: bool = False
     budget_exhausted: bool = False
+    # the person's lifetime budget: the smallest any process that opened the store gave, or what
+    # set_epsilon_budget set (None: a store from before it was kept)
+    epsilon_budget: float | None = None
     device_level_epsilon: float = 0.0  # the coordinator's signed device-level guarantee (0: none)
     device_level_delta: float = 0.0
 

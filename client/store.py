@@ -102,7 +102,7 @@ def _decode(raw: bytes) -> Event:
 
 def _corrupt(path: Path, what: str, error: Exception) -> StoreError:
     return StoreError(f"{path}: {what} is corrupt ({type(error).__name__}: {error}); the store cannot "
-                      f"be used as it is: EventStore.destroy({str(path)!r}) deletes it")
+                      f"be used as it is: Personalizer.destroy({str(path)!r}) deletes it")
 
 
 def _sqlite_error(path: Path, error: sqlite3.Error) -> StoreError:
@@ -117,7 +117,18 @@ def _sqlite_error(path: Path, error: sqlite3.Error) -> StoreError:
         return StoreError(f"{path} is busy: another process holds it; try again")
     if "readonly" in text or "read-only" in text or "unable to open" in text:
         return StoreError(f"{path} cannot be written ({text}): check the file's and its folder's permissions")
+    if not _sqlite_header(path):  # a document given as the store path, say: never offered for deletion lightly
+        return StoreError(f"{path} is not a store (not a SQLite file); nothing was changed. Check the path: if it "
+                          f"is a store that was damaged, Personalizer.destroy({str(path)!r}) deletes it")
     return _corrupt(path, "the file", error)
+
+
+def _sqlite_header(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return True  # unreadable: the error says so
 
 
 def file_path(path: object, what: str) -> Path:
@@ -218,8 +229,9 @@ class EventStore:
         tables = {name for kind, name in objects if kind == "table"}
         if not objects and application == 0:
             if not self._was_empty:  # a damaged (truncated) store, or another app's file: never overwritten
-                raise StoreError(f"{self.path} is not empty but holds no store (truncated or damaged?); nothing "
-                                 f"was changed: EventStore.destroy({str(self.path)!r}) deletes it")
+                raise StoreError(f"{self.path} is not empty but holds no store; nothing was changed. Check the "
+                                 "path: if it is a store that was damaged (truncated), "
+                                 f"Personalizer.destroy({str(self.path)!r}) deletes it")
             self._db.execute("PRAGMA secure_delete = ON")  # freed pages are zeroed
             self._db.execute("PRAGMA journal_mode = DELETE")  # no WAL file left holding old pages
             with self.transaction():
@@ -238,7 +250,7 @@ class EventStore:
         meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
         if "schema_version" not in meta or "key_check" not in meta or "generation" not in meta:
             raise StoreError(f"{self.path}: the store's metadata is missing (damaged file); "
-                             f"EventStore.destroy({str(self.path)!r}) deletes it")
+                             f"Personalizer.destroy({str(self.path)!r}) deletes it")
         if meta["schema_version"] != str(SCHEMA_VERSION):
             raise StoreError(f"{self.path} has schema version {meta['schema_version']!r}; this Attune reads "
                              f"{str(SCHEMA_VERSION)!r}")

@@ -9,7 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from attune.server.config import ServerConfig
-from attune.server.coordinator import RoundCallback, Transport, run
+from attune.server.coordinator import RoundCallback, RoundRecord, Transport, run
 from attune.server.secure_aggregation import SecureAggregationConfig, SecureTransport
 from attune.server.transport import GridTransport
 from attune.shared.errors import ConfigError
@@ -17,6 +17,7 @@ from attune.shared.signing import load_private_key, sign
 from attune.shared.wire import RoundRequest
 
 logging.getLogger("flwr").propagate = False  # opacus's logging setup makes flwr lines print twice
+log = logging.getLogger(__name__)
 
 
 def transport_for(grid: Grid, config: ServerConfig) -> Transport:
@@ -50,9 +51,22 @@ def make_server_app(config: ServerConfig | None = None, on_round: RoundCallback 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         settings = deployable(config or ServerConfig.parse(context.run_config))
-        run(transport_for(grid, settings), settings, on_round)
+        if settings.signing_key is None:
+            log.warning("no signing-key: devices refuse unsigned rounds unless their node config sets "
+                        "allow-unsigned=true (local experiments only); create one with `attune credentials`")
+        check_progress(run(transport_for(grid, settings), settings, on_round))
 
     return app
+
+
+def check_progress(history: list[RoundRecord]) -> None:
+    """A run in which no round released a sum made no progress: say why it may be, and fail."""
+    if history and not any(r.contributed and not r.aborted for r in history):
+        declined = sum(r.refused for r in history)
+        failed = sum(r.failed for r in history)
+        raise ConfigError(f"no round of this run released a sum ({len(history)} rounds: {declined} declines, "
+                          f"{failed} failures); devices decline when their budget is spent, without consent, "
+                          "and without a signed round (signing-key); see each round's line above")
 
 
 app = make_server_app()

@@ -167,6 +167,9 @@ def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | No
                 break
         record = _round(transport, config, state, cohort, server_round)
         history.append(record)
+        log.info("round %d (%s): cohort %d, contributed %d, declined %d, rejected %d, failed %d%s; epsilon %.3f",
+                 record.round, record.task, record.sampled, record.contributed, record.refused, record.rejected,
+                 record.failed, f"; aborted: {record.aborted}" if record.aborted else "", record.epsilon)
         if config.out_dir is not None:
             save_checkpoint(config.out_dir / "checkpoints", Checkpoint(
                 round=server_round, state=_state_dict(state, config), optimizer=state.optimizer.state_dict(),

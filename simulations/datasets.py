@@ -119,15 +119,22 @@ def _read_csv(path: Path, handle: TextIO, user_col: str, item_col: str, time_col
     missing = [c for c in wanted if c not in header]
     if missing:
         raise DataError(f"{path}: no column(s) {', '.join(missing)} (found: {', '.join(header)})")
+    twice = sorted({c for c in wanted if header.count(c) > 1})
+    if twice:
+        raise DataError(f"{path}: the header names column(s) {', '.join(twice)} more than once")
     users, items, times, weights = [], [], [], []
     for number, row in enumerate(reader, 2):
+        if not row[user_col] or not row[item_col]:  # None: a short row; "": a missing value
+            raise DataError(f"{path}:{number}: {user_col!r} and {item_col!r} must not be empty")
         users.append(row[user_col])
         items.append(row[item_col])
         try:
             times.append(float(row[time_col]))
             weights.append(float(row[weight_col]) if weight_col else 1.0)
         except (TypeError, ValueError):
-            raise DataError(f"{path}:{number}: {time_col!r} and {weight_col or 'weight'!r} must be numbers") from None
+            numbers = f"{time_col!r} and {weight_col!r} must be numbers" if weight_col else \
+                f"{time_col!r} must be a number (unix seconds)"
+            raise DataError(f"{path}:{number}: {numbers}") from None
     if any(w <= 0 or not np.isfinite(w) for w in weights):
         raise DataError(f"{path}: weights must be positive finite numbers")
     bad = [number for number, t in enumerate(times, 2) if not (np.isfinite(t) and 0 <= t < 1e11)]

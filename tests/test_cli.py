@@ -117,7 +117,8 @@ def test_csv_without_named_columns_and_bad_timestamps(tmp_path):
     assert result.returncode == 2 and "no column(s) user, item, timestamp" in result.stderr
     csv.write_text("user,item,timestamp\n1,a,yesterday\n")
     result = attune("simulate", "--dataset", "csv", "--data", str(csv), "--out", str(tmp_path))
-    assert result.returncode == 2 and ":2:" in result.stderr and "must be numbers" in result.stderr
+    assert result.returncode == 2 and ":2:" in result.stderr and "must be a number (unix seconds)" in result.stderr
+    assert "weight" not in result.stderr  # no weight column was given (issue 23)
     unreadable = tmp_path / "dir.csv"
     unreadable.mkdir()
     result = attune("simulate", "--dataset", "csv", "--data", str(unreadable), "--out", str(tmp_path))

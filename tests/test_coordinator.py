@@ -184,3 +184,21 @@ def test_rounds_that_release_nothing_are_accounted(population, per_round, surviv
     assert ours == pytest.approx(stated, abs=0.01)
     blind = epsilon_of([replace(entry, pivot=0.0).times(rounds)], 1e-5)  # what was printed before
     assert ours >= blind
+
+
+def test_a_deployed_run_in_which_no_round_released_anything_fails_saying_why():
+    """Issue 23: a spent budget, an unsigned run or broken SuperNodes all ended with `flwr run`
+    exiting 0. The ServerApp now fails such a run, naming the usual causes."""
+    from attune.server.app import check_progress
+    from attune.server.coordinator import RoundRecord
+    from attune.shared.errors import ConfigError
+
+    def record(contributed: int, aborted: str = "") -> RoundRecord:
+        return RoundRecord(round=1, sampled=3, contributed=contributed, refused=3 - contributed, rejected=0, failed=0,
+                           aborted=aborted, epsilon=0.0, device_level_epsilon=None)
+
+    with pytest.raises(ConfigError, match="no round of this run released a sum.*signing-key"):
+        check_progress([record(0), record(0)])
+    with pytest.raises(ConfigError, match="4 declines"):
+        check_progress([record(0), record(2, aborted="2 survivors, fewer than 3")])
+    check_progress([record(0), record(3)])  # one released sum is progress

@@ -123,9 +123,14 @@ def test_a_corrupt_store_gives_a_clear_error_and_a_way_to_delete_it(tmp_path):
     data = bytearray(path.read_bytes())
     data[4096:4112] = b"\xff" * 16  # 16 bytes over the start of a page
     path.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="destroy"):
+    with pytest.raises(StoreError, match=r"Personalizer\.destroy"):  # the public name (issue 23)
         with EventStore(path) as store:
             store.events()
+    document = tmp_path / "notes.txt"
+    document.write_text("a person's own file, given as the store path by mistake")
+    with pytest.raises(StoreError, match="Check the path"):
+        Personalizer(document)
+    assert document.read_text().startswith("a person's own file")
     Personalizer.destroy(path)
     assert not path.exists()
     with Personalizer(path) as device:  # and a fresh store can take its place

@@ -1,5 +1,7 @@
 """Personalizer: ranking, the round (its ledger, budget and refusals), persistence, reports."""
 
+import time
+
 import pytest
 import torch
 from device_helpers import MODEL, VOCAB, open_device, request
@@ -91,8 +93,9 @@ def test_the_device_enforces_its_own_noise_floor_and_privacy(tmp_path):
 
 def test_a_contribution_holds_only_the_shared_side_and_the_model_learns(tmp_path):
     with open_device(tmp_path / "d.sqlite", epsilon_budget=1e2, allow_non_private=True) as device:
-        before = device.score(["item1", "item35"])
         state = device.global_state()
+        device.set_global(state)  # the model's scores, not the history's (no global model yet)
+        before = device.score(["item1", "item35"])
         for round in range(1, 6):  # a non-private server step at this device's own gradient
             outcome = device.contribute(request(round=round, mode="off", state=state))
             layout = shared_model(MODEL).layout
@@ -129,3 +132,20 @@ def test_the_report_says_what_left_and_under_which_guarantee(tmp_path):
         assert any("secure sums" in s for s in report.statements)
         recomputed = epsilon_of([Entry.from_dict(e) for e in report.entries], report.delta)
         assert recomputed == pytest.approx(report.epsilon_spent)
+
+
+def test_before_any_round_a_device_ranks_by_its_own_history_and_explains_only_that(tmp_path):
+    """Issue 23: with 200 events and no round yet every score was 0.0 (input order) and explain()
+    cited unrelated items through a random model."""
+    from attune import Event, ModelConfig, Personalizer, Vocabulary
+
+    now = time.time()
+    vocabulary = Vocabulary.of([f"item{i}" for i in range(30)])
+    with Personalizer(tmp_path / "d.sqlite", model=ModelConfig(num_items=30, dim=4), vocabulary=vocabulary) as device:
+        device.record_many([Event("item7", "click", now - 60 * k) for k in range(5)]
+                           + [Event("item3", "purchase", now - 100), Event("item9", "view", now - 86400 * 90)])
+        order = [r.item_id for r in device.rank(["item1", "item9", "item3", "item7", "item2"])]
+        assert order[:3] == ["item7", "item3", "item9"]  # most weight first; an old view counts little
+        assert device.score(["item1"]).tolist() == [0.0]
+        assert [s.item_id for s in device.explain("item7")] == ["item7"]  # its own events, nothing else
+        assert device.explain("item1") == []

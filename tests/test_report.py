@@ -75,3 +75,27 @@ def test_skewed_data_sizes_keep_each_users_newest_events():
         dropped = log.timestamps[split.train & ~skewed.train & (log.users == user)]
         assert not len(dropped) or kept.min() >= dropped.max()  # the newest are kept
     assert skew_data_sizes(log, split, skew=0.0, seed=3) is split
+
+
+def test_the_persons_budget_lives_in_the_store_and_binds_every_process(tmp_path):
+    """Issue 23: an app opened its store with a budget of 2, a SuperNode with the default 8 joined
+    rounds up to 8 and the summary said "epsilon 8.00 of 2.00" while "taking part"."""
+    from device_helpers import open_device, request
+
+    app = open_device(tmp_path / "d.sqlite", epsilon_budget=2.0)
+    app.close()
+    node = open_device(tmp_path / "d.sqlite", events=0)  # the node config's default budget, 8
+    assert node.epsilon_budget == 2.0
+    joined = [node.contribute(request(r, noise_multiplier=6.0, user_noise_multiplier=6.0)).status.value
+              for r in range(1, 40)]
+    assert joined[0] == "contributed" and "refused" in joined and 1.0 < node.epsilon() <= 2.0  # bound by the store
+    node.close()
+    later = open_device(tmp_path / "d.sqlite", events=0, epsilon_budget=1.0)  # a smaller one lowers it
+    summary = later.privacy_summary()
+    assert later.epsilon_budget == 1.0 and "of 1.00" not in summary and "nothing more is spent" in summary
+    assert "not contributing (privacy budget used up)" in summary
+    assert later.contribute(request(9)).status.value == "refused"
+    later.set_epsilon_budget(20.0)  # raised explicitly, for every process
+    assert later.privacy_report().epsilon_left > 0 and "taking part" in later.privacy_summary()
+    later.close()
+    assert open_device(tmp_path / "d.sqlite", events=0).epsilon_budget == 8.0  # the node's own limit still holds
