@@ -14,6 +14,7 @@ Raw events, their number and the person's vectors never leave the device; only
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -49,6 +50,7 @@ from attune.shared.events import (
     EventContext,
     context_features,
     context_matrix,
+    validate_item_id,
 )
 from attune.shared.mechanism import local_entries, round_entries
 from attune.shared.model import MODEL_VERSION, ModelConfig, shared_model
@@ -120,10 +122,12 @@ class Personalizer:
                                   ("privacy", privacy, PrivacyConfig)):
             if value is not None and not isinstance(value, kind):
                 raise ConfigError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
-        self.model_config = model or ModelConfig()
+        self.model_config = model or (ModelConfig(num_items=vocabulary.num_items) if vocabulary else ModelConfig())
         self.vocabulary = vocabulary or Vocabulary(self.model_config.num_items)
         if self.vocabulary.num_items != self.model_config.num_items:
-            raise ConfigError("vocabulary and model disagree on num_items")
+            raise ConfigError(f"the vocabulary has {self.vocabulary.num_items} items but the model's num_items is "
+                              f"{self.model_config.num_items}; give ModelConfig(num_items={self.vocabulary.num_items}, "
+                              "...) or leave model out to take the vocabulary's size")
         self.privacy = privacy or PrivacyConfig()
         if simulation_seed is not None and not (
                 isinstance(simulation_seed, tuple) and len(simulation_seed) == 2
@@ -350,15 +354,19 @@ class Personalizer:
 
         ``diversity`` in [0, 1] trades score for variety (maximal marginal relevance over item
         vectors; 0 is plain score order) in the first ``limit`` results (the first 1,000 without
-        a limit); the rest follow by score. Items the person marked "not interested" come last.
+        a limit); the rest follow by score. Items the person marked "not interested" come last, and
+        after them ids the model's vocabulary does not list (a new item, say), in the order given,
+        with score ``-inf``.
         """
-        candidates = _candidates(candidate_item_ids)
+        given = _candidates(candidate_item_ids)
+        candidates = [item for item in given if self.vocabulary.find(item) is not None]
+        unknown = [Ranked(item, -math.inf) for item in given if self.vocabulary.find(item) is None]
         if isinstance(diversity, bool) or not isinstance(diversity, (int, float)) or not 0.0 <= diversity <= 1.0:
             raise ConfigError(f"diversity must be a number in [0, 1], got {diversity!r}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ConfigError(f"limit must be a positive integer or None, got {limit!r}")
         if not candidates:
-            return []
+            return unknown[:limit]
         items = torch.tensor(self.vocabulary.indices(candidates), dtype=torch.long)
         scores = self._score(items, context)
         dismissed = set(self.not_interested())
@@ -372,7 +380,7 @@ class Personalizer:
         unwanted = sorted(set(range(len(candidates))) - set(wanted), key=lambda i: -float(scores[i]))
         order = [wanted[p] for p in picked] + unwanted
         values = scores.tolist()
-        return [Ranked(candidates[i], values[i]) for i in order[:limit]]
+        return ([Ranked(candidates[i], values[i]) for i in order] + unknown)[:limit]
 
     def explain(self, item_id: str, *, limit: int = 3, recent: int = 200) -> list[Support]:
         """The person's own recent events that most support ``item_id``'s score, strongest first.
@@ -607,4 +615,7 @@ def _candidates(item_ids: object) -> list:
     """Candidate ids as a list, or ``InvalidEventError`` for anything that is not a sequence of them."""
     if isinstance(item_ids, (str, bytes)) or not isinstance(item_ids, Iterable):
         raise InvalidEventError(f"candidates must be a sequence of item ids, got {type(item_ids).__name__}")
-    return list(item_ids)
+    candidates = list(item_ids)
+    for item in candidates:
+        validate_item_id(item)
+    return candidates

@@ -295,7 +295,10 @@ class EventStore:
 
     def generation(self) -> str:
         """Moves with every state write, by any object or process: what a cache of state checks."""
-        return str(self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        if row is None or not str(row[0]).isdecimal():  # a damaged page took the row (checked at open)
+            raise _corrupt(self.path, "the store's metadata", ValueError("no generation"))
+        return str(row[0])
 
     def close(self) -> None:
         self._db.close()
@@ -416,7 +419,7 @@ class EventStore:
         """Inside a transaction: seal and write ``values`` under a new generation (``fresh``: they
         are all the state there is, the rest was just deleted)."""
         base = {} if fresh or not self.encrypted else self._manifest()  # read before the generation moves
-        generation = int(self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]) + 1
+        generation = int(self.generation()) + 1
         self._db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(generation),))
         rows = [(key, generation, self._sealer.seal(value, f"state:{key}:{generation}"))
                 for key, value in values.items()]

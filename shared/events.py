@@ -95,7 +95,9 @@ def check_recordable(event: Event, now: float) -> None:
     """What only recording checks, against the clock at that moment (a store must still read an
     event after the clock moves back): its timestamp is at most a day in the future."""
     if event.timestamp > now + MAX_CLOCK_SKEW_S:
-        raise InvalidEventError(f"timestamp {event.timestamp} is more than a day in the future")
+        hint = ": it looks like milliseconds; divide by 1000" if abs(event.timestamp / 1000 - now) < 100 * 365 * 86400 \
+            else ""
+        raise InvalidEventError(f"timestamp {event.timestamp} is more than a day in the future{hint}")
 
 
 def validate_item_id(item_id: object) -> str:

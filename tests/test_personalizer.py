@@ -20,10 +20,12 @@ def test_rank_with_zero_events_uses_the_global_model(tmp_path):
         assert len(ranked) == 3 and device.state.rounds_joined == 0
 
 
-def test_rank_rejects_unknown_items(tmp_path):
+def test_rank_rejects_ids_that_are_not_ids_and_scores_only_known_items(tmp_path):
     with open_device(tmp_path / "d.sqlite") as device:
         with pytest.raises(InvalidEventError):
-            device.rank(["item1", "nope"])
+            device.rank(["item1", ""])
+        with pytest.raises(InvalidEventError):
+            device.score(["item1", "nope"])  # a score is asked of the model: only for items it knows
 
 
 def test_a_device_with_few_events_contributes_like_any_other(tmp_path):
@@ -149,3 +151,23 @@ def test_before_any_round_a_device_ranks_by_its_own_history_and_explains_only_th
         assert device.score(["item1"]).tolist() == [0.0]
         assert [s.item_id for s in device.explain("item7")] == ["item7"]  # its own events, nothing else
         assert device.explain("item1") == []
+
+
+def test_unknown_candidates_rank_last_and_the_vocabulary_sizes_the_model(tmp_path):
+    """Issue 23: one unknown id failed the whole rank(), and a vocabulary of 30 ids needed
+    ModelConfig(num_items=30) spelled out."""
+    from attune import InvalidEventError, Personalizer, Vocabulary
+
+    vocabulary = Vocabulary.of([f"item{i}" for i in range(30)])
+    with Personalizer(tmp_path / "d.sqlite", vocabulary=vocabulary) as device:
+        assert device.model_config.num_items == 30
+        ranked = device.rank(["new-item", "item1", "item2"])
+        assert [r.item_id for r in ranked][-1] == "new-item" and ranked[-1].score == float("-inf")
+        assert {r.item_id for r in ranked[:2]} == {"item1", "item2"}
+        assert device.rank(["new-item"], limit=1)[0].item_id == "new-item"
+        with pytest.raises(InvalidEventError):
+            device.rank(["item1", 5])
+        with pytest.raises(InvalidEventError, match="milliseconds"):
+            from attune import Event
+
+            device.record(Event("item1", "click", time.time() * 1000))
