@@ -118,6 +118,16 @@ class Personalizer:
         encryption_key: bytes | None = None,
         simulation_seed: tuple[int, int] | None = None,
     ) -> None:
+        """Open (or create) the person's store at ``store_path``.
+
+        ``model`` must be the coordinator's (``ModelConfig()`` is its default; without it, a
+        ``vocabulary`` sizes it); ``vocabulary`` maps the app's item ids to the model's items
+        (``Vocabulary.of(ids)``; without it ids are hashed); ``privacy`` is the device's own limits
+        (its budget binds every process that opens this store: the smallest given wins);
+        ``retention`` how long events are kept; ``encryption_key`` (32 bytes, from the platform
+        keystore) seals the store. Raises ``ConfigError`` for a bad argument, ``StoreError`` for a
+        file that is not a usable store and ``WrongKeyError`` for a wrong or missing key.
+        """
         for name, value, kind in (("model", model, ModelConfig), ("vocabulary", vocabulary, Vocabulary),
                                   ("privacy", privacy, PrivacyConfig)):
             if value is not None and not isinstance(value, kind):
@@ -142,6 +152,7 @@ class Personalizer:
         self._load()
 
     def close(self) -> None:
+        """Close the store (``with Personalizer(...) as device:`` does it); any later call says so."""
         self.store.close()
 
     @staticmethod
@@ -232,8 +243,9 @@ class Personalizer:
         self.record_many([event])
 
     def record_many(self, events: Iterable[Event]) -> int:
-        """Record a batch atomically (all or none); returns how many of them the retention policy
-        kept."""
+        """Record a batch atomically (all or none: one invalid event raises ``InvalidEventError``
+        and stores nothing); returns how many of them the retention policy kept. Once the device
+        holds a global model, each is also ranked for the next evaluation round (``docs/privacy.md``)."""
         if isinstance(events, (str, bytes)) or not isinstance(events, Iterable):
             raise InvalidEventError(f"events must be an iterable of Event, got {type(events).__name__}")
         batch = list(events)

@@ -83,6 +83,13 @@ class DataSource:
                             f"got {self.synthetic_events!r}")
         return values
 
+    def described(self) -> dict:
+        """The source as ``results.json`` records it: only the options its dataset reads."""
+        values = as_json(self)
+        return {key: value for key, value in values.items()
+                if not (key.startswith("synthetic_") and self.dataset != "synthetic")
+                and not (key.endswith("_col") and self.dataset != "csv")}
+
     def load(self, seed: int) -> EventLog:
         if self.dataset == "synthetic":
             return synthetic(num_users=self.synthetic_users, num_items=self.synthetic_items,
@@ -237,7 +244,7 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
     results = build_results(log, split, server, run_plan, progress, ledger, local, secure=secure, noise=noise)
     results.update(backend=config.backend, algorithm=ranker.name, beyond_accuracy=progress.report,
                    heterogeneity={"availability": config.availability, "data_skew": config.data_skew})
-    results["config"]["source"] = as_json(config.source)
+    results["config"]["source"] = config.source.described()
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curve(results, out / "curve.png")
     return results
