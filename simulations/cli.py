@@ -148,6 +148,10 @@ def sweep(
     epsilons: str = typer.Option("1,2,4,8,none", help="per-device epsilons; none = no DP"),
     seeds: str = typer.Option("0,1"),
     rounds: int | None = typer.Option(None, help="default: each mode's preset"),
+    user_col: str = typer.Option("user", help="csv: column of user ids"),
+    item_col: str = typer.Option("item", help="csv: column of item ids"),
+    time_col: str = typer.Option("timestamp", help="csv: column of unix timestamps"),
+    weight_col: str | None = typer.Option(None, help="csv: column of event weights"),
     out: Path = _out("runs/sweep"),
 ) -> None:
     """Privacy/utility sweep on the fast backend: modes x algorithms x epsilon x seeds, a table
@@ -155,7 +159,9 @@ def sweep(
     from attune.simulations.runner import DataSource
     from attune.simulations.sweep import SweepConfig, run_sweep
 
-    grid = SweepConfig(source=DataSource(dataset=dataset, path=data), modes=_list(modes, str),
+    source = DataSource(dataset=dataset, path=data, user_col=user_col, item_col=item_col, time_col=time_col,
+                        weight_col=weight_col)
+    grid = SweepConfig(source=source, modes=_list(modes, str),
                        algorithms=_list(algorithms, str),
                        epsilons=_list(epsilons, lambda v: None if v.lower() == "none" else float(v)),
                        seeds=_list(seeds, int), rounds=rounds, out=out)
@@ -169,12 +175,14 @@ def sweep(
 
     rows = run_sweep(grid, on_cell)
     table = Table(title=f"sweep: HR@10 (mean ± std over {len(grid.seeds)} seeds)")
-    for column in ("mode", "algorithm", *[str(e) for e in dict.fromkeys(r["epsilon"] for r in rows)]):
+    epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] != "no DP"}) + \
+        (["no DP"] if any(r["epsilon"] == "no DP" for r in rows) else [])
+    for column in ("mode", "algorithm", *[f"epsilon {e}" if e != "no DP" else e for e in epsilons]):
         table.add_column(column)
-    for mode in dict.fromkeys(r["mode"] for r in rows):
+    cells = {(r["mode"], r["algorithm"], r["epsilon"]): f"{r['hr@10_mean']:.3f} ± {r['hr@10_std']:.3f}" for r in rows}
+    for mode in dict.fromkeys(r["mode"] for r in rows):  # each value under its own epsilon, "-" where none ran
         for algorithm in grid.algorithms:
-            mine = [r for r in rows if r["algorithm"] == algorithm and r["mode"] == mode]
-            table.add_row(mode, algorithm, *(f"{r['hr@10_mean']:.3f} ± {r['hr@10_std']:.3f}" for r in mine))
+            table.add_row(mode, algorithm, *(cells.get((mode, algorithm, e), "-") for e in epsilons))
     Console().print(table)
     Console().print(f"table: {out / 'sweep.csv'}  plot: {out / 'sweep.png'}")
 

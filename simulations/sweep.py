@@ -93,7 +93,7 @@ def _finished(out: Path, source: DataSource, server: ServerConfig, name: str) ->
     wanted = as_json(server)
     stored, wanted = ({**c, "model": {k: v for k, v in c["model"].items() if k not in _RUN_FILLED}}
                       for c in (stored, wanted))
-    same_data = results["config"].get("source") == as_json(source)
+    same_data = results["config"].get("source") == source.described()
     same = same_data and results.get("algorithm") == name and all(
         stored.get(key) == value for key, value in wanted.items() if key not in _RUN_FILLED)
     return results if same else None

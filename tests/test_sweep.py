@@ -29,6 +29,21 @@ def test_sweep_writes_a_table_over_seeds_and_a_plot(tmp_path):
     with (tmp_path / "sweep.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 6
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+    table = [line for line in result.output.splitlines() if line.startswith("│ off")]  # issue 23: under "no DP"
+    assert table and all(line.split("│")[3].strip() == "-" for line in table), result.output
+
+
+def test_sweep_reads_a_csv_by_its_column_names(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = ["uid,sku,ts"] + [f"u{u},s{int(rng.integers(0, 200))},{1.7e9 + 60 * k}"
+                             for u in range(12) for k in range(30)]
+    (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
+    result = CliRunner().invoke(cli, ["sweep", "--dataset", "csv", "--data", str(tmp_path / "log.csv"), "--user-col",
+                                      "uid", "--item-col", "sku", "--time-col", "ts", "--modes", "local",
+                                      "--algorithms", "global", "--epsilons", "8", "--seeds", "0", "--rounds", "8",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["cells"][0]["mode"] == "local"
 
 
 def test_sweep_rejects_a_bad_list_or_mode(tmp_path):
