@@ -120,6 +120,19 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise StoreError(f"checkpoint {path} cannot be read: {error}") from None
 
 
+def prune_checkpoints(directory: Path, keep: int) -> int:
+    """Delete all but the newest ``keep`` round checkpoints this loop wrote (``0``: keep all);
+    ``global_final.pt`` stays. Returns how many were deleted."""
+    if keep == 0:
+        return 0
+    written = sorted((int(match.group(1)), path) for path in directory.glob("global_round_*.pt")
+                     if (match := _NAME.fullmatch(path.name)))
+    for _, path in written[:-keep]:
+        path.unlink(missing_ok=True)
+        _checksum_path(path).unlink(missing_ok=True)
+    return max(len(written) - keep, 0)
+
+
 def latest_checkpoint(directory: Path) -> Checkpoint | None:
     """The newest checkpoint in ``directory`` that loads and verifies, if any: newest by the round
     recorded inside it (checksummed), never by its file name, so a renamed or swapped file does

@@ -111,6 +111,8 @@ class ServerConfig:
     resume: bool = knob(False, "continue from the newest checkpoint that verifies")
     seed: int = knob(0, "seed of the initial model (and of everything in simulations)", low=0, high=2**63 - 1)
     out_dir: Path | None = knob(None, "where checkpoints and rounds.jsonl go")
+    keep_checkpoints: int = knob(5, "round checkpoints kept in out-dir/checkpoints, the newest (0: every round's; "
+                                 "global_final.pt is always the last)", low=0, high=10**6)
     model: ModelConfig = field(default_factory=ModelConfig)
     round: RoundSettings = field(default_factory=RoundSettings)
 

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from attune.server.aggregation import ServerOptimizer, device_level_noise, server_optimizer
-from attune.server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from attune.server.checkpoint import Checkpoint, latest_checkpoint, prune_checkpoints, save_checkpoint
 from attune.server.config import ServerConfig
 from attune.server.planning import Plan, plan
 from attune.shared import evaluation
@@ -176,6 +176,7 @@ def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | No
                 run_id=state.run_id, plan=run_plan, device_level=state.device_level,
                 participation=dict(state.participation), params=state.params, counted=state.counted,
                 counts=dict(state.counts), evaluated=dict(state.evaluated)))
+            prune_checkpoints(config.out_dir / "checkpoints", config.keep_checkpoints)
             with (config.out_dir / "rounds.jsonl").open("a") as handle:
                 handle.write(json.dumps(asdict(record)) + "\n")
         if on_round is not None:

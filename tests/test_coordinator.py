@@ -202,3 +202,17 @@ def test_a_deployed_run_in_which_no_round_released_anything_fails_saying_why():
     with pytest.raises(ConfigError, match="4 declines"):
         check_progress([record(0), record(2, aborted="2 survivors, fewer than 3")])
     check_progress([record(0), record(3)])  # one released sum is progress
+
+
+def test_only_the_newest_round_checkpoints_are_kept_and_resume_reads_them(tmp_path):
+    """Issue 23: every run kept a checkpoint per round (80 MB for one MovieLens run) unasked."""
+    from attune.server.checkpoint import Checkpoint, latest_checkpoint, prune_checkpoints, save_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    for round_ in range(1, 8):
+        save_checkpoint(folder, Checkpoint(round=round_, state={"w": torch.zeros(2)}, optimizer={}, run_id="r"))
+        prune_checkpoints(folder, 3)
+    assert sorted(p.name for p in folder.glob("global_round_*.pt")) == [
+        "global_round_0005.pt", "global_round_0006.pt", "global_round_0007.pt"]
+    assert len(list(folder.glob("*.sha256"))) == 4 and latest_checkpoint(folder).round == 7  # and global_final
+    assert prune_checkpoints(folder, 0) == 0 and len(list(folder.glob("global_round_*.pt"))) == 3

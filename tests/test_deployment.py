@@ -50,6 +50,7 @@ def test_deployment_engine_tls_node_auth_dead_supernode_and_resumed_server(tmp_p
         "num-server-rounds": 3, "min-devices": 3, "num-items": log.num_items, "dim": 8, "use-context": False,
         "target-epsilon": 4.0, "min-survivor-fraction": 0.5, "round-timeout": 120.0, "out-dir": out,
         "eval-share": 0.05,  # and a final evaluation round
+        "keep-checkpoints": 0,  # every round's, for the checks below
     }
     config = FederationConfig(directory=tmp_path / "federation", stores=stores, app=ROOT,
                               vocabulary=vocabulary, port=_free_port())
