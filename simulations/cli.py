@@ -152,6 +152,8 @@ def sweep(
     item_col: str = typer.Option("item", help="csv: column of item ids"),
     time_col: str = typer.Option("timestamp", help="csv: column of unix timestamps"),
     weight_col: str | None = typer.Option(None, help="csv: column of event weights"),
+    type_col: str | None = typer.Option(None, help="csv: column of event types (instead of weights)"),
+    delimiter: str = typer.Option(",", help="csv: one character, or tab"),
     out: Path = _out("runs/sweep"),
 ) -> None:
     """Privacy/utility sweep on the fast backend: modes x algorithms x epsilon x seeds, a table
@@ -160,7 +162,7 @@ def sweep(
     from attune.simulations.sweep import SweepConfig, run_sweep
 
     source = DataSource(dataset=dataset, path=data, user_col=user_col, item_col=item_col, time_col=time_col,
-                        weight_col=weight_col)
+                        weight_col=weight_col, type_col=type_col, delimiter=delimiter)
     grid = SweepConfig(source=source, modes=_list(modes, str),
                        algorithms=_list(algorithms, str),
                        epsilons=_list(epsilons, lambda v: None if v.lower() == "none" else float(v)),

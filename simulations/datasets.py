@@ -10,12 +10,14 @@ from __future__ import annotations
 import csv
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
 from attune.shared.errors import DataError
+from attune.shared.events import EVENT_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -89,19 +91,44 @@ def load_movielens(directory: Path) -> EventLog:
     return _build("movielens-100k", users, items, np.asarray(times), ones)
 
 
-def load_csv(
-    path: Path, *, user_col: str, item_col: str, time_col: str, weight_col: str | None = None
-) -> EventLog:
-    """A generic event log with a header row; timestamps are numbers (unix seconds)."""
+@dataclass(frozen=True)
+class CsvColumns:
+    """How to read an event log from CSV: the header's column names and the delimiter. Times are
+    unix seconds or ISO 8601 (``2024-05-01T12:00:00Z``; without a zone, UTC); an event's weight is
+    ``weight`` (a positive number), or its ``event_type``'s weight (view, click, like, purchase,
+    ...: ``attune.shared.events.EVENT_WEIGHTS``), or 1."""
+
+    user: str = "user"
+    item: str = "item"
+    time: str = "timestamp"
+    weight: str | None = None
+    event_type: str | None = None
+    delimiter: str = ","
+
+    def __post_init__(self) -> None:
+        if self.weight is not None and self.event_type is not None:
+            raise DataError("give a weight column or an event-type column, not both")
+        delimiter = {"\\t": "\t", "tab": "\t"}.get(self.delimiter, self.delimiter)
+        if len(delimiter) != 1 or delimiter in "\"\r\n":
+            raise DataError(f"the delimiter must be one character (or 'tab'), got {self.delimiter!r}")
+        object.__setattr__(self, "delimiter", delimiter)
+
+    def wanted(self) -> list[str]:
+        return [c for c in (self.user, self.item, self.time, self.weight, self.event_type) if c is not None]
+
+
+def load_csv(path: Path, columns: CsvColumns | None = None) -> EventLog:
+    """A generic event log with a header row (``CsvColumns``)."""
+    columns = columns or CsvColumns()
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path} not found")
+        raise DataError(f"{path} not found (paths are relative to the folder you run from: {Path.cwd()})")
     try:
         handle = path.open(newline="", encoding="utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror})") from None
     try:
-        return _read_csv(path, handle, user_col, item_col, time_col, weight_col)
+        return _read_csv(path, handle, columns)
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); convert it with "
                         "iconv -f latin1 -t utf-8") from None
@@ -111,30 +138,40 @@ def load_csv(
         handle.close()
 
 
-def _read_csv(path: Path, handle: TextIO, user_col: str, item_col: str, time_col: str,
-              weight_col: str | None) -> EventLog:
-    reader = csv.DictReader(handle)
+def _seconds(text: str | None) -> float:
+    """Unix seconds from a number or an ISO 8601 time (UTC when it names no zone)."""
+    if text is None:
+        raise ValueError("missing")
+    try:
+        return float(text)
+    except ValueError:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _read_csv(path: Path, handle: TextIO, columns: CsvColumns) -> EventLog:
+    reader = csv.DictReader(handle, delimiter=columns.delimiter)
     header = reader.fieldnames or []
-    wanted = [user_col, item_col, time_col] + ([weight_col] if weight_col else [])
+    wanted = columns.wanted()
     missing = [c for c in wanted if c not in header]
     if missing:
-        raise DataError(f"{path}: no column(s) {', '.join(missing)} (found: {', '.join(header)})")
+        raise DataError(f"{path}: no column(s) {', '.join(missing)} (found: {', '.join(header)}; delimiter "
+                        f"{columns.delimiter!r})")
     twice = sorted({c for c in wanted if header.count(c) > 1})
     if twice:
         raise DataError(f"{path}: the header names column(s) {', '.join(twice)} more than once")
     users, items, times, weights = [], [], [], []
     for number, row in enumerate(reader, 2):
-        if not row[user_col] or not row[item_col]:  # None: a short row; "": a missing value
-            raise DataError(f"{path}:{number}: {user_col!r} and {item_col!r} must not be empty")
-        users.append(row[user_col])
-        items.append(row[item_col])
+        if not row[columns.user] or not row[columns.item]:  # None: a short row; "": a missing value
+            raise DataError(f"{path}:{number}: {columns.user!r} and {columns.item!r} must not be empty")
+        users.append(row[columns.user])
+        items.append(row[columns.item])
         try:
-            times.append(float(row[time_col]))
-            weights.append(float(row[weight_col]) if weight_col else 1.0)
-        except (TypeError, ValueError):
-            numbers = f"{time_col!r} and {weight_col!r} must be numbers" if weight_col else \
-                f"{time_col!r} must be a number (unix seconds)"
-            raise DataError(f"{path}:{number}: {numbers}") from None
+            times.append(_seconds(row[columns.time]))
+        except (TypeError, ValueError, OverflowError):
+            raise DataError(f"{path}:{number}: {columns.time!r} must be unix seconds or an ISO 8601 time, got "
+                            f"{str(row[columns.time])[:40]!r}") from None
+        weights.append(_weight(path, number, row, columns))
     if any(w <= 0 or not np.isfinite(w) for w in weights):
         raise DataError(f"{path}: weights must be positive finite numbers")
     bad = [number for number, t in enumerate(times, 2) if not (np.isfinite(t) and 0 <= t < 1e11)]
@@ -142,6 +179,20 @@ def _read_csv(path: Path, handle: TextIO, user_col: str, item_col: str, time_col
         raise DataError(f"{path}:{bad[0]}: timestamps must be unix seconds (finite, 0 to 1e11); "
                         f"{len(bad)} row(s) are not")
     return _build(path.name, users, items, np.asarray(times), np.asarray(weights))
+
+
+def _weight(path: Path, number: int, row: dict, columns: CsvColumns) -> float:
+    if columns.event_type is not None:
+        kind = str(row[columns.event_type] or "").strip().lower()
+        if kind not in EVENT_WEIGHTS:
+            raise DataError(f"{path}:{number}: event type {kind!r} is not one of {', '.join(EVENT_WEIGHTS)}")
+        return EVENT_WEIGHTS[kind]
+    if columns.weight is None:
+        return 1.0
+    try:
+        return float(row[columns.weight])
+    except (TypeError, ValueError):
+        raise DataError(f"{path}:{number}: {columns.weight!r} must be a number") from None
 
 
 def synthetic(

@@ -36,7 +36,7 @@ from attune.shared.metrics import hit_and_ndcg
 from attune.shared.model import shared_model
 from attune.shared.statements import DEVICE_LEVEL, DISCLOSED, statement
 from attune.simulations.algorithms import algorithm
-from attune.simulations.datasets import EventLog, load_csv, load_movielens, synthetic
+from attune.simulations.datasets import CsvColumns, EventLog, load_csv, load_movielens, synthetic
 from attune.simulations.evaluation import Split, leave_one_out, popularity_baseline, skew_data_sizes
 from attune.simulations.fast import NOISE, Devices, InProcessTransport, device_cohort
 from attune.simulations.report import beyond_accuracy
@@ -52,8 +52,11 @@ class DataSource:
     path: Path | None = knob(None, "the ml-100k folder (u.data) or a CSV file")
     user_col: str = knob("user", "CSV column of user ids")
     item_col: str = knob("item", "CSV column of item ids")
-    time_col: str = knob("timestamp", "CSV column of unix timestamps")
+    time_col: str = knob("timestamp", "CSV column of times: unix seconds or ISO 8601 (UTC unless it says)")
     weight_col: str | None = knob(None, "CSV column of event weights")
+    type_col: str | None = knob(None, "CSV column of event types (view, click, like, purchase, ...), weighted "
+                                "by type; instead of a weight column")
+    delimiter: str = knob(",", "CSV delimiter: one character, or tab")
     synthetic_users: int = knob(150, "synthetic: people (devices)", low=2, high=10**7)
     synthetic_items: int = knob(600, "synthetic: items in the catalog", low=100, high=10**7)
     synthetic_zipf: float = knob(0.8, "synthetic: popularity skew, item r of the catalog has popularity 1/r^zipf",
@@ -88,7 +91,7 @@ class DataSource:
         values = as_json(self)
         return {key: value for key, value in values.items()
                 if not (key.startswith("synthetic_") and self.dataset != "synthetic")
-                and not (key.endswith("_col") and self.dataset != "csv")}
+                and not ((key.endswith("_col") or key == "delimiter") and self.dataset != "csv")}
 
     def load(self, seed: int) -> EventLog:
         if self.dataset == "synthetic":
@@ -99,8 +102,9 @@ class DataSource:
             raise DataError(f"--data is required with --dataset {self.dataset}")
         if self.dataset == "movielens":
             return load_movielens(self.path)
-        return load_csv(self.path, user_col=self.user_col, item_col=self.item_col,
-                        time_col=self.time_col, weight_col=self.weight_col)
+        return load_csv(self.path, CsvColumns(user=self.user_col, item=self.item_col, time=self.time_col,
+                                              weight=self.weight_col, event_type=self.type_col,
+                                              delimiter=self.delimiter))
 
 
 @dataclass(frozen=True)

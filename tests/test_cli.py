@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from attune.simulations.datasets import load_csv
+from attune.simulations.datasets import CsvColumns, load_csv
 
 
 def attune(*args: str) -> subprocess.CompletedProcess:
@@ -117,7 +117,7 @@ def test_csv_without_named_columns_and_bad_timestamps(tmp_path):
     assert result.returncode == 2 and "no column(s) user, item, timestamp" in result.stderr
     csv.write_text("user,item,timestamp\n1,a,yesterday\n")
     result = attune("simulate", "--dataset", "csv", "--data", str(csv), "--out", str(tmp_path))
-    assert result.returncode == 2 and ":2:" in result.stderr and "must be a number (unix seconds)" in result.stderr
+    assert result.returncode == 2 and ":2:" in result.stderr and "unix seconds or an ISO 8601 time" in result.stderr
     assert "weight" not in result.stderr  # no weight column was given (issue 23)
     unreadable = tmp_path / "dir.csv"
     unreadable.mkdir()
@@ -128,7 +128,7 @@ def test_csv_without_named_columns_and_bad_timestamps(tmp_path):
 def test_csv_loader_maps_ids_densely(tmp_path):
     csv = tmp_path / "log.csv"
     csv.write_text("who,what,when,w\nb,x,3,1\na,y,1,2\nb,y,2,0.5\n")
-    log = load_csv(csv, user_col="who", item_col="what", time_col="when", weight_col="w")
+    log = load_csv(csv, CsvColumns(user="who", item="what", time="when", weight="w"))
     assert (log.num_users, log.num_items, len(log)) == (2, 2, 3)
     assert log.item_ids == ("x", "y")
     assert json.dumps(log.weights.tolist()) == "[1.0, 2.0, 0.5]"
@@ -140,18 +140,44 @@ def test_csv_loader_edge_rows(tmp_path):
     from attune.shared.errors import DataError
     from attune.simulations.datasets import load_csv, load_movielens
 
-    columns = {"user_col": "user", "item_col": "item", "time_col": "timestamp"}
     bom = tmp_path / "bom.csv"
     bom.write_text("user,item,timestamp\n1,a,1000000000\n2,b,1000000001\n", encoding="utf-8-sig")
-    assert load_csv(bom, **columns).num_users == 2
+    assert load_csv(bom).num_users == 2
     ids = tmp_path / "ids.csv"
     ids.write_text("user,item,timestamp\n-1,a,1000000000\n--1,b,1000000001\n")
-    assert load_csv(ids, **columns).num_users == 2
+    assert load_csv(ids).num_users == 2
     big = tmp_path / "big.csv"
     big.write_text("user,item,timestamp\n1," + "x" * 140_000 + ",1000000000\n")
     with pytest.raises(DataError, match="not a CSV file"):
-        load_csv(big, **columns)
+        load_csv(big)
     (tmp_path / "ml").mkdir()
     (tmp_path / "ml" / "u.data").write_text("1\t2\t5\t881250949\n1\t3\t4\tnan\n")
     with pytest.raises(DataError, match="unix seconds"):
         load_movielens(tmp_path / "ml")
+
+
+def test_csv_with_event_types_iso_times_and_tabs(tmp_path):
+    """Issue 23: the loader had no event-type column, no ISO timestamps and no delimiter option."""
+    from attune.shared.errors import DataError
+
+    log_file = tmp_path / "log.tsv"
+    log_file.write_text("who\twhat\twhen\tkind\n"
+                        "b\tx\t2024-05-01T12:00:00Z\tpurchase\n"
+                        "a\ty\t2024-05-01T12:00:00+02:00\tView\n"
+                        "b\ty\t1714564800\tclick\n")
+    columns = CsvColumns(user="who", item="what", time="when", event_type="kind", delimiter="tab")
+    log = load_csv(log_file, columns)
+    assert log.timestamps.tolist() == [1714564800.0, 1714557600.0, 1714564800.0]  # Z, +02:00, unix seconds
+    assert log.weights.tolist() == [3.0, 0.5, 1.0]  # purchase, view, click
+    with pytest.raises(DataError, match="no column.*delimiter ','"):
+        load_csv(log_file, CsvColumns(user="who", item="what", time="when"))
+    with pytest.raises(DataError, match="not both"):
+        CsvColumns(weight="w", event_type="kind")
+    log_file.write_text("user\titem\ttimestamp\ttype\nb\tx\tyesterday\tclick\n")
+    with pytest.raises(DataError, match="ISO 8601"):
+        load_csv(log_file, CsvColumns(delimiter="\\t"))
+    log_file.write_text("user\titem\ttimestamp\ttype\nb\tx\t1714564800\tglance\n")
+    with pytest.raises(DataError, match="event type 'glance'"):
+        load_csv(log_file, CsvColumns(event_type="type", delimiter="tab"))
+    result = attune("simulate", "--dataset", "csv", "--data", "no/such/log.csv", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "relative to the folder you run from" in result.stderr

@@ -19,7 +19,7 @@ from attune.shared.errors import AttuneError, DataError, ModelMismatchError
 from attune.shared.mechanism import contribution_dim
 from attune.shared.records import contribution_of
 from attune.shared.wire import check_contribution
-from attune.simulations.datasets import load_csv
+from attune.simulations.datasets import CsvColumns, load_csv
 
 NOW = time.time()
 FAST, THOROUGH = 25, 400  # examples per property in the fast and the slow tier
@@ -96,7 +96,7 @@ def check_csv(tmp_path_factory, rows, bom, header):
     writer.writerows(rows)
     path.write_text(("\ufeff" if bom else "") + buffer.getvalue(), encoding="utf-8")
     try:
-        log = load_csv(path, user_col="user", item_col="item", time_col="ts")
+        log = load_csv(path, CsvColumns(time="ts"))
     except DataError:
         return
     assert len(log.users) == len([r for r in rows if r])  # every row but blank lines, with valid values
