@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,14 +50,52 @@ class DeviceSettings:
         except (OSError, ValueError) as error:
             raise ConfigError(f"cannot read the store key from {self.encryption_key_file}: {error}") from None
 
+    def check(self) -> list[str]:
+        """Open what the settings name as a round would (the store with its key, the vocabulary,
+        the coordinator's public key) and say what was found; ``AttuneError`` naming the node
+        config key otherwise. For ``attune check-node`` before a SuperNode starts: Flower runs
+        the ClientApp only when a round arrives."""
+        from attune.client.store import EventStore
+        from attune.shared.signing import load_public_key
+
+        found = []
+        key = self.encryption_key()
+        if self.store_path.exists():
+            with EventStore(self.store_path, key=key) as store:
+                found.append(f"store-path: {self.store_path} ({store.count()} events, "
+                             f"{'encrypted' if store.encrypted else 'not encrypted'}, {len(store.ledger())} rounds "
+                             "paid)")
+        elif not self.store_path.parent.is_dir() or not os.access(self.store_path.parent, os.W_OK):
+            raise ConfigError(f"store-path: {self.store_path.parent} is not a folder this process can write")
+        else:
+            found.append(f"store-path: {self.store_path} (no store yet: the app or the first round creates it)")
+        if self.vocabulary_path is not None:
+            try:
+                ids = json.loads(Path(self.vocabulary_path).read_text())
+            except (OSError, ValueError) as error:
+                raise ConfigError(f"vocabulary-path: cannot read {self.vocabulary_path} as JSON: {error}") from None
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise ConfigError(f"vocabulary-path: {self.vocabulary_path} must hold a JSON list of item ids")
+            found.append(f"vocabulary-path: {len(ids)} item ids")
+        if self.coordinator_public_key is not None:
+            load_public_key(self.coordinator_public_key)
+            found.append(f"coordinator-public-key: {self.coordinator_public_key} (Ed25519)")
+        elif not self.allow_unsigned:
+            raise ConfigError("coordinator-public-key is missing: this device would refuse every round (set "
+                              "allow-unsigned=true only for local experiments)")
+        found.append(f"privacy: epsilon budget {self.privacy.epsilon_budget} (the store's may be lower), delta "
+                     f"{self.privacy.delta}, noise floor {self.privacy.min_noise_multiplier}, evaluation rounds "
+                     f"{'joined' if self.privacy.allow_evaluation else 'refused'}")
+        return found
+
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> DeviceSettings:
-        if "store-path" not in node_config:
-            raise ConfigError("node config needs 'store-path': the device's event store file")
         unknown = set(node_config) - NODE_CONFIG_KEYS
         if unknown:
             raise ConfigError(f"unknown node config key(s) {', '.join(sorted(unknown))}; known: "
                               f"{', '.join(sorted(NODE_CONFIG_KEYS))}")
+        if "store-path" not in node_config:
+            raise ConfigError("node config needs 'store-path': the device's event store file")
         defaults = PrivacyConfig()
         privacy = PrivacyConfig(
             epsilon_budget=node_config.get("epsilon-budget", defaults.epsilon_budget),  # type: ignore[arg-type]

@@ -281,6 +281,22 @@ def federation(
     Console().print(table)
 
 
+@cli.command("check-node")
+def check_node(node_config: str = typer.Argument(..., help="the SuperNode's --node-config, as given to it")) -> None:
+    """Check a SuperNode's node config before starting it (Flower runs the ClientApp only when a
+    round arrives): keys, the store and its key, the vocabulary, the coordinator's public key."""
+    from flwr.common.config import parse_config_args
+
+    from attune.client.settings import DeviceSettings
+
+    try:
+        parsed = parse_config_args([node_config])
+    except Exception as error:  # noqa: BLE001 - Flower's parser raises click's and TOML's errors
+        raise AttuneError(f"the node config does not parse as Flower reads it: {error}") from None
+    for line in DeviceSettings.from_node_config(parsed).check():
+        Console().print(f"ok  {line}")
+
+
 runs = typer.Typer(no_args_is_help=True, help="Watch a run: its rounds.jsonl as a table and a plot.")
 cli.add_typer(runs, name="runs")
 

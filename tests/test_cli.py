@@ -181,3 +181,26 @@ def test_csv_with_event_types_iso_times_and_tabs(tmp_path):
         load_csv(log_file, CsvColumns(event_type="type", delimiter="tab"))
     result = attune("simulate", "--dataset", "csv", "--data", "no/such/log.csv", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "relative to the folder you run from" in result.stderr
+
+
+def test_check_node_names_a_typo_and_checks_the_files_before_a_supernode_starts(tmp_path):
+    """Issue 23: a node config typo (store_path=) was accepted at SuperNode start and crashed the
+    ClientApp at the first round."""
+    from attune.shared.signing import generate_keypair
+
+    typo = attune("check-node", f"store_path='{tmp_path / 'd.sqlite'}'")
+    assert typo.returncode == 2 and "unknown node config key(s) store_path" in typo.stderr
+    unsigned = attune("check-node", f"store-path='{tmp_path / 'd.sqlite'}'")
+    assert unsigned.returncode == 2 and "coordinator-public-key is missing" in unsigned.stderr
+    generate_keypair(tmp_path / "c.pem", tmp_path / "c.pub.pem")
+    (tmp_path / "vocabulary.json").write_text('["a", "b"]')
+    (tmp_path / "afile").write_text("x")
+    store, key = f"store-path='{tmp_path / 'd.sqlite'}'", f"coordinator-public-key='{tmp_path / 'c.pub.pem'}'"
+    good = attune("check-node", f"{store} {key} vocabulary-path='{tmp_path / 'vocabulary.json'}' epsilon-budget=2.0")
+    assert good.returncode == 0 and "2 item ids" in good.stdout and "Ed25519" in good.stdout, good.stderr
+    assert not (tmp_path / "d.sqlite").exists()  # checking creates nothing
+    for config, message in ((f"{store} {key} vocabulary-path='{tmp_path / 'c.pem'}'", "vocabulary-path"),
+                            (f"{store} {key} epsilon-budget='lots'", "epsilon_budget"),
+                            (f"store-path='{tmp_path / 'afile' / 'd.sqlite'}' {key}", "store-path")):
+        result = attune("check-node", config)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
