@@ -255,8 +255,8 @@ def federation(
     from attune.simulations.evaluation import leave_one_out
     from attune.simulations.federation import FederationConfig, LocalFederation
 
-    if supernodes < 2 or rounds < 1:
-        raise AttuneError("--supernodes must be at least 2 and --rounds at least 1")
+    if supernodes < 2 or rounds < 2:
+        raise AttuneError("--supernodes must be at least 2 and --rounds at least 2 (round 1 counts the items)")
     stores = tuple(store_path(out / "devices", user) for user in range(supernodes))
     config = FederationConfig(directory=out / "federation", stores=stores, app=app.resolve(),
                               port=port, insecure=insecure)  # checked before anything is written
@@ -270,8 +270,8 @@ def federation(
             "use-context": False, "mode": mode, "target-epsilon": 8.0 if mode != "off" else 0.0,
             "secure-aggregation": mode == "distributed",
             "out-dir": (out / "run").resolve(), "signing-key": running.credentials.signing_key})
-    if code != 0:
-        raise AttuneError(f"flwr run exited with {code}; see {config.directory / 'logs'}")
+    if code != 0 or not (out / "run" / "rounds.jsonl").is_file():  # flwr run exits 0 when the ServerApp fails
+        raise AttuneError(f"the run recorded no round (flwr run exited with {code}); see {config.directory / 'logs'}")
     table = Table(title="federation rounds")
     for column in ("round", "devices contributed", "event-level epsilon (max device)"):
         table.add_column(column, justify="right")
