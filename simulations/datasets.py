@@ -72,7 +72,8 @@ def load_movielens(directory: Path) -> EventLog:
     """
     path = Path(directory) / "u.data"
     if not path.is_file():
-        raise DataError(f"{path} not found: --data must be the ml-100k folder holding u.data")
+        raise DataError(f"{path} not found: --data must be the ml-100k folder holding u.data (a relative path "
+                        f"starts from the folder you run from: {Path.cwd()})")
     users, items, times = [], [], []
     with path.open(encoding="latin-1") as handle:
         for number, line in enumerate(handle, 1):
