@@ -51,7 +51,7 @@ def _run(config, label: str = "") -> dict:  # noqa: ANN001 - a SimulationConfig
             print(f"{label}round {record.round}/{rounds} ({record.task}): {record.contributed} devices, epsilon "
                   f"{record.epsilon:.3f}{hr}", file=sys.stderr, flush=True)
 
-        results = simulate(config, plain, log)
+        results = simulate(config, plain, log, lambda text: print(f"{label}{text}", file=sys.stderr, flush=True))
     else:
         with Progress(TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(),
                       TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
@@ -62,7 +62,7 @@ def _run(config, label: str = "") -> dict:  # noqa: ANN001 - a SimulationConfig
                 last["hr"] = metrics.get("hr@10", last["hr"])
                 bar.update(task, advance=1, description=f"HR@10 {last['hr']:.3f}  epsilon {record.epsilon:.2f}")
 
-            results = simulate(config, on_round, log)
+            results = simulate(config, on_round, log, lambda text: bar.update(task, description=text))
     _print_table(results, config.out)
     return results
 

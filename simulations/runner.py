@@ -164,8 +164,9 @@ class _Progress:
 
 
 def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], None] | None = None,
-             log: EventLog | None = None) -> dict:
-    """Run the simulation and return (and write) the results document."""
+             log: EventLog | None = None, on_status: Callable[[str], None] | None = None) -> dict:
+    """Run the simulation and return (and write) the results document. ``on_status`` hears what
+    takes time between rounds (scoring every device)."""
     server = config.server
     log = log if log is not None else config.source.load(server.seed)
     if log.num_users < 2:
@@ -197,6 +198,8 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
         if record.task == RoundTask.EVALUATE.value:  # the coordinator's DP estimate, beside the exact value
             progress.estimates[record.round] = record.evaluation
         elif len(progress.history) - len(progress.estimates) in evaluate_at:  # the training round's number
+            if on_status is not None:
+                on_status(f"round {record.round}: scoring every device's held-out event ({ranker.name})")
             devices = devices_now()
             ranking = ranker.rank(state, model, devices.users, devices.started, cohort, split, server.seed)
             hits, gains = hit_and_ndcg(ranking.scores.numpy())
