@@ -430,7 +430,12 @@ class Personalizer:
 
     def export_scorer(self, path: str | Path) -> Path:
         """Write this person's scorer (global item side plus their vector) as a ``torch.export``
-        program (``.pt2``) for inference outside Python. Same scores as ``score`` for a context."""
+        program (``.pt2``) for inference outside Python. Same scores as ``score`` for a context.
+
+        The program takes ``(items, hour, weekday)``: item indices (a 1-D long tensor) and the
+        hour (0-23) and weekday (0 is Monday) as 0-dim long tensors, and returns one float score
+        per item. The id -> index map travels inside the file as ``vocabulary.json``
+        (``{"num_items", "ids", "hashing"}``: ``ids[i]`` is index ``i``)."""
         target = file_path(path, "the scorer path")
         if target.suffix != ".pt2":
             raise ConfigError(f"the scorer file must end in .pt2, got {target.name!r}")
@@ -440,6 +445,9 @@ class Personalizer:
             queries = torch.stack([self._query(EventContext(hour=h, weekday=w))[0]
                                    for h in range(24) for w in range(7)])
             vectors, bias = self._shared.all_items(self._state)
+            if not self._has_global:  # before any model: the history scores, as score() gives them
+                vectors = torch.zeros_like(vectors)
+                bias = self._history_scores(torch.arange(self.model_config.num_items))
             scorer = PersonalScorer(vectors, bias, queries.reshape(24, 7, -1))
         save_scorer(scorer, self.vocabulary, target)
         return target

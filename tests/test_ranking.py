@@ -91,3 +91,17 @@ def test_exported_scorer_gives_the_same_scores_outside_the_personalizer(device, 
         expected = device.score(candidates, EventContext(hour=hour, weekday=weekday))
         exported = scorer(indices, torch.tensor(hour), torch.tensor(weekday))
         np.testing.assert_allclose(exported.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_before_any_round_the_exported_scorer_gives_the_history_scores(tmp_path):
+    from attune import Personalizer
+
+    with Personalizer(tmp_path / "d.sqlite", model=MODEL, vocabulary=VOCAB) as device:
+        device.record_many([Event("item3", "purchase", time.time() - 10), Event("item5", "view", time.time())])
+        scorer, _ = load_scorer(device.export_scorer(tmp_path / "scorer.pt2"))
+        candidates = ["item3", "item5", "item9"]
+        indices = torch.tensor(VOCAB.indices(candidates))
+        expected = device.score(candidates)
+        assert expected[0] > expected[1] > expected[2] == 0.0
+        np.testing.assert_allclose(scorer(indices, torch.tensor(9), torch.tensor(1)).numpy(), expected.numpy(),
+                                   rtol=1e-5)
