@@ -172,6 +172,9 @@ def test_a_simulation_reports_the_dp_estimate_beside_the_exact_value(tmp_path):
     assert abs(estimate_["hr"] - federated["exact_hr@10"]) <= 1.5 * estimate_["hr_half_width"]
     assert federated["epsilon_alone"] < 8.0 / 5
     assert results["privacy"]["epsilon"] == pytest.approx(8.0, abs=0.01)  # the split stays within the target
+    config_ = results["config"]  # settings as given (None: absent), then the plan: no two values for one knob
+    assert config_["server"]["round"]["noise_multiplier"] is None and config_["round"]["noise_multiplier"] > 1
+    assert not any(key.endswith("_col") for key in config_["source"])  # only what a synthetic source reads
     lines = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert lines[-1]["task"] == "evaluate" and lines[-1]["evaluation"]["hr"] == pytest.approx(estimate_["hr"],
                                                                                               abs=1e-5)
