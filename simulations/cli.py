@@ -338,9 +338,11 @@ def show(
     out.print(f"plot: {target}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The ``attune`` console script: ``argv`` (default: the command line), Attune's and the
+    system's errors as one line and exit code 2."""
     try:
-        cli()
+        cli(args=argv, prog_name="attune")
     except AttuneError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -1,18 +1,42 @@
 """The ``attune`` command: bad input exits non-zero with one line saying what is wrong (no
 traceback, before any work), a diverged run says so, and the CSV loader reads what it should."""
 
+import contextlib
+import io
 import json
+import logging
 import subprocess
 import sys
+import warnings
 
 import pytest
 
+from attune.simulations.cli import main
 from attune.simulations.datasets import CsvColumns, load_csv
 
 
 def attune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "attune.simulations.cli", *args],
-                          capture_output=True, text=True, timeout=300)
+    """One ``attune`` command run in this process as the console script runs it (``main``): its
+    exit code and what it printed (a raw exception is not caught: the test fails with it)."""
+    out, err = io.StringIO(), io.StringIO()
+    code, flwr = 0, logging.getLogger("flwr")
+    level = flwr.level  # the command quiets Flower's logs and warnings for its user: not for later tests
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        try:
+            main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        finally:
+            flwr.setLevel(level)
+    return subprocess.CompletedProcess(["attune", *args], code, out.getvalue(), err.getvalue())
+
+
+def test_the_console_script_runs_in_a_process_of_its_own(tmp_path):
+    """The one subprocess smoke test: the installed entry point, an error as one line, exit 2."""
+    result = subprocess.run([sys.executable, "-m", "attune.simulations.cli", "simulate", "--dataset", "nope",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip() == "error: unknown dataset 'nope': use synthetic, " \
+        "movielens or csv" and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -68,9 +92,9 @@ def test_unwritable_outputs_and_nonsense_values_are_one_line(tmp_path, args):
     ["credentials", "--out", ""], ["federation", "--out", ""], ["federation", "--port", "70000"],
     ["federation", "--port", "0"],
 ])
-def test_an_empty_output_path_or_a_port_out_of_range_is_refused_and_writes_nothing(tmp_path, args):
-    result = subprocess.run([sys.executable, "-m", "attune.simulations.cli", *args], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+def test_an_empty_output_path_or_a_port_out_of_range_is_refused_and_writes_nothing(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    result = attune(*args)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "Invalid value for '--" in result.stderr
     assert list(tmp_path.iterdir()) == []
