@@ -476,16 +476,16 @@ class Personalizer:
             return Contribution(Status.REFUSED, reason)
         training = request.config.task is RoundTask.TRAIN  # else items counted or events evaluated: nothing trained
         refresh = training and request.config.refresh_due(current.rounds_joined)
-        row = self.store.reserve(round_entries(request.model, request.config, refresh),
+        reservation = self.store.reserve(round_entries(request.model, request.config, refresh),
                                  local_entries(request.model, request.config, refresh),
                                  budget=self.epsilon_budget, delta=self.privacy.delta,
                                  run_id=request.run_id, round=request.round, mode=request.config.mode,
                                  task=request.config.task.value,
                                  check=lambda rows: replayed(request, rows))
-        if isinstance(row, str):
-            if "budget" in row:
+        if not reservation.paid:
+            if reservation.over_budget:
                 update_state(self.store, budget_exhausted=True)
-            return Contribution(Status.REFUSED, row)
+            return Contribution(Status.REFUSED, reservation.reason)
         self._fresh()
         self._state, self._has_global = dict(request.state), True
         start = self._user if self._user is not None else initial_user_vector(

@@ -76,6 +76,20 @@ class StoredEvent:
 
 
 @dataclass(frozen=True)
+class Reservation:
+    """What ``EventStore.reserve`` did: the ledger row it wrote (the round is paid), or why it
+    wrote none (``over_budget``: the budget could not pay)."""
+
+    row: int | None
+    reason: str = ""
+    over_budget: bool = False
+
+    @property
+    def paid(self) -> bool:
+        return self.row is not None
+
+
+@dataclass(frozen=True)
 class LedgerRow:
     """What one round cost the device, and which round it was."""
 
@@ -462,8 +476,8 @@ class EventStore:
 
     def reserve(self, entries: list[Entry], local_entries: list[Entry], *, budget: float, delta: float,
                 run_id: str, round: int, mode: str, task: str = "train",
-                check: Callable[[list[LedgerRow]], str | None] = lambda rows: None) -> int | str:
-        """Append a round's ledger entries if they fit the budget, atomically: the row id, or why not.
+                check: Callable[[list[LedgerRow]], str | None] = lambda rows: None) -> Reservation:
+        """Append a round's ledger entries if they fit the budget, atomically: the row, or why not.
 
         ``check(rows)`` may refuse for another reason (a replayed round). Recorded before anything
         leaves the device, so what was spent is never under-reported.
@@ -472,11 +486,12 @@ class EventStore:
         with self.transaction():
             rows = self.ledger()
             if (reason := check(rows)) is not None:
-                return reason
+                return Reservation(None, reason)
             spent = [entry for row in rows for entry in row.entries]
             after = epsilon_of([*spent, *entries], delta)
             if after > budget * (1 + 1e-9):
-                return f"this round would bring epsilon to {after:.3f}, over the budget of {budget}"
+                return Reservation(None, f"this round would bring epsilon to {after:.3f}, over the budget of {budget}",
+                                   over_budget=True)
             row = self._db.execute("INSERT INTO ledger (payload) VALUES (x'')").lastrowid
             payload = json.dumps({"at": time.time(), "run_id": run_id, "round": round, "mode": mode, "task": task,
                                   "entries": ledger_to_json(entries),
@@ -485,7 +500,7 @@ class EventStore:
                              (self._sealer.seal(payload, f"ledger:{row}"), row))
             if self.encrypted:
                 self._write_state({})  # the manifest, with the ledger's new extent
-        return int(row)
+        return Reservation(int(row))
 
     # -- whole store -----------------------------------------------------------------------------
 

@@ -107,15 +107,15 @@ def load_checkpoint(path: Path) -> Checkpoint:
         plan = None if raw_plan is None else Plan(**{
             **raw_plan, "round": RoundConfig(**raw_plan["round"]),
             "count": None if raw_plan["count"] is None else RoundConfig(**raw_plan["count"]),
-            "evaluation": None if raw_plan.get("evaluation") is None else RoundConfig(**raw_plan["evaluation"]),
-            "evaluation_rounds": tuple(int(r) for r in raw_plan.get("evaluation_rounds", ()))})
+            "evaluation": None if raw_plan["evaluation"] is None else RoundConfig(**raw_plan["evaluation"]),
+            "evaluation_rounds": tuple(int(r) for r in raw_plan["evaluation_rounds"])})
         return Checkpoint(round=int(payload["round"]), state=payload["state"], optimizer=payload["optimizer"],
                           run_id=str(payload["run_id"]), plan=plan,
                           device_level=ledger_from_json(payload["device_level"]),
                           participation={int(k): int(v) for k, v in payload["participation"].items()},
                           params=payload["params"], counted=bool(payload["counted"]),
                           counts={int(k): int(v) for k, v in payload["counts"].items()},
-                          evaluated={int(k): int(v) for k, v in payload.get("evaluated", {}).items()})
+                          evaluated={int(k): int(v) for k, v in payload["evaluated"].items()})
     except (KeyError, TypeError, ValueError, RuntimeError, AttuneError) as error:
         raise StoreError(f"checkpoint {path} cannot be read: {error}") from None
 
