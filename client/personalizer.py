@@ -615,8 +615,10 @@ class Personalizer:
             local = {"user_vector": self._user.tolist(),
                      "rank_vector": None if self._rank is None else self._rank.tolist(),
                      "dim": self.model_config.dim, "model_version": MODEL_VERSION}
+        awaiting = [dict(zip(STATISTICS, row, strict=True)) for row in self._pending_evaluation().tolist()]
         return {"events": events, "consent": self.consent(), "not_interested": self.not_interested(),
-                "privacy": self.privacy_report().as_dict(), "local_model": local, "paused": self.paused}
+                "privacy": self.privacy_report().as_dict(), "local_model": local, "paused": self.paused,
+                "awaiting_evaluation": awaiting}
 
     # -- the report ------------------------------------------------------------------------------
 
@@ -624,7 +626,8 @@ class Personalizer:
         """What this device has spent and shared, and under which guarantee, in plain terms."""
         return build_report(self.store.ledger(), self.state, budget=self.epsilon_budget,
                             delta=self.privacy.delta, events=self.store.count(), consented=self.consented,
-                            encrypted=self.store.encrypted, shared_parameters=self._shared.layout.names)
+                            encrypted=self.store.encrypted, shared_parameters=self._shared.layout.names,
+                            awaiting_evaluation=len(self._pending_evaluation()))
 
     def privacy_summary(self) -> str:
         """The privacy report as plain text for the person (what the app shows in its settings)."""

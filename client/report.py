@@ -40,6 +40,7 @@ class PrivacyReport:
     rounds: tuple[RoundSpent, ...]
     entries: tuple[dict, ...]  # the whole ledger, for an independent recompute
     events_stored: int
+    events_awaiting_evaluation: int  # ranked when recorded, kept for the next evaluation round
     rounds_joined: int
     contributions_sent: int
     bytes_sent: int
@@ -57,7 +58,8 @@ class PrivacyReport:
 
 
 def build_report(rows: list[LedgerRow], state: DeviceState, *, budget: float, delta: float, events: int,
-                 consented: bool, encrypted: bool, shared_parameters: tuple[str, ...]) -> PrivacyReport:
+                 consented: bool, encrypted: bool, shared_parameters: tuple[str, ...],
+                 awaiting_evaluation: int = 0) -> PrivacyReport:
     spent_entries = [entry for row in rows for entry in row.entries]
     local_entries = [entry for row in rows for entry in row.local_entries]
     spent = epsilon_of(spent_entries, delta)
@@ -74,6 +76,7 @@ def build_report(rows: list[LedgerRow], state: DeviceState, *, budget: float, de
         rounds=tuple(RoundSpent(row.at, row.run_id, row.round, row.mode, epsilon_of(row.entries, delta), row.task)
                      for row in rows),
         entries=tuple(entry.as_dict() for entry in spent_entries), events_stored=events,
+        events_awaiting_evaluation=awaiting_evaluation,
         rounds_joined=state.rounds_joined, contributions_sent=state.contributions_sent, bytes_sent=state.bytes_sent,
         last_sent_at=state.last_sent_at, shared_parameters=shared_parameters, budget_exhausted=state.budget_exhausted,
         device_level=device_level, consented=consented, paused=state.paused, encrypted_at_rest=encrypted,

@@ -108,12 +108,12 @@ def test_an_evaluation_round_leaks_no_more_than_its_accounted_epsilon(mode):
 
 def test_a_device_ranks_events_it_records_once_it_holds_a_model_and_an_evaluation_round_sends_them(tmp_path):
     device = open_device(tmp_path / "d.sqlite")
-    assert len(device._pending_evaluation()) == 0  # recorded before any round: no model to rank with
+    assert device.privacy_report().events_awaiting_evaluation == 0  # recorded before any round: no model yet
     assert device.contribute(request(1)).status.value == "contributed"
     now = time.time()
     device.record_many([Event("item20", "click", now), Event("item21", "click", now)])
-    pending = device._pending_evaluation()
-    assert pending.shape == (2, len(STATISTICS)) and bool((pending[:, 0] == 1).all())
+    assert device.privacy_report().events_awaiting_evaluation == 2
+    assert [row["events"] for row in device.export()["awaiting_evaluation"]] == [1.0, 1.0]  # the person sees them
     before = device.epsilon()
     evaluation = request(2, task=RoundTask.EVALUATE)
     outcome = device.contribute(evaluation)
@@ -121,10 +121,11 @@ def test_a_device_ranks_events_it_records_once_it_holds_a_model_and_an_evaluatio
     charged = epsilon_of(round_entries(evaluation.model, evaluation.config, refresh=False), DELTA)
     assert device.epsilon() > before and charged > 0
     assert list(device.store.ledger()[-1].entries) == round_entries(evaluation.model, evaluation.config, refresh=False)
-    assert len(device._pending_evaluation()) == 0  # each ranked event is sent in one evaluation round
+    assert device.privacy_report().events_awaiting_evaluation == 0  # each is sent in one evaluation round
     device.record(Event("item22", "click", now))
+    assert device.privacy_report().events_awaiting_evaluation == 1
     device.forget_item("item22")
-    assert len(device._pending_evaluation()) == 0  # what was derived from a deleted event goes with it
+    assert device.privacy_report().events_awaiting_evaluation == 0  # what was derived from it goes with it
     device.close()
 
 
