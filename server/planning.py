@@ -117,8 +117,8 @@ def plan(config: ServerConfig, population: int) -> Plan:
     if target is not None:
         round_config, count, evaluation = calibrated(
             config.model, round_config, epsilon=target, delta=config.delta, participations=participations,
-            user_share=config.user_share, count=count and Side(count, 1, config.count_share),
-            evaluation=evaluation and Side(evaluation, len(evaluating), config.eval_share))
+            user_share=config.user_share, count=None if count is None else Side(count, 1, config.count_share),
+            evaluation=None if evaluation is None else Side(evaluation, len(evaluating), config.eval_share))
     noise = config.device_level_noise or 0.0
     if config.device_level_epsilon is not None:
         noise = calibrate(lambda z: [Entry("gaussian", count=config.rounds, z=z, q=rate),

@@ -243,7 +243,7 @@ def calibrated(model: ModelConfig, config: RoundConfig, *, epsilon: float, delta
     the ledger). The split is on the accounted ``z`` (noise over true sensitivity, rounding
     included), so it holds at any ``quantum_bits``."""
     if not config.private:
-        return config, count and count.config, evaluation and evaluation.config
+        return config, None if count is None else count.config, None if evaluation is None else evaluation.config
     refresh_steps = config.refreshes(participations) * config.user_steps
     user = user_share if refresh_steps else 0.0
     sides = [side for side in (count, evaluation) if side is not None and side.times]

@@ -177,14 +177,14 @@ def sweep(
 
     rows = run_sweep(grid, on_cell)
     table = Table(title=f"sweep: HR@10 (mean ± std over {len(grid.seeds)} seeds)")
-    epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] != "no DP"}) + \
+    ran = sorted({r["epsilon"] for r in rows if r["epsilon"] != "no DP"}) + \
         (["no DP"] if any(r["epsilon"] == "no DP" for r in rows) else [])
-    for column in ("mode", "algorithm", *[f"epsilon {e}" if e != "no DP" else e for e in epsilons]):
+    for column in ("mode", "algorithm", *[f"epsilon {e}" if e != "no DP" else e for e in ran]):
         table.add_column(column)
     cells = {(r["mode"], r["algorithm"], r["epsilon"]): f"{r['hr@10_mean']:.3f} ± {r['hr@10_std']:.3f}" for r in rows}
     for mode in dict.fromkeys(r["mode"] for r in rows):  # each value under its own epsilon, "-" where none ran
         for algorithm in grid.algorithms:
-            table.add_row(mode, algorithm, *(cells.get((mode, algorithm, e), "-") for e in epsilons))
+            table.add_row(mode, algorithm, *(cells.get((mode, algorithm, e), "-") for e in ran))
     Console().print(table)
     Console().print(f"table: {out / 'sweep.csv'}  plot: {out / 'sweep.png'}")
 

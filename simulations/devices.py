@@ -67,7 +67,7 @@ def write_devices(log: EventLog, split: Split, directory: Path) -> Path:
         with EventStore(path, SIMULATION_RETENTION) as store:
             store.add_many(events)
             write_consent(store, True, SIMULATED_POLICY)  # every simulated person opted in
-    held = [None] * log.num_users
+    held: list[list | None] = [None] * log.num_users
     everything = np.lexsort((np.arange(len(log)), log.timestamps, log.users))
     for r in everything[~split.train[everything]]:  # per user the latest wins: the held-out one
         original = float(log.timestamps[r])
