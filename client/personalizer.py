@@ -58,8 +58,8 @@ from attune.shared.randomness import Stream, device_stream
 from attune.shared.vocabulary import Vocabulary
 from attune.shared.wire import RoundRequest, check_global_state
 
-# Below this cosine an event's item is unrelated to the explained one and is not given as a reason.
 log = logging.getLogger(__name__)
+# Below this cosine an event's item is unrelated to the explained one and is not given as a reason.
 _MIN_EXPLAINING_SIMILARITY = 0.2
 DIVERSIFIED = 1000  # results MMR orders when rank() has no limit
 HISTORY_HALF_LIFE_DAYS = 30.0  # ranking by the person's own history, before the first global model
@@ -276,7 +276,7 @@ class Personalizer:
         drawn = unseen[torch.randint(0, len(unseen), (len(events), NEGATIVES), generator=generator)]
         candidates = torch.cat([items.unsqueeze(1), drawn], 1)
         with torch.no_grad():
-            queries = torch.cat([self._query(e.resolved_context()) for e in events])
+            queries = self._queries([e.resolved_context() for e in events])
             model_scores = self._shared.score(self._state, queries, candidates)
             _, popular = self._shared.item_side(self._state, candidates)
         stats = statistics(model_scores, popular)
@@ -327,12 +327,16 @@ class Personalizer:
     def _query(self, context: EventContext | None) -> torch.Tensor:
         """The person's query ``[1, dim]``: their ranking vector (none while paused or before the
         first round) at ``context``."""
+        return self._queries([context])
+
+    def _queries(self, contexts: Sequence[EventContext | None]) -> torch.Tensor:
+        """The person's queries ``[n, dim]`` at each of ``contexts``, in one pass."""
         self._fresh()
-        features = context_features(context, RANKED_EVENT_TYPE).unsqueeze(0)
+        features = torch.stack([context_features(context, RANKED_EVENT_TYPE) for context in contexts])
         own = self._rank if self._rank is not None else self._user
         if own is None or self.state.paused:
             own = torch.zeros(self.model_config.dim)
-        return self._shared.query(self._state, own.float().unsqueeze(0), features)
+        return self._shared.query(self._state, own.float().unsqueeze(0).expand(len(contexts), -1), features)
 
     def _history_scores(self, items: torch.Tensor) -> torch.Tensor:
         """Each item's weight in the person's own events, the newest counting most (half-life
@@ -442,8 +446,7 @@ class Personalizer:
         if not target.parent.is_dir():
             raise ConfigError(f"the scorer's folder {target.parent} does not exist (or is a file)")
         with torch.no_grad():
-            queries = torch.stack([self._query(EventContext(hour=h, weekday=w))[0]
-                                   for h in range(24) for w in range(7)])
+            queries = self._queries([EventContext(hour=h, weekday=w) for h in range(24) for w in range(7)])
             vectors, bias = self._shared.all_items(self._state)
             if not self._has_global:  # before any model: the history scores, as score() gives them
                 vectors = torch.zeros_like(vectors)
