@@ -85,7 +85,7 @@ class SecureDevice(NumPyClient):
         return [vector.double().numpy()], 1, {}  # every device weighs 1
 
 
-def _checked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+def check_secure_round(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's ``secaggplus_mod`` with the device's own checks on the coordinator's instructions.
     Any failure, whatever its cause, leaves as the one constant ``Declined``: Flower sends an
     exception's text to the coordinator, and a failure that depends on the events must look like
@@ -135,4 +135,4 @@ def _check_instructions(msg: Message, context: Context) -> None:
 
 def make_secure_client_app(resolve: Callable[[Context], DeviceSettings]) -> ClientApp:
     harden()
-    return ClientApp(client_fn=lambda context: SecureDevice(resolve(context)).to_client(), mods=[_checked])
+    return ClientApp(client_fn=lambda context: SecureDevice(resolve(context)).to_client(), mods=[check_secure_round])

@@ -95,7 +95,7 @@ class RoundOutput:
     users: torch.Tensor  # [devices, dim]
 
 
-def _draw_negatives(cohort: Cohort, config: RoundConfig, num_items: int, streams: list[Stream],
+def draw_negatives(cohort: Cohort, config: RoundConfig, num_items: int, streams: list[Stream],
                     among: list[int], pool: torch.Tensor | None = None) -> torch.Tensor:
     """Negative items of every event of the devices in ``among``, each from its own stream:
     uniform over ``pool`` (``SharedModel.negative_pool``; the whole catalog when not given)."""
@@ -119,7 +119,7 @@ def _examples(cohort: Cohort, rows: torch.Tensor, negatives: torch.Tensor) -> Ba
     return Batch(items=items, labels=labels, weights=cohort.weights[rows], context=context)
 
 
-def _refresh_users(state: State, model: SharedModel, users: torch.Tensor, cohort: Cohort,
+def refresh_users(state: State, model: SharedModel, users: torch.Tensor, cohort: Cohort,
                    config: RoundConfig, streams: list[Stream], among: list[int]) -> torch.Tensor:
     """``user_steps`` DP steps on the user vectors of the devices in ``among``."""
     users = users.clone()
@@ -130,7 +130,7 @@ def _refresh_users(state: State, model: SharedModel, users: torch.Tensor, cohort
     dim = model.config.dim
     user_layout = Layout((Param(USER, (dim,)),))
     for _ in range(config.user_steps):
-        batch = _examples(cohort, rows, _draw_negatives(cohort, config, model.config.num_items, streams, among,
+        batch = _examples(cohort, rows, draw_negatives(cohort, config, model.config.num_items, streams, among,
                                                         model.negative_pool(state)))
         chosen = users[torch.tensor(among, dtype=torch.long)]
         query = model.query(state, chosen[device], batch.context)
@@ -155,7 +155,7 @@ def _contributions(state: State, model: SharedModel, users: torch.Tensor, cohort
     """Each device's contribution: clipped, rounded, bounded gradient sum plus noise share."""
     count = len(cohort)
     rows = torch.arange(int(cohort.offsets[-1]))
-    batch = _examples(cohort, rows, _draw_negatives(cohort, config, model.config.num_items, streams,
+    batch = _examples(cohort, rows, draw_negatives(cohort, config, model.config.num_items, streams,
                                                     list(range(count)), model.negative_pool(state)))
     device = cohort.device_of_events()
     query = model.query(state, users[device], batch.context)
@@ -211,7 +211,7 @@ def train_round(state: State, model: ModelConfig, users: torch.Tensor, cohort: C
         return RoundOutput(_counts(shared, cohort, config, streams, shares), users)
     due = [k for k, flag in enumerate(refresh) if flag]
     if due and config.user_steps:
-        users = _refresh_users(state, shared, users, cohort, config, streams, due)
+        users = refresh_users(state, shared, users, cohort, config, streams, due)
     return RoundOutput(_contributions(state, shared, users, cohort, config, streams, shares), users)
 
 

@@ -28,7 +28,7 @@ from attune.shared.signing import generate_keypair
 
 log = logging.getLogger(__name__)
 CONNECTION = "attune-local"
-_MARKER = "ATTUNE_FEDERATION"
+MARKER = "ATTUNE_FEDERATION"
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class LocalFederation:
                     "FLWR_HOME": str(self.directory / "flwr"), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     # inherited by every process Flower spawns, even in new sessions: how stop() finds them
-                    _MARKER: str(self.directory)}
+                    MARKER: str(self.directory)}
 
     def __enter__(self) -> LocalFederation:
         try:
@@ -218,7 +218,7 @@ class LocalFederation:
 
     def processes(self, command: str = "") -> list[int]:
         """Live processes of this federation (found by the marker in their environment)."""
-        return _marked_pids(f"{_MARKER}={self.env[_MARKER]}", command)
+        return marked_processes(f"{MARKER}={self.env[MARKER]}", command)
 
     def kill_serverapp(self) -> int:
         """SIGKILL the running ServerApp process(es) of this SuperLink; returns how many."""
@@ -260,7 +260,7 @@ def _kill(pid: int) -> None:
         pass
 
 
-def _marked_pids(marker: str, command: str = "") -> list[int]:
+def marked_processes(marker: str, command: str = "") -> list[int]:
     """Pids whose environment holds ``marker`` and whose command line holds ``command`` (Linux)."""
     pids = []
     for entry in Path("/proc").iterdir():

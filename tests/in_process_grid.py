@@ -35,7 +35,7 @@ class InProcessGrid(Grid):
         self._counts = dict.fromkeys(devices, 0)
         self._contexts = {node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(),
                                         run_config={}) for node in devices}
-        self._app = make_client_app(lambda context: self.devices[context.node_id])
+        self.app = make_client_app(lambda context: self.devices[context.node_id])
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.devices)
@@ -56,7 +56,7 @@ class InProcessGrid(Grid):
             self.delivered.append(msg)
             received = copy.deepcopy(msg)  # as if serialized: nodes never share one content object
             try:
-                reply = self._app(received, self._contexts[node])
+                reply = self.app(received, self._contexts[node])
             except Exception as error:  # noqa: BLE001 - a SuperNode turns an app's exception into an error reply
                 reply = Message(error=Error(code=0, reason=flower_reason(error)), reply_to=received)
             replies.append(reply)

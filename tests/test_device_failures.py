@@ -165,7 +165,7 @@ def test_a_device_that_cannot_even_start_its_round_declines(tmp_path, where):
     log, _, vocabulary = simulated_devices(tmp_path, users=3, seed=3)
     grid = AuditingGrid(device_grid(tmp_path, 3, vocabulary, seed=3))
     if where == "settings":
-        grid._app = make_client_app(lambda context: DeviceSettings.from_node_config(
+        grid.app = make_client_app(lambda context: DeviceSettings.from_node_config(
             {"store-path": "x", "epsilon-budget": "eight"}) if context.node_id == 0 else grid.devices[context.node_id])
     else:
         store_path(tmp_path, 0).write_bytes(b"not a database" * 100)

@@ -8,7 +8,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from attune.client.training import Cohort, LocalData, _draw_negatives, train_round
+from attune.client.training import Cohort, LocalData, draw_negatives, train_round
 from attune.shared.config import preset
 from attune.shared.loss import Batch, per_example_loss
 from attune.shared.model import EmbeddingNetwork, ModelConfig, shared_model
@@ -58,7 +58,7 @@ def test_shared_side_sum_matches_opacus_hooks(events, loss, context):
     model_config, model, data = _setup(events, context, seed=events * 7 + 1)
     config = preset("off", loss=loss, negatives=3, device_norm=1e9)
     # the negatives the round will draw from a stream with this key (repeated items do occur)
-    negatives = _draw_negatives(Cohort.of([data]), config, 13, [Stream.seeded_from(0, "x")], [0])
+    negatives = draw_negatives(Cohort.of([data]), config, 13, [Stream.seeded_from(0, "x")], [0])
     trainable = ["item_embedding.weight", "item_bias.weight"] + (["context_encoder.weight"] if context else [])
     expected = _opacus_clipped_sum(model, data, negatives, loss, trainable)
     # the round's private path without rounding and noise: clip, then sum (units of 2**bits per clip)
@@ -76,7 +76,7 @@ def test_user_vector_refresh_clips_like_opacus():
     model_config, model, data = _setup(9, context=True, seed=3)
     config = preset("local", negatives=2, user_clip=CLIP, clip=1.0, quantum_bits=24, user_steps=1,
                     user_noise_multiplier=1e-12, user_lr=1.0, noise_multiplier=1e-12)
-    negatives = _draw_negatives(Cohort.of([data]), config, 13, [Stream.seeded_from(0, "y")], [0])
+    negatives = draw_negatives(Cohort.of([data]), config, 13, [Stream.seeded_from(0, "y")], [0])
     expected = _opacus_clipped_sum(model, data, negatives, "bce", ["user_vector.weight"])["user_vector.weight"][0]
     start = model.user_vector.weight.detach()
     out = train_round(model.shared_state(), model_config, start, Cohort.of([data]), config,

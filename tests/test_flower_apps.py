@@ -11,7 +11,7 @@ from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
 
 from attune.client.flower_app import handle_train
 from attune.client.personalizer import Personalizer, PrivacyConfig
-from attune.client.secure_aggregation import DECLINED, Declined, _checked
+from attune.client.secure_aggregation import DECLINED, Declined, check_secure_round
 from attune.client.settings import DeviceSettings
 from attune.server.transport import GridTransport
 from attune.shared.mechanism import contribution_dim, share_std
@@ -91,7 +91,7 @@ def test_the_device_refuses_to_unmask_a_device_listed_alive_and_dropped(caplog):
         dst_node_id=1, message_type="train")
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(Declined) as refused:
-        _checked(message, context, lambda msg, ctxt: msg)
+        check_secure_round(message, context, lambda msg, ctxt: msg)
     assert str(refused.value) == DECLINED  # the reason stays on the device, in its log
     assert "alive and dropped" in caplog.text
 

@@ -216,7 +216,7 @@ def _hostile(tmp_path, monkeypatch, payload, secure):
 
         monkeypatch.setattr(secure_client, "run_round", lying)
     else:
-        real_app = grid._app
+        real_app = grid.app
 
         def app(message, context):
             reply = real_app(message, context)
@@ -225,7 +225,7 @@ def _hostile(tmp_path, monkeypatch, payload, secure):
                 reply.content = payload(vector)
             return reply
 
-        grid._app = app
+        grid.app = app
     states = []
     history = run(transport_for(grid, config), config, lambda record, state: states.append(state))
     return history, states, config

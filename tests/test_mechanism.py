@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attune.client.training import Cohort, LocalData, _refresh_users, train_round
+from attune.client.training import Cohort, LocalData, refresh_users, train_round
 from attune.shared.accounting import epsilon_of
 from attune.shared.config import Loss, RoundTask, preset
 from attune.shared.errors import PrivacyError
@@ -89,7 +89,7 @@ def test_one_more_event_moves_a_refresh_step_by_at_most_its_sensitivity(seed, bi
 
         real, training.add_noise = training.add_noise, capture
         try:
-            _refresh_users(state, shared_model(model), torch.ones(1, 5), Cohort.of([data]), config,
+            refresh_users(state, shared_model(model), torch.ones(1, 5), Cohort.of([data]), config,
                            [Stream.seeded_from(seed, "u")], [0])
         finally:
             training.add_noise = real

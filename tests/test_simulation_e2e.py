@@ -7,7 +7,7 @@ import json
 import pytest
 
 from attune.simulations.cli import DEMO
-from attune.simulations.federation import _MARKER, _marked_pids
+from attune.simulations.federation import MARKER, marked_processes
 from attune.simulations.options import build
 from attune.simulations.runner import simulate
 
@@ -29,4 +29,4 @@ def test_a_flower_run_with_secure_aggregation_repeats_exactly(tmp_path):
     assert json.loads((tmp_path / "b" / "results.json").read_text())["final"] == again["final"]
     assert len(list((tmp_path / "a" / "checkpoints").glob("global_round_*.pt"))) == 3
     for run in ("a", "b"):  # the SuperLink and everything Flower started for it stopped with the run
-        assert _marked_pids(f"{_MARKER}={(tmp_path / run / 'flower').resolve()}") == []
+        assert marked_processes(f"{MARKER}={(tmp_path / run / 'flower').resolve()}") == []
