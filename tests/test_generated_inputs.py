@@ -22,7 +22,7 @@ from attune.shared.wire import check_contribution
 from attune.simulations.datasets import CsvColumns, load_csv
 
 NOW = time.time()
-FAST, THOROUGH = 25, 400  # examples per property in the fast and the slow tier
+FAST, THOROUGH = 25, 200  # examples per property in the fast and the slow tier
 
 
 def in_both_tiers(**strategies: st.SearchStrategy) -> Callable:
