@@ -193,10 +193,11 @@ def _state_dict(state: RunState, config: ServerConfig) -> dict[str, torch.Tensor
 def _round(transport: Transport, config: ServerConfig, state: RunState, cohort: list[int],
            server_round: int) -> RoundRecord:
     run_plan = state.plan
+    evaluating = server_round in run_plan.evaluation_rounds
     guarantee = 0.0
     if run_plan.device_level_noise > 0:  # what the released model will guarantee after this round
-        guarantee = epsilon_of([*state.device_level, run_plan.device_level_entry()], config.device_level_delta)
-    evaluating = server_round in run_plan.evaluation_rounds
+        guarantee = epsilon_of([*state.device_level, run_plan.device_level_entry(evaluating)],
+                               config.device_level_delta)
     counting = not state.counted and not evaluating  # until a count round released its sum, rounds count the items
     round_config = run_plan.count if counting and run_plan.count is not None else run_plan.round
     if evaluating:

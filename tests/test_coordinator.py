@@ -216,3 +216,26 @@ def test_only_the_newest_round_checkpoints_are_kept_and_resume_reads_them(tmp_pa
         "global_round_0005.pt", "global_round_0006.pt", "global_round_0007.pt"]
     assert len(list(folder.glob("*.sha256"))) == 4 and latest_checkpoint(folder).round == 7  # and global_final
     assert prune_checkpoints(folder, 0) == 0 and len(list(folder.glob("global_round_*.pt"))) == 3
+
+
+def test_an_evaluation_round_under_device_level_dp_asks_every_device_and_is_charged_unsampled(devices):
+    """Issue 22: an evaluation round asks every device, so its device-level entry is a plain
+    Gaussian (no sampling, no pivot); the guarantee signed with it counts it so."""
+    directory, log, vocabulary = devices
+    grid = device_grid(directory, DEVICES, vocabulary, seed=1)
+    config = _config(directory, log, devices_per_round=3, device_level_noise=1.3, eval_share=0.05)
+    history = run(transport_for(grid, config), config)
+    assert [r.task for r in history] == ["count", "train", "train", "evaluate"]
+    assert history[-1].sampled == DEVICES
+    orders = np.asarray(ORDERS)
+    pivot = binom.pmf(0, DEVICES - 1, 0.5)
+    accountant = rdp.RdpAccountant(orders=list(ORDERS))  # the three sampled rounds, then one unsampled
+    accountant.compose(dp_accounting.GaussianDpEvent(1.3))
+    plain = np.asarray(accountant._rdp)
+    three_rounds = _visible_release_epsilon(1.3, 0.5, pivot, 3, 1e-5)  # the same three alone
+    with_evaluation = history[-1].device_level_epsilon
+    assert with_evaluation > three_rounds
+    assert with_evaluation < rdp.rdp_privacy_accountant.compute_epsilon(orders, 4 * plain, 1e-5)[0]
+    final = [m for m in grid.delivered if received(m.content)[1]["server-round"] == 4]
+    assert len(final) == DEVICES and received(final[0].content)[1]["device-level-epsilon"] == pytest.approx(
+        with_evaluation)
