@@ -149,6 +149,7 @@ class Personalizer:
         self._bind_budget()
         self._shared = shared_model(self.model_config)
         self._state = self._initial_state()
+        self._seen: tuple[tuple[str, int], torch.Tensor] | None = None  # see _seen_items
         self._load()
 
     def close(self) -> None:
@@ -252,27 +253,27 @@ class Personalizer:
         for event in batch:
             if isinstance(event, Event):
                 self.vocabulary.index(event.item_id)
+        before = (self.store.generation(), self.store.count())
         kept = self.store.add_many(batch)
         try:
-            self._evaluate_recorded(batch)
+            self._evaluate_recorded(batch, before)
         except Exception:  # noqa: BLE001 - the events are stored; their statistics are not worth failing for
             log.exception("could not rank the recorded events for evaluation; they are left out of it")
         return kept
 
-    def _evaluate_recorded(self, events: list[Event]) -> None:
+    def _evaluate_recorded(self, events: list[Event], before: tuple[str, int]) -> None:
         """Rank each new event's item against ``NEGATIVES`` items the person never used, with the
         model held now (before any training saw the event), and keep its statistics for the next
         evaluation round (``attune.shared.evaluation``). Only once a round brought a global model."""
         self._fresh()
         if not self._has_global or not events:
             return
-        seen = torch.zeros(self.model_config.num_items, dtype=torch.bool)
-        seen[self.local_data().items] = True
+        items = torch.tensor([self.vocabulary.index(e.item_id) for e in events], dtype=torch.long)
+        seen = self._seen_items(before, items)
         unseen = (~seen).nonzero().squeeze(1)
         if len(unseen) == 0:
             return
         generator = torch.Generator().manual_seed(int.from_bytes(self._stream("evaluate").key_bytes()[:8], "little"))
-        items = torch.tensor([self.vocabulary.index(e.item_id) for e in events], dtype=torch.long)
         drawn = unseen[torch.randint(0, len(unseen), (len(events), NEGATIVES), generator=generator)]
         candidates = torch.cat([items.unsqueeze(1), drawn], 1)
         with torch.no_grad():
@@ -282,6 +283,20 @@ class Personalizer:
         stats = statistics(model_scores, popular)
         self.store.put_state({device_state.EVALUATION_KEY: encode_tensors({"stats": torch.cat(
             [self._pending_evaluation(), stats])[-MAX_EVALUATED:]})})
+        self._seen = ((self.store.generation(), self.store.count()), seen)  # as this object left the store
+
+    def _seen_items(self, before: tuple[str, int], added: torch.Tensor) -> torch.Tensor:
+        """Which items the person's stored events use, ``added`` (just stored) included. Read from
+        the store once, then kept up to date while the store was as this object left it before the
+        add (``before``: its state generation and event count), so recording does not decode every
+        event. (Events retention dropped may still count as used: a negative is never one of them.)"""
+        if self._seen is not None and self._seen[0] == before:
+            seen = self._seen[1]
+            seen[added] = True
+        else:
+            seen = torch.zeros(self.model_config.num_items, dtype=torch.bool)
+            seen[self.local_data().items] = True
+        return seen
 
     def _pending_evaluation(self) -> torch.Tensor:
         raw = self.store.get_state(device_state.EVALUATION_KEY)

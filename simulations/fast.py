@@ -26,6 +26,7 @@ from attune.server.coordinator import Collected, Joined
 from attune.shared.accounting import epsilon_of
 from attune.shared.config import RoundConfig, RoundTask
 from attune.shared.errors import ConfigError
+from attune.shared.evaluation import STATISTICS
 from attune.shared.events import EVENT_TYPES, EVENT_WEIGHTS, context_matrix, nearest_event_types
 from attune.shared.mechanism import planned_entries, share_std
 from attune.shared.randomness import Stream, bernoulli, device_stream, discrete_gaussian
@@ -90,7 +91,7 @@ class InProcessTransport:
         self.training_config: RoundConfig | None = None  # and its training rounds
         self.evaluation_config: RoundConfig | None = None  # and its evaluation rounds
         self.evaluator = evaluator
-        self._stats = torch.zeros(0, 5)
+        self._stats = torch.zeros(0, len(STATISTICS))
 
     def devices(self) -> list[int]:
         return list(range(len(self.cohort)))
