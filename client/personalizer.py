@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 _MIN_EXPLAINING_SIMILARITY = 0.2
 DIVERSIFIED = 1000  # results MMR orders when rank() has no limit
 HISTORY_HALF_LIFE_DAYS = 30.0  # ranking by the person's own history, before the first global model
-MAX_EVALUATED = 10_000  # ranked events kept for the next evaluation round (the newest)
 # Kept by ``erase``: the ledger (a table of its own), participation, and the person's choice.
 _KEPT_BY_ERASE = (device_state.DEVICE_KEY, CONSENT_KEY)
 
@@ -149,7 +148,6 @@ class Personalizer:
         self._bind_budget()
         self._shared = shared_model(self.model_config)
         self._state = self._initial_state()
-        self._seen: tuple[tuple[str, int], torch.Tensor] | None = None  # see _seen_items
         self._load()
 
     def close(self) -> None:
@@ -253,54 +251,50 @@ class Personalizer:
         for event in batch:
             if isinstance(event, Event):
                 self.vocabulary.index(event.item_id)
-        before = (self.store.generation(), self.store.count())
-        kept = self.store.add_many(batch)
+        rows = self.store.add_rows(batch)
         try:
-            self._evaluate_recorded(batch, before)
+            self._evaluate_recorded([(e, row) for e, row in zip(batch, rows, strict=True) if row is not None])
         except Exception:  # noqa: BLE001 - the events are stored; their statistics are not worth failing for
             log.exception("could not rank the recorded events for evaluation; they are left out of it")
-        return kept
+        return sum(row is not None for row in rows)
 
-    def _evaluate_recorded(self, events: list[Event], before: tuple[str, int]) -> None:
-        """Rank each new event's item against ``NEGATIVES`` items the person never used, with the
-        model held now (before any training saw the event), and keep its statistics for the next
-        evaluation round (``attune.shared.evaluation``). Only once a round brought a global model."""
+    def _evaluate_recorded(self, recorded: list[tuple[Event, int]]) -> None:
+        """Rank each new event's item against ``NEGATIVES`` items with the model held now (before
+        any training saw the event) and keep its statistics, by its event id, for the next
+        evaluation round (``attune.shared.evaluation``); only once a round brought a global model.
+
+        A row depends on its own event alone (beside the global model, the DP user vector and
+        fresh randomness), so one event more or less changes one row: the negatives are drawn from
+        the whole catalog but the event's own item (not from the items the person never used,
+        which other events decide), and the query is the DP user vector's, never the ranking
+        vector fitted without noise (``docs/privacy.md``, "Evaluation rounds")."""
         self._fresh()
-        if not self._has_global or not events:
+        if not self._has_global or not recorded:
             return
-        items = torch.tensor([self.vocabulary.index(e.item_id) for e in events], dtype=torch.long)
-        seen = self._seen_items(before, items)
-        unseen = (~seen).nonzero().squeeze(1)
-        if len(unseen) == 0:
-            return
+        items = torch.tensor([self.vocabulary.index(e.item_id) for e, _ in recorded], dtype=torch.long)
         generator = torch.Generator().manual_seed(int.from_bytes(self._stream("evaluate").key_bytes()[:8], "little"))
-        drawn = unseen[torch.randint(0, len(unseen), (len(events), NEGATIVES), generator=generator)]
+        drawn = torch.randint(0, self.model_config.num_items - 1, (len(recorded), NEGATIVES), generator=generator)
+        drawn += (drawn >= items.unsqueeze(1)).long()  # every item but the event's own, uniformly
         candidates = torch.cat([items.unsqueeze(1), drawn], 1)
         with torch.no_grad():
-            queries = self._queries([e.resolved_context() for e in events])
+            queries = self._queries([e.resolved_context() for e, _ in recorded], self._user)
             model_scores = self._shared.score(self._state, queries, candidates)
             _, popular = self._shared.item_side(self._state, candidates)
-        stats = statistics(model_scores, popular)
-        self.store.put_state({device_state.EVALUATION_KEY: encode_tensors({"stats": torch.cat(
-            [self._pending_evaluation(), stats])[-MAX_EVALUATED:]})})
-        self._seen = ((self.store.generation(), self.store.count()), seen)  # as this object left the store
+        ids, stats = self._pending_evaluation()
+        new_ids = torch.tensor([row for _, row in recorded], dtype=torch.long)
+        self.store.put_state({device_state.EVALUATION_KEY: encode_tensors({
+            "ids": torch.cat([ids, new_ids]), "stats": torch.cat([stats, statistics(model_scores, popular)]).float()})})
 
-    def _seen_items(self, before: tuple[str, int], added: torch.Tensor) -> torch.Tensor:
-        """Which items the person's stored events use, ``added`` (just stored) included. Read from
-        the store once, then kept up to date while the store was as this object left it before the
-        add (``before``: its state generation and event count), so recording does not decode every
-        event. (Events retention dropped may still count as used: a negative is never one of them.)"""
-        if self._seen is not None and self._seen[0] == before:
-            seen = self._seen[1]
-            seen[added] = True
-        else:
-            seen = torch.zeros(self.model_config.num_items, dtype=torch.bool)
-            seen[self.local_data().items] = True
-        return seen
-
-    def _pending_evaluation(self) -> torch.Tensor:
+    def _pending_evaluation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The event ids and statistics waiting for an evaluation round: only of events still
+        stored (a deleted event's row goes with it, whatever deleted it)."""
         raw = self.store.get_state(device_state.EVALUATION_KEY)
-        return decode_tensors(raw)["stats"].double() if raw is not None else torch.zeros(0, len(STATISTICS))
+        if raw is None:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, len(STATISTICS), dtype=torch.float64)
+        saved = decode_tensors(raw)
+        present = self.store.ids()
+        keep = torch.tensor([int(i) in present for i in saved["ids"].tolist()], dtype=torch.bool)
+        return saved["ids"][keep], saved["stats"].double()[keep]
 
     def stored_events(self) -> list[StoredEvent]:
         """The person's events with their ids (for showing them and deleting single ones)."""
@@ -342,13 +336,13 @@ class Personalizer:
     def _query(self, context: EventContext | None) -> torch.Tensor:
         """The person's query ``[1, dim]``: their ranking vector (none while paused or before the
         first round) at ``context``."""
-        return self._queries([context])
-
-    def _queries(self, contexts: Sequence[EventContext | None]) -> torch.Tensor:
-        """The person's queries ``[n, dim]`` at each of ``contexts``, in one pass."""
         self._fresh()
+        return self._queries([context], self._rank if self._rank is not None else self._user)
+
+    def _queries(self, contexts: Sequence[EventContext | None], own: torch.Tensor | None) -> torch.Tensor:
+        """The queries ``[n, dim]`` of the person's vector ``own`` (none while paused or before
+        the first round) at each of ``contexts``, in one pass."""
         features = torch.stack([context_features(context, RANKED_EVENT_TYPE) for context in contexts])
-        own = self._rank if self._rank is not None else self._user
         if own is None or self.state.paused:
             own = torch.zeros(self.model_config.dim)
         return self._shared.query(self._state, own.float().unsqueeze(0).expand(len(contexts), -1), features)
@@ -461,7 +455,9 @@ class Personalizer:
         if not target.parent.is_dir():
             raise ConfigError(f"the scorer's folder {target.parent} does not exist (or is a file)")
         with torch.no_grad():
-            queries = self._queries([EventContext(hour=h, weekday=w) for h in range(24) for w in range(7)])
+            self._fresh()
+            queries = self._queries([EventContext(hour=h, weekday=w) for h in range(24) for w in range(7)],
+                                    self._rank if self._rank is not None else self._user)
             vectors, bias = self._shared.all_items(self._state)
             if not self._has_global:  # before any model: the history scores, as score() gives them
                 vectors = torch.zeros_like(vectors)
@@ -510,10 +506,11 @@ class Personalizer:
             self.model_config.dim, self._stream("user-init"))
         written = {device_state.GLOBAL_KEY: encode_tensors(request.state)}
         if request.config.task is RoundTask.EVALUATE:  # the events ranked since the last one, then none pending
-            stats = self._pending_evaluation()
+            _, stats = self._pending_evaluation()
             vector = evaluation_contributions(stats, torch.zeros(len(stats), dtype=torch.long), 1, request.config,
                                               [self._stream(request.round)])[0]
-            written[device_state.EVALUATION_KEY] = encode_tensors({"stats": torch.zeros(0, len(STATISTICS))})
+            written[device_state.EVALUATION_KEY] = encode_tensors({"ids": torch.zeros(0, dtype=torch.long),
+                                                                   "stats": torch.zeros(0, len(STATISTICS))})
             self.store.put_state(written)
             update_state(self.store, last_run=request.run_id, last_round=request.round,
                          device_level_epsilon=request.device_level_epsilon,
@@ -586,7 +583,6 @@ class Personalizer:
         if not isinstance(keep_as_negative, bool):
             raise ConfigError("keep_as_negative must be True or False")
         deleted = self.store.forget_item(item_id)
-        self._forget_evaluation()
         if keep_as_negative:
             self.store.update_json(device_state.NOT_INTERESTED_KEY, lambda current: [
                 *(current if isinstance(current, list) else []),
@@ -599,11 +595,6 @@ class Personalizer:
             raise InvalidEventError(f"event_id must be a positive integer, got {event_id!r}")
         if not self.store.forget_event(event_id):
             raise InvalidEventError(f"no stored event has id {event_id}")
-        self._forget_evaluation()
-
-    def _forget_evaluation(self) -> None:
-        """Deleted events take what was derived from them along: the pending evaluation goes."""
-        self.store.put_state({device_state.EVALUATION_KEY: encode_tensors({"stats": torch.zeros(0, len(STATISTICS))})})
 
     def rotate_key(self, new_key: bytes | None, *, decrypt: bool = False) -> None:
         """Re-encrypt the store under ``new_key`` (or encrypt a plain store; ``None`` with
@@ -633,7 +624,7 @@ class Personalizer:
             local = {"user_vector": self._user.tolist(),
                      "rank_vector": None if self._rank is None else self._rank.tolist(),
                      "dim": self.model_config.dim, "model_version": MODEL_VERSION}
-        awaiting = [dict(zip(STATISTICS, row, strict=True)) for row in self._pending_evaluation().tolist()]
+        awaiting = [dict(zip(STATISTICS, row, strict=True)) for row in self._pending_evaluation()[1].tolist()]
         return {"events": events, "consent": self.consent(), "not_interested": self.not_interested(),
                 "privacy": self.privacy_report().as_dict(), "local_model": local, "paused": self.paused,
                 "awaiting_evaluation": awaiting}
@@ -645,7 +636,7 @@ class Personalizer:
         return build_report(self.store.ledger(), self.state, budget=self.epsilon_budget,
                             delta=self.privacy.delta, events=self.store.count(), consented=self.consented,
                             encrypted=self.store.encrypted, shared_parameters=self._shared.layout.names,
-                            awaiting_evaluation=len(self._pending_evaluation()))
+                            awaiting_evaluation=len(self._pending_evaluation()[0]))
 
     def privacy_summary(self) -> str:
         """The privacy report as plain text for the person (what the app shows in its settings)."""

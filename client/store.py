@@ -329,7 +329,12 @@ class EventStore:
         self.add_many([event])
 
     def add_many(self, events: Iterable[Event]) -> int:
-        """Store a batch atomically: if any event is invalid, none is stored."""
+        """Store a batch atomically: if any event is invalid, none is stored. Returns how many of
+        them retention kept."""
+        return sum(row is not None for row in self.add_rows(events))
+
+    def add_rows(self, events: Iterable[Event]) -> list[int | None]:
+        """``add_many``, returning each event's row id (``None``: retention dropped it at once)."""
         if isinstance(events, (str, bytes)) or not isinstance(events, Iterable):
             raise InvalidEventError(f"events must be an iterable of Event, got {type(events).__name__}")
         batch = list(events)
@@ -339,7 +344,7 @@ class EventStore:
                 raise InvalidEventError(f"event #{position} is a {type(event).__name__}, not an Event")
             check_recordable(event, now)
         if not batch:
-            return 0
+            return []
         with self.transaction():
             rows = []
             for event in batch:  # the row id is known before sealing: each blob is bound to its row
@@ -349,8 +354,9 @@ class EventStore:
                                  (self._sealer.seal(_encode(event), f"event:{row}"), row))
                 rows.append(row)
             self._apply_retention()
-            kept = self._db.execute("SELECT COUNT(*) FROM events WHERE id >= ?", (min(rows),)).fetchone()[0]
-        return int(kept)  # what retention kept of the batch
+            present = {int(r) for (r,) in self._db.execute("SELECT id FROM events WHERE id >= ?",
+                                                           (min(rows),)).fetchall()}
+        return [row if row in present else None for row in rows]
 
     def _apply_retention(self) -> None:
         cutoff_day = int((time.time() - self.retention.max_age_days * _DAY_S) // _DAY_S)
@@ -370,6 +376,10 @@ class EventStore:
         except (ValueError, TypeError) as error:
             raise _corrupt(self.path, "an event", error) from None
         return sorted(stored, key=lambda s: (s.event.timestamp, s.id))
+
+    def ids(self) -> set[int]:
+        """The ids of the stored events (nothing decoded)."""
+        return {int(r) for (r,) in self._db.execute("SELECT id FROM events").fetchall()}
 
     def events(self) -> list[Event]:
         """All stored events, oldest first."""

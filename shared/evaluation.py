@@ -2,11 +2,13 @@
 privacy as training.
 
 When a device records an event while it holds a global model, it first ranks the event's item
-among ``NEGATIVES`` items it never used (the leave-one-out protocol of the simulator, He et al.
-2017) with the model it holds at that moment, before any training saw the event, and keeps the
-hit and NDCG at 10, and the same for the popular list (the items ranked by the global model's
-item bias alone). An **evaluation round** releases, per device, the sum over its evaluated events
-of ``[1, hit, ndcg, popular hit, popular ndcg]`` through the very mechanism of every round
+among ``NEGATIVES`` other items drawn uniformly from the catalog (the leave-one-out protocol of
+He et al. 2017, but with negatives that no other event decides) with the global model and its DP
+user vector, before any training saw the event, and keeps the hit and NDCG at 10, and the same
+for the popular list (the items ranked by the global model's item bias alone): one row per event,
+which depends on that event alone (``attune.client.personalizer``). An **evaluation round**
+releases, per device, the sum over its evaluated events of ``[1, hit, ndcg, popular hit,
+popular ndcg]`` through the very mechanism of every round
 (``attune.shared.mechanism``) on a five-number layout: each event's vector is scaled to L2 norm at
 most ``clip`` (one event's "gradient"), so sensitivity, rounding, the per-device bound, noise
 shares, the secure sum and the ledger entry are those of any round; its noise multiplier gets its

@@ -179,3 +179,32 @@ def test_a_simulation_reports_the_dp_estimate_beside_the_exact_value(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert lines[-1]["task"] == "evaluate" and lines[-1]["evaluation"]["hr"] == pytest.approx(estimate_["hr"],
                                                                                               abs=1e-5)
+
+
+def test_one_event_more_changes_one_evaluation_row_and_the_ranking_vector_changes_none(tmp_path):
+    """What an evaluation round releases is the sum of per-event rows, so one event may change one
+    row only. Two devices alike but for one extra event (and a ranking vector refitted on it,
+    without noise) give every other event the same row: negatives never depend on the other
+    events, and the query is the DP user vector's, never the ranking vector's."""
+    import shutil
+
+    from device_helpers import MODEL, VOCAB
+
+    from attune import Personalizer
+
+    with open_device(tmp_path / "b.sqlite") as device:
+        device.contribute(request(1))
+    shutil.copy(tmp_path / "b.sqlite", tmp_path / "a.sqlite")
+    now = time.time()
+    rows = {}
+    for name in ("a", "b"):
+        with Personalizer(tmp_path / f"{name}.sqlite", model=MODEL, vocabulary=VOCAB, simulation_seed=(0, 3)) as device:
+            if name == "a":
+                device.record(Event("item39", "purchase", now - 5))  # the one extra event
+                device.refresh_ranking()  # a ranking vector fitted on it, without noise
+            for k in range(20):
+                device.record(Event(f"item{(3 * k) % 40}", "click", now - 4 + k / 100))
+            rows[name] = device.export()["awaiting_evaluation"]
+    assert len(rows["a"]) == 21 and len(rows["b"]) == 20
+    assert rows["a"][1:] == rows["b"]
+    assert len({tuple(r.values()) for r in rows["b"]}) > 1  # the rows are not all alike: the check has teeth
