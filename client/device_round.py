@@ -6,10 +6,8 @@ Shared by the Message API ClientApp (``flower_app``) and the SecAgg+ client (``s
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,13 +34,7 @@ def read_request(settings: DeviceSettings, arrays: Mapping[str, np.ndarray],
 
 
 def open_device(settings: DeviceSettings, request: RoundRequest) -> Personalizer:
-    vocabulary = Vocabulary(request.model.num_items)
-    if settings.vocabulary_path is not None:
-        try:
-            ids = json.loads(Path(settings.vocabulary_path).read_text())
-        except (OSError, ValueError) as error:
-            raise SignatureError(f"cannot read the vocabulary {settings.vocabulary_path}: {error}") from None
-        vocabulary = Vocabulary.of(ids)
+    vocabulary = settings.read_vocabulary() or Vocabulary(request.model.num_items)
     return Personalizer(settings.store_path, model=request.model, vocabulary=vocabulary, privacy=settings.privacy,
                         encryption_key=settings.encryption_key(), simulation_seed=settings.simulation_seed)
 

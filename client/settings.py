@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from attune.client.policy import PrivacyConfig
 from attune.shared.errors import ConfigError
+from attune.shared.vocabulary import Vocabulary
 
 if TYPE_CHECKING:
     from attune.client.personalizer import Personalizer
@@ -50,6 +51,18 @@ class DeviceSettings:
         except (OSError, ValueError) as error:
             raise ConfigError(f"cannot read the store key from {self.encryption_key_file}: {error}") from None
 
+    def read_vocabulary(self) -> Vocabulary | None:
+        """The catalog of ``vocabulary-path`` (a JSON list of item ids), or ``None`` without one."""
+        if self.vocabulary_path is None:
+            return None
+        try:
+            ids = json.loads(Path(self.vocabulary_path).read_text())
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"vocabulary-path: cannot read {self.vocabulary_path} as JSON: {error}") from None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ConfigError(f"vocabulary-path: {self.vocabulary_path} must hold a JSON list of item ids")
+        return Vocabulary.of(ids)
+
     def check(self) -> list[str]:
         """Open what the settings name as a round would (the store with its key, the vocabulary,
         the coordinator's public key) and say what was found; ``AttuneError`` naming the node
@@ -69,14 +82,9 @@ class DeviceSettings:
             raise ConfigError(f"store-path: {self.store_path.parent} is not a folder this process can write")
         else:
             found.append(f"store-path: {self.store_path} (no store yet: the app or the first round creates it)")
-        if self.vocabulary_path is not None:
-            try:
-                ids = json.loads(Path(self.vocabulary_path).read_text())
-            except (OSError, ValueError) as error:
-                raise ConfigError(f"vocabulary-path: cannot read {self.vocabulary_path} as JSON: {error}") from None
-            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                raise ConfigError(f"vocabulary-path: {self.vocabulary_path} must hold a JSON list of item ids")
-            found.append(f"vocabulary-path: {len(ids)} item ids")
+        vocabulary = self.read_vocabulary()
+        if vocabulary is not None:
+            found.append(f"vocabulary-path: {vocabulary.num_items} item ids")
         if self.coordinator_public_key is not None:
             load_public_key(self.coordinator_public_key)
             found.append(f"coordinator-public-key: {self.coordinator_public_key} (Ed25519)")
