@@ -67,11 +67,9 @@ def _run(config, label: str = "") -> dict:  # noqa: ANN001 - a SimulationConfig
     return results
 
 
-def _interval(value: float | None, half_width: float | None) -> str:
-    return "-" if value is None else f"{value:.3f} ± {half_width:.3f}" if half_width is not None else f"{value:.3f}"
-
-
 def _print_table(results: dict, out: Path) -> None:
+    from attune.simulations.watch import interval
+
     table = Table(title=f"{results['dataset']['name']}: {results['label']}")
     for column in ("round", "HR@10", "NDCG@10", "devices", "epsilon (max device)"):
         table.add_column(column, justify="right")
@@ -82,8 +80,8 @@ def _print_table(results: dict, out: Path) -> None:
                           epsilon)
         elif row["evaluation"] is not None:  # the coordinator's DP estimate of the round before
             estimate = row["evaluation"]
-            table.add_row(f"{row['round']} (DP est.)", _interval(estimate["hr"], estimate["hr_half_width"]),
-                          _interval(estimate["ndcg"], estimate["ndcg_half_width"]), str(row["contributed"]), epsilon)
+            table.add_row(f"{row['round']} (DP est.)", interval(estimate, "hr"), interval(estimate, "ndcg"),
+                          str(row["contributed"]), epsilon)
     pop = results["baseline"]["popular"]
     table.add_row("popular", f"{pop['hr@10']:.4f}", f"{pop['ndcg@10']:.4f}", "", "")
     Console().print(table)

@@ -48,7 +48,8 @@ def read_rounds(path: Path) -> list[dict]:
     return records
 
 
-def _interval(estimate: dict, key: str) -> str:
+def interval(estimate: dict, key: str) -> str:
+    """``estimate[key]`` with its 95% half-width, as the tables print it."""
     value, half = estimate.get(key), estimate.get(f"{key}_half_width")
     if value is None or half is None or value != value:
         return "-"
@@ -66,8 +67,8 @@ def row(record: dict) -> list[str]:
     return [str(record["round"]), record.get("task", "train"), str(record.get("sampled", "")),
             str(record.get("contributed", "")), str(record.get("refused", "")), str(record.get("rejected", "")),
             str(record.get("failed", "")), record.get("aborted") or "", f"{record.get('epsilon', 0.0):.3f}",
-            "" if level is None else f"{level:.3f}", _interval(evaluation, "hr"),
-            _interval(evaluation, "popular_hr")]
+            "" if level is None else f"{level:.3f}", interval(evaluation, "hr"),
+            interval(evaluation, "popular_hr")]
 
 
 def table(records: list[dict], title: str) -> Table:
