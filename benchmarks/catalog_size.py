@@ -9,18 +9,23 @@ is ``(dp - popular) / (no_dp - popular)``.
 
 Device: per catalog (and 1M items), the reply of one training round and of the count round in
 bytes (int64 units, what the secure sum carries), and the peak memory of one device round at 1M
-items and dim 16 (a fresh process) against the float32 size of the model it trains and of a model
-with a row for every item.
+items and dim 16 against the float32 size of the model it trains and of a model with a row for
+every item: the rise of the resident size over the round, with glibc returning freed memory at
+once, in a fresh process (``cold``: what a Deployment Engine ClientApp process pays, first use of
+every code path included) and after a first round of a 1k-item model (``warm``: what the round's
+own data costs).
 
-    .venv/bin/python benchmarks/catalog_size.py [--quick]
+    .venv/bin/python benchmarks/catalog_size.py [--quick] [--device-only]
 
-``--quick`` runs one seed. Prints tables and writes benchmarks/results/catalog_size.json.
+``--quick`` runs one seed; ``--device-only`` measures the device alone and keeps the stored
+utility rows. Prints tables and writes benchmarks/results/catalog_size.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +41,7 @@ SETTINGS = {"dp8": ["--epsilon", "8"], "dp2": ["--epsilon", "2"], "no_dp": ["--m
             "no_dp_every_row": ["--mode", "off", "--trained-items", "0"]}
 
 MEMORY = """
-import resource, sys, time, torch
+import re, sys, time, torch
 torch.set_num_threads(1)
 from attune import Event, ModelConfig, Personalizer, PrivacyConfig
 from attune.shared.config import RoundTask, preset
@@ -46,23 +51,31 @@ from attune.shared.wire import RoundRequest
 import attune.shared.accounting as accounting
 accounting.epsilon_of([accounting.Entry("gaussian", z=1.0)], 1e-5)  # Opacus's import is not part of the round
 task = RoundTask(sys.argv[2])
-model = ModelConfig(num_items=1_000_000, dim=16)
-device = Personalizer(sys.argv[1], model=model, privacy=PrivacyConfig(epsilon_budget=999), simulation_seed=(0, 0))
-device.grant_consent("benchmark")
-now = time.time()
-device.record_many(Event(f"i{k * 7}", "click", now - 5000 + k) for k in range(500))
-shared = shared_model(model)
-counts = 1000.0 / torch.arange(1, model.num_items + 1)
-state = shared.adopt(shared.init_state(torch.Generator().manual_seed(0)), select(counts, model.rows, min_count=0.0,
-                                                                                  negatives=4))
-config = preset("distributed", min_survivors=100, noise_multiplier=2.0, user_noise_multiplier=2.0, task=task)
-request = RoundRequest("bench", 1, model, config, state)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-outcome = device.contribute(request)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-assert outcome.vector is not None
-sizes = [4 * value.numel() for value in state.values()]
-print((after - before) / 1024, sum(sizes) / 2**20, 4 * model.num_items * (model.dim + 1) / 2**20)
+
+def kib(field):
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+def round_at(items, path, device):
+    model = ModelConfig(num_items=items, dim=16)
+    person = Personalizer(path, model=model, privacy=PrivacyConfig(epsilon_budget=999), simulation_seed=(0, device))
+    person.grant_consent("benchmark")
+    person.record_many(Event(f"i{k * 7 % items}", "click", time.time() - 5000 + k) for k in range(500))
+    shared = shared_model(model)
+    counts = 1000.0 / torch.arange(1, items + 1)
+    state = shared.adopt(shared.init_state(torch.Generator().manual_seed(0)),
+                         select(counts, model.rows, min_count=0.0, negatives=4))
+    config = preset("distributed", min_survivors=100, noise_multiplier=2.0, user_noise_multiplier=2.0, task=task)
+    request = RoundRequest("bench", 1, model, config, state)
+    open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from the current size
+    before = kib("VmRSS")
+    outcome = person.contribute(request)
+    assert outcome.vector is not None
+    return (kib("VmHWM") - before) / 1024, sum(4 * value.numel() for value in state.values()) / 2**20
+
+if sys.argv[3] == "warm":  # a round of a 1k-item model first: code paths and libraries are initialised
+    round_at(1000, sys.argv[1] + ".warm", 1)
+peak, size = round_at(1_000_000, sys.argv[1], 0)
+print(peak, size, 4 * 1_000_000 * 17 / 2**20)
 """
 
 
@@ -110,23 +123,30 @@ def device() -> dict:
                         "count_reply_bytes": 8 * contribution_dim(model, RoundTask.COUNT),
                         "every_row_reply_bytes": 8 * contribution_dim(ModelConfig(num_items=items, dim=16,
                                                                                   trained_items=0))})
-    memory = {}
+    memory: dict[str, dict[str, float]] = {}
+    # glibc returns freed memory at once, so the resident size follows what the round holds
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
     with tempfile.TemporaryDirectory() as tmp:
         for task in ("train", "count"):
-            out = subprocess.run([sys.executable, "-c", MEMORY, f"{tmp}/{task}.sqlite", task], check=True,
-                                 capture_output=True, text=True).stdout.split()
-            memory[task] = {"peak_increase_mb": float(out[0]), "model_float32_mb": float(out[1]),
-                            "every_row_model_float32_mb": float(out[2])}
+            for start in ("cold", "warm"):
+                out = subprocess.run([sys.executable, "-c", MEMORY, f"{tmp}/{task}-{start}.sqlite", task, start],
+                                     check=True, capture_output=True, text=True, env=env).stdout.split()
+                memory.setdefault(task, {"model_float32_mb": float(out[1]),
+                                         "every_row_model_float32_mb": float(out[2])})
+                memory[task][f"{start}_peak_increase_mb"] = float(out[0])
     return {"replies": replies, "memory_1m_items_dim16": memory}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="one seed instead of three")
+    parser.add_argument("--device-only", action="store_true", help="the device's costs alone")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "catalog_size")
     args = parser.parse_args()
-    report = {"utility": utility([0] if args.quick else [0, 1, 2], args.runs), "device": device()}
     out = Path(__file__).parent / "results" / "catalog_size.json"
+    rows = json.loads(out.read_text())["utility"] if args.device_only else utility([0] if args.quick else [0, 1, 2],
+                                                                                   args.runs)
+    report = {"utility": rows, "device": device()}
     out.write_text(json.dumps(report, indent=2))
     print(f"{'catalog':>18} {'eps 8':>7} {'eps 2':>7} {'no DP':>7} {'popular':>8} {'kept@8':>7} {'kept@2':>7}")
     for r in report["utility"]:
@@ -137,7 +157,8 @@ def main() -> None:
               f"{r['count_reply_bytes'] / 1e6:.2f} MB "
               f"(a row for every item: {r['every_row_reply_bytes'] / 1e6:.1f} MB)")
     for task, m in report["device"]["memory_1m_items_dim16"].items():
-        print(f"1M items, dim 16, {task} round: peak +{m['peak_increase_mb']:.1f} MB; model "
+        print(f"1M items, dim 16, {task} round: peak +{m['cold_peak_increase_mb']:.1f} MB in a fresh process, "
+              f"+{m['warm_peak_increase_mb']:.1f} MB after a first round; model "
               f"{m['model_float32_mb']:.1f} MB float32 ({m['every_row_model_float32_mb']:.1f} MB with a row for every "
               "item)")
 

@@ -147,7 +147,6 @@ class Personalizer:
         self.store = EventStore(store_path, retention, key=encryption_key)
         self._bind_budget()
         self._shared = shared_model(self.model_config)
-        self._state = self._initial_state()
         self._load()
 
     def close(self) -> None:
@@ -197,21 +196,21 @@ class Personalizer:
         seed, device = self.simulation_seed
         return device_stream(seed, device, *labels)
 
-    def _fresh(self) -> None:
+    def _fresh(self, *, global_model: bool = True) -> None:
         """Reload the cached model and vectors when the store changed under this object (another
         object on the same store erased the person's data, say): a stale cache never ranks, trains
-        or writes back what was erased."""
+        or writes back what was erased. ``global_model=False`` leaves the global side to the caller,
+        which replaces it at once (a round adopting its own: no model-sized decode to throw away)."""
         if self.store.generation() != self._loaded_at:
-            self._state = self._initial_state()
-            self._load()
+            self._load(global_model)
 
-    def _load(self) -> None:
+    def _load(self, global_model: bool = True) -> None:
         self._loaded_at = self.store.generation()  # read first: a write during the load reloads next time
-        raw = self.store.get_state(device_state.GLOBAL_KEY)
-        self._has_global = raw is not None
-        if raw is not None:
-            saved = decode_tensors(raw)
-            self._state = check_global_state(saved, self.model_config, MODEL_VERSION)
+        if global_model:
+            raw = self.store.get_state(device_state.GLOBAL_KEY)
+            self._has_global = raw is not None
+            self._state = self._initial_state() if raw is None else check_global_state(
+                decode_tensors(raw), self.model_config, MODEL_VERSION)
         user = self.store.get_state(device_state.USER_KEY)
         self._user = decode_tensors(user)["user"] if user is not None else None
         rank = self.store.get_state(device_state.RANK_KEY)
@@ -367,11 +366,15 @@ class Personalizer:
         self._fresh()
         if self._user is None:
             return
+        self.store.put_state({device_state.RANK_KEY: self._fit_ranking(self._user, steps)})
+
+    def _fit_ranking(self, user: torch.Tensor, steps: int = 40) -> bytes:
+        """Fit and cache the ranking vector from ``user`` against the cached global side (not a
+        copy of it: a 1M-item model is not duplicated); its stored form."""
         generator = torch.Generator().manual_seed(int.from_bytes(self._stream("rank").key_bytes()[:8], "little"))
-        vector = fit_rank_vectors(self.global_state(), self.model_config, self._user.unsqueeze(0),
-                                  Cohort.of([self.local_data()]), generator, steps=steps)[0]
-        self._rank = vector
-        self.store.put_state({device_state.RANK_KEY: encode_tensors({"rank": vector})})
+        self._rank = fit_rank_vectors(self._state, self.model_config, user.unsqueeze(0),
+                                      Cohort.of([self.local_data()]), generator, steps=steps)[0]
+        return encode_tensors({"rank": self._rank})
 
     def rank(self, candidate_item_ids: Sequence[str], context: EventContext | None = None, *,
              diversity: float = 0.0, limit: int | None = None) -> list[Ranked]:
@@ -500,18 +503,18 @@ class Personalizer:
             if reservation.over_budget:
                 update_state(self.store, budget_exhausted=True)
             return Contribution(Status.REFUSED, reservation.reason)
-        self._fresh()
+        self._fresh(global_model=False)
         self._state, self._has_global = dict(request.state), True
         start = self._user if self._user is not None else initial_user_vector(
             self.model_config.dim, self._stream("user-init"))
-        written = {device_state.GLOBAL_KEY: encode_tensors(request.state)}
+        written: dict[str, bytes] = {}  # the global side is encoded last, after the work: never both at once
         if request.config.task is RoundTask.EVALUATE:  # the events ranked since the last one, then none pending
             _, stats = self._pending_evaluation()
             vector = evaluation_contributions(stats, torch.zeros(len(stats), dtype=torch.long), 1, request.config,
                                               [self._stream(request.round)])[0]
             written[device_state.EVALUATION_KEY] = encode_tensors({"ids": torch.zeros(0, dtype=torch.long),
                                                                    "stats": torch.zeros(0, len(STATISTICS))})
-            self.store.put_state(written)
+            self.store.put_state({device_state.GLOBAL_KEY: encode_tensors(request.state), **written})
             update_state(self.store, last_run=request.run_id, last_round=request.round,
                          device_level_epsilon=request.device_level_epsilon,
                          device_level_delta=request.device_level_delta)
@@ -521,12 +524,13 @@ class Personalizer:
         if training:
             self._user = output.users[0].float()
             written[device_state.USER_KEY] = encode_tensors({"user": self._user})
-        self.store.put_state(written)
+            if refresh or self._rank is None:  # the ranking vector follows the user vector's refreshes
+                written[device_state.RANK_KEY] = self._fit_ranking(self._user)
+        # the model, user and ranking vectors together, as fitted
+        self.store.put_state({device_state.GLOBAL_KEY: encode_tensors(request.state), **written})
         update_state(self.store, rounds_joined=lambda n: n + int(training), last_run=request.run_id,
                      last_round=request.round, device_level_epsilon=request.device_level_epsilon,
                      device_level_delta=request.device_level_delta)
-        if training and (refresh or self._rank is None):  # the ranking vector follows the user vector's refreshes
-            self.refresh_ranking()
         return Contribution(Status.CONTRIBUTED, "ok", output.contributions[0])
 
     def note_sent(self, contribution: Contribution, nbytes: int) -> None:

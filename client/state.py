@@ -17,6 +17,7 @@ import torch
 
 from attune.client.store import EventStore
 from attune.shared.errors import StoreError
+from attune.shared.layout import all_finite
 
 DEVICE_KEY = "device"
 USER_KEY = "user_vector"
@@ -80,8 +81,10 @@ def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
     int64 for index tensors): no pickle, no code."""
     formats = {name: _FORMATS.get(t.dtype, "<f4") for name, t in tensors.items()}
     header = json.dumps({name: [list(t.shape), formats[name]] for name, t in tensors.items()}).encode()
-    body = b"".join(t.detach().contiguous().numpy().astype(formats[name]).tobytes() for name, t in tensors.items())
-    return struct.pack("<I", len(header)) + header + body
+    # One copy of the values, the bytes returned: a model-sized tensor is not copied twice more.
+    bodies = [t.detach().contiguous().numpy().astype(formats[name], copy=False).reshape(-1).view(np.uint8)
+              for name, t in tensors.items()]
+    return b"".join([struct.pack("<I", len(header)), header, *bodies])
 
 
 def decode_tensors(raw: bytes) -> dict[str, torch.Tensor]:
@@ -94,11 +97,11 @@ def decode_tensors(raw: bytes) -> dict[str, torch.Tensor]:
                 raise ValueError(f"unknown dtype {dtype!r}")
             count = int(np.prod(shape, dtype=np.int64))
             values = np.frombuffer(raw, dtype=dtype, count=count, offset=start)
-            out[name] = torch.from_numpy(values.astype(dtype[1:]).copy()).reshape(shape)
+            out[name] = torch.from_numpy(values.astype(dtype[1:], copy=True)).reshape(shape)
             start += values.itemsize * count
         if start != len(raw):
             raise ValueError(f"{len(raw) - start} trailing bytes")
-        if not all(bool(torch.isfinite(t).all()) for t in out.values() if t.is_floating_point()):
+        if not all(all_finite(t) for t in out.values()):
             raise ValueError("a stored vector holds NaN or infinity")
         return out
     except (struct.error, ValueError, TypeError, AttributeError) as error:

@@ -23,6 +23,14 @@ from attune.shared.errors import ModelMismatchError
 State = dict[str, torch.Tensor]
 
 
+
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 16) -> bool:
+    """Whether every value is finite, checked a chunk at a time: ``torch.isfinite`` of a whole
+    float tensor allocates its absolute value, a model-sized copy (the prior of a 1M-item catalog)."""
+    if not tensor.is_floating_point():
+        return True
+    return all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(chunk))
+
 @dataclass(frozen=True)
 class Param:
     """One shared parameter (or buffer): its name on the wire, its shape and its dtype."""
@@ -110,7 +118,7 @@ class Layout:
                 problems.append(f"{p.name} has shape {tuple(tensor.shape)}, expected {p.shape}")
             elif tensor.dtype != p.dtype:
                 problems.append(f"{p.name} has dtype {tensor.dtype}, expected {p.dtype}")
-            elif not bool(torch.isfinite(tensor).all()):
+            elif not all_finite(tensor):
                 problems.append(f"{p.name} has non-finite values")
             else:
                 state[p.name] = tensor

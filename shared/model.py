@@ -243,11 +243,13 @@ class EmbeddingModel(SharedModel):
         """The row of each item (``-1``: it has none)."""
         if not self.config.trained_items:
             return items
-        owners = state[ROW_ITEMS]
-        rows = torch.full((self.config.num_items,), -1, dtype=torch.long)
-        named = owners >= 0
-        rows[owners[named]] = torch.arange(len(owners))[named]
-        return rows[items]
+        owners = state[ROW_ITEMS]  # looked up in the sorted owners: no catalog-sized map
+        named = torch.nonzero(owners >= 0).squeeze(1)
+        if len(named) == 0:
+            return torch.full_like(items, -1)
+        keys, order = owners[named].sort()
+        at = torch.searchsorted(keys, items).clamp(max=len(keys) - 1)
+        return torch.where(keys[at] == items, named[order[at]], -1)
 
     def adopt(self, state: State, selection: Selection) -> State:
         """Rows for the selected items, every item's prior, each row's bias started at its item's."""

@@ -32,7 +32,7 @@ from attune.shared.errors import ConfigError
 _KEY_BYTES = 32
 _NONCE = bytes(16)  # one stream per key: a key is never reused for another stream
 _CHUNK = 1 << 16  # 64-bit words per keystream read
-_NOISE_CHUNK = 1 << 16  # coordinates per pass of the discrete Gaussian sampler
+_NOISE_CHUNK = 1 << 14  # coordinates per pass of the discrete Gaussian sampler (about 1.5 MB of work arrays)
 
 
 class Stream:

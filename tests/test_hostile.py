@@ -516,6 +516,17 @@ def test_a_stored_vector_with_nan_is_a_store_error_not_a_nan_ranking(tmp_path):
         Personalizer(path, model=ModelConfig(num_items=20, dim=2)).rank(["item1"])
 
 
+def test_stored_tensors_read_back_as_written_and_a_nan_deep_in_a_large_one_is_refused():
+    from attune.client.state import decode_tensors, encode_tensors
+
+    values = {"prior": torch.randn(300_000), "rows": torch.arange(7, dtype=torch.long).reshape(7, 1)}
+    back = decode_tensors(encode_tensors(values))
+    assert all(torch.equal(back[name], value) for name, value in values.items())
+    values["prior"][250_000] = float("inf")  # past the finiteness check's first chunks
+    with pytest.raises(StoreError, match="NaN or infinity"):
+        decode_tensors(encode_tensors(values))
+
+
 @pytest.mark.parametrize("deleted", ["state:device", "state:not_interested", "state:__manifest__", "ledger"])
 def test_rows_deleted_from_an_encrypted_store_are_seen(tmp_path, deleted):
     """Issue 20: deleting the device state undid pause(True), deleting ledger rows reset epsilon

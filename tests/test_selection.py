@@ -94,3 +94,13 @@ def test_a_run_counts_first_then_trains_the_selected_rows(tmp_path):
     named = final.state[ROW_ITEMS][final.state[ROW_ITEMS] >= 0]
     assert counts[named].float().mean() > counts.float().mean()  # the rows went to counted items
     assert history[-1].epsilon <= 4.0 + 1e-6
+
+
+def test_each_item_finds_its_row_and_an_item_without_one_finds_none():
+    model = shared_model(MODEL)
+    owners = torch.tensor([17, -1, 3, 29, -1, 0, 11, 8])  # rows 1 and 4 unused
+    state = _state() | {ROW_ITEMS: owners}
+    items = torch.tensor([[0, 3, 8, 11], [17, 29, 1, 5]])
+    expected = [[owners.tolist().index(i) if i in owners.tolist() else -1 for i in row] for row in items.tolist()]
+    assert model.row_of(state, items).tolist() == expected
+    assert model.row_of(state | {ROW_ITEMS: torch.full((8,), -1)}, items).tolist() == [[-1] * 4] * 2
