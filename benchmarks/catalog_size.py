@@ -10,10 +10,10 @@ is ``(dp - popular) / (no_dp - popular)``.
 Device: per catalog (and 1M items), the reply of one training round and of the count round in
 bytes (int64 units, what the secure sum carries), and the peak memory of one device round at 1M
 items and dim 16 against the float32 size of the model it trains and of a model with a row for
-every item: the rise of the resident size over the round, with glibc returning freed memory at
-once, in a fresh process (``cold``: what a Deployment Engine ClientApp process pays, first use of
-every code path included) and after a first round of a 1k-item model (``warm``: what the round's
-own data costs).
+every item: the rise of the resident size over the round in a fresh process (``cold``: what a
+Deployment Engine ClientApp process pays, first use of every code path included), and after a
+first round of a 1k-item model with glibc returning freed memory at once (``warm``: what the
+round's own data costs).
 
     .venv/bin/python benchmarks/catalog_size.py [--quick] [--device-only]
 
@@ -124,13 +124,14 @@ def device() -> dict:
                         "every_row_reply_bytes": 8 * contribution_dim(ModelConfig(num_items=items, dim=16,
                                                                                   trained_items=0))})
     memory: dict[str, dict[str, float]] = {}
-    # glibc returns freed memory at once, so the resident size follows what the round holds
-    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    # warm: glibc returns freed memory at once, so the resident size follows what the round holds
+    returned = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
     with tempfile.TemporaryDirectory() as tmp:
         for task in ("train", "count"):
             for start in ("cold", "warm"):
                 out = subprocess.run([sys.executable, "-c", MEMORY, f"{tmp}/{task}-{start}.sqlite", task, start],
-                                     check=True, capture_output=True, text=True, env=env).stdout.split()
+                                     check=True, capture_output=True, text=True,
+                                     env=returned if start == "warm" else None).stdout.split()
                 memory.setdefault(task, {"model_float32_mb": float(out[1]),
                                          "every_row_model_float32_mb": float(out[2])})
                 memory[task][f"{start}_peak_increase_mb"] = float(out[0])

@@ -82,7 +82,7 @@ def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
     formats = {name: _FORMATS.get(t.dtype, "<f4") for name, t in tensors.items()}
     header = json.dumps({name: [list(t.shape), formats[name]] for name, t in tensors.items()}).encode()
     # One copy of the values, the bytes returned: a model-sized tensor is not copied twice more.
-    bodies = [t.detach().contiguous().numpy().astype(formats[name], copy=False).reshape(-1).view(np.uint8)
+    bodies = [t.detach().contiguous().numpy().astype(formats[name], copy=False).reshape(-1).view(np.uint8).data
               for name, t in tensors.items()]
     return b"".join([struct.pack("<I", len(header)), header, *bodies])
 
