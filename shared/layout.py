@@ -23,13 +23,13 @@ from attune.shared.errors import ModelMismatchError
 State = dict[str, torch.Tensor]
 
 
-
 def all_finite(tensor: torch.Tensor, chunk: int = 1 << 16) -> bool:
     """Whether every value is finite, checked a chunk at a time: ``torch.isfinite`` of a whole
     float tensor allocates its absolute value, a model-sized copy (the prior of a 1M-item catalog)."""
     if not tensor.is_floating_point():
         return True
     return all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(chunk))
+
 
 @dataclass(frozen=True)
 class Param:
