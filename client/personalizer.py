@@ -514,24 +514,21 @@ class Personalizer:
                                               [self._stream(request.round)])[0]
             written[device_state.EVALUATION_KEY] = encode_tensors({"ids": torch.zeros(0, dtype=torch.long),
                                                                    "stats": torch.zeros(0, len(STATISTICS))})
-            self.store.put_state({device_state.GLOBAL_KEY: encode_tensors(request.state), **written})
-            update_state(self.store, last_run=request.run_id, last_round=request.round,
-                         device_level_epsilon=request.device_level_epsilon,
-                         device_level_delta=request.device_level_delta)
-            return Contribution(Status.CONTRIBUTED, "ok", vector)
-        output = train_round(request.state, request.model, start.unsqueeze(0), Cohort.of([self.local_data()]),
-                             request.config, [self._stream(request.round)], [refresh])
-        if training:
-            self._user = output.users[0].float()
-            written[device_state.USER_KEY] = encode_tensors({"user": self._user})
-            if refresh or self._rank is None:  # the ranking vector follows the user vector's refreshes
-                written[device_state.RANK_KEY] = self._fit_ranking(self._user)
-        # the model, user and ranking vectors together, as fitted
+        else:
+            output = train_round(request.state, request.model, start.unsqueeze(0), Cohort.of([self.local_data()]),
+                                 request.config, [self._stream(request.round)], [refresh])
+            vector = output.contributions[0]
+            if training:
+                self._user = output.users[0].float()
+                written[device_state.USER_KEY] = encode_tensors({"user": self._user})
+                if refresh or self._rank is None:  # the ranking vector follows the user vector's refreshes
+                    written[device_state.RANK_KEY] = self._fit_ranking(self._user)
+        # the model with what the round fitted or sent, in one write
         self.store.put_state({device_state.GLOBAL_KEY: encode_tensors(request.state), **written})
         update_state(self.store, rounds_joined=lambda n: n + int(training), last_run=request.run_id,
                      last_round=request.round, device_level_epsilon=request.device_level_epsilon,
                      device_level_delta=request.device_level_delta)
-        return Contribution(Status.CONTRIBUTED, "ok", output.contributions[0])
+        return Contribution(Status.CONTRIBUTED, "ok", vector)
 
     def note_sent(self, contribution: Contribution, nbytes: int) -> None:
         """Record that a contribution left the device (for the person's report)."""

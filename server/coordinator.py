@@ -154,7 +154,7 @@ def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | No
              "per device %d", run_plan.population, run_plan.round.noise_multiplier,
              run_plan.round.user_noise_multiplier, run_plan.device_level_noise, run_plan.participations)
     history: list[RoundRecord] = []
-    for server_round in range(state.round + 1, config.rounds + len(run_plan.evaluation_rounds) + 1):
+    for server_round in range(state.round + 1, run_plan.server_rounds(config.rounds) + 1):
         evaluating = server_round in run_plan.evaluation_rounds  # every device is asked
         cohort = sample(transport.devices(), 1.0 if evaluating else run_plan.sample_rate,
                         _stream(config, "sample", server_round))

@@ -34,6 +34,10 @@ class Plan:
     evaluation: RoundConfig | None = None  # the evaluation rounds' config (every device is asked)
     evaluation_rounds: tuple[int, ...] = ()  # the server rounds that evaluate (after training rounds)
 
+    def server_rounds(self, training: int) -> int:
+        """The run's rounds in all: ``training`` ones and the evaluation rounds after them."""
+        return training + len(self.evaluation_rounds)
+
     def device_level_entry(self, every_device: bool = False) -> Entry:
         """One round of device-level DP: a Poisson-sampled Gaussian on the sum (one device zeroed
         out, sensitivity ``device_norm * clip``), which also shows whether it released: its

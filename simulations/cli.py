@@ -105,19 +105,18 @@ def _simulate(out: Path = _out("runs/simulate"),
     _run(build(options, out=out))
 
 
-def _register_simulate() -> None:
+def _register(name: str, function, *, data_only: bool = False) -> None:  # noqa: ANN001
+    """``function``'s own options, then those generated from the config dataclasses."""
     from attune.simulations.options import with_options
 
-    own = [p for p in inspect.signature(_simulate).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    command = with_options(_simulate, own)
-    cli.command(name="simulate")(command)
+    own = [p for p in inspect.signature(function).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    cli.command(name=name)(with_options(function, own, data_only=data_only))
 
 
-_register_simulate()
+_register("simulate", _simulate)
 
-# What real SecAgg+ in Flower's simulation runtime runs in about 5 minutes on 2 cores; dim 8 suits
-# the demo's 600-item catalog (the distributed preset's 16 is for MovieLens-sized ones).
-DEMO = {"rounds": 30, "dim": 8}
+# What real SecAgg+ in Flower's simulation runtime runs in about 5 minutes on 2 cores.
+DEMO = {"rounds": 30}
 
 
 @cli.command()
@@ -137,31 +136,21 @@ def _list(text: str, parse) -> tuple:  # noqa: ANN001
         raise AttuneError(f"cannot read the list {text!r}: {error}") from None
 
 
-@cli.command()
-def sweep(
-    dataset: str = typer.Option("synthetic", help="synthetic, movielens or csv"),
-    data: Path | None = typer.Option(None, help="ml-100k folder (u.data) or CSV file"),
+def _sweep(
     modes: str = typer.Option("distributed,local", help="privacy modes"),
     algorithms: str = typer.Option("partial-local,ditto,global"),
     epsilons: str = typer.Option("1,2,4,8,none", help="per-device epsilons; none = no DP"),
     seeds: str = typer.Option("0,1"),
     rounds: int | None = typer.Option(None, help="default: each mode's preset"),
-    user_col: str = typer.Option("user", help="csv: column of user ids"),
-    item_col: str = typer.Option("item", help="csv: column of item ids"),
-    time_col: str = typer.Option("timestamp", help="csv: column of unix timestamps"),
-    weight_col: str | None = typer.Option(None, help="csv: column of event weights"),
-    type_col: str | None = typer.Option(None, help="csv: column of event types (instead of weights)"),
-    delimiter: str = typer.Option(",", help="csv: one character, or tab"),
     out: Path = _out("runs/sweep"),
+    **data: object,
 ) -> None:
     """Privacy/utility sweep on the fast backend: modes x algorithms x epsilon x seeds, a table
     (CSV and JSON, mean and std over seeds) and a plot of HR@10 against epsilon."""
-    from attune.simulations.runner import DataSource
+    from attune.simulations.options import data_source
     from attune.simulations.sweep import SweepConfig, run_sweep
 
-    source = DataSource(dataset=dataset, path=data, user_col=user_col, item_col=item_col, time_col=time_col,
-                        weight_col=weight_col, type_col=type_col, delimiter=delimiter)
-    grid = SweepConfig(source=source, modes=_list(modes, str),
+    grid = SweepConfig(source=data_source(data), modes=_list(modes, str),
                        algorithms=_list(algorithms, str),
                        epsilons=_list(epsilons, lambda v: None if v.lower() == "none" else float(v)),
                        seeds=_list(seeds, int), rounds=rounds, out=out)
@@ -185,6 +174,9 @@ def sweep(
             table.add_row(mode, algorithm, *(cells.get((mode, algorithm, e), "-") for e in ran))
     Console().print(table)
     Console().print(f"table: {out / 'sweep.csv'}  plot: {out / 'sweep.png'}")
+
+
+_register("sweep", _sweep, data_only=True)
 
 
 @cli.command()

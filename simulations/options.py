@@ -34,6 +34,7 @@ ALIASES = {"target_epsilon": ["--epsilon"], "path": ["--data"], "use_context": [
 SECTIONS: tuple[tuple[str, type], ...] = (("server", ServerConfig), ("model", ModelConfig),
                                           ("round", RoundSettings), ("simulation", SimulationConfig),
                                           ("source", DataSource))
+DATA = SECTIONS[-1:]
 _PRIVACY = {"mode", "target_epsilon", "delta", "user_share", "user_refreshes", "min_survivor_fraction",
             "device_level_noise", "device_level_epsilon", "device_level_delta", "secure_aggregation", "clip",
             "noise_multiplier", "min_survivors", "colluders", "device_norm", "quantum_bits", "user_every",
@@ -56,10 +57,10 @@ def _base_type(annotation: Any) -> type:
     return str if isinstance(annotation, type) and issubclass(annotation, Enum) else annotation  # checked by the config
 
 
-def option_fields() -> list[tuple[str, Field, type]]:
-    """``(section, field, type)`` of every option, in a stable order."""
+def option_fields(sections: tuple[tuple[str, type], ...] = SECTIONS) -> list[tuple[str, Field, type]]:
+    """``(section, field, type)`` of every option of ``sections``, in a stable order."""
     out = []
-    for section, klass in SECTIONS:
+    for section, klass in sections:
         hints = get_type_hints(klass)
         for f in fields(klass):
             if f.name not in _SET_BY_SIMULATION and f.init:
@@ -80,10 +81,10 @@ def _shown_default(section: str, f: Field) -> str:
     return f" [default: {default.value if isinstance(default, Enum) else default}]"
 
 
-def parameters() -> list[inspect.Parameter]:
+def parameters(sections: tuple[tuple[str, type], ...] = SECTIONS) -> list[inspect.Parameter]:
     """typer parameters for ``option_fields``: every one defaults to ``None`` (absent)."""
     params = []
-    for section, f, kind in option_fields():
+    for section, f, kind in option_fields(sections):
         flag = "--" + f.name.replace("_", "-")
         names = [flag]  # a flag turns a switch on; off is every switch's default
         if f.name in ALIASES:
@@ -96,10 +97,19 @@ def parameters() -> list[inspect.Parameter]:
     return params
 
 
-def with_options(function: Callable[..., None], extra: list[inspect.Parameter]) -> Callable[..., None]:
-    """``function`` with a signature typer reads: ``extra`` parameters, then every option."""
-    function.__signature__ = inspect.Signature([*extra, *parameters()])  # type: ignore[attr-defined]
+def with_options(function: Callable[..., None], extra: list[inspect.Parameter], *,
+                 data_only: bool = False) -> Callable[..., None]:
+    """``function`` with a signature typer reads: ``extra`` parameters, then every option (the
+    data source's alone with ``data_only``)."""
+    sections = DATA if data_only else SECTIONS
+    function.__signature__ = inspect.Signature([*extra, *parameters(sections)])  # type: ignore[attr-defined]
     return function
+
+
+def data_source(values: dict[str, Any]) -> DataSource:
+    """The data source the options describe (the given ones; absent ones take their defaults)."""
+    names = {f.name for _, f, _ in option_fields(DATA)}
+    return DataSource(**{name: value for name, value in values.items() if name in names and value is not None})
 
 
 def build(values: dict[str, Any], *, out: Path, **simulation: Any) -> SimulationConfig:
@@ -114,7 +124,7 @@ def build(values: dict[str, Any], *, out: Path, **simulation: Any) -> Simulation
             else:
                 server["num-server-rounds" if f.name == "rounds" else f.name.replace("_", "-")] = given[f.name]
     try:
-        return SimulationConfig(source=DataSource(**others["source"]), server=ServerConfig.parse(server), out=out,
+        return SimulationConfig(source=data_source(others["source"]), server=ServerConfig.parse(server), out=out,
                                 **{**others["simulation"], **simulation})
     except TypeError as error:
         raise ConfigError(str(error)) from None

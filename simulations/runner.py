@@ -240,14 +240,14 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
     else:
         from attune.simulations.flower_backend import run_flower
 
-        training = [r for r in range(1, server.rounds + len(run_plan.evaluation_rounds) + 1)
+        training = [r for r in range(1, run_plan.server_rounds(server.rounds) + 1)
                     if r not in run_plan.evaluation_rounds]  # the server round of each training round
         ledger, local = run_flower(log, split, server, privacy, {training[t - 1] for t in evaluate_at}, evaluate)
         secure = "flower-secagg+ (hardened)" if server.uses_secure_aggregation else "none"
         noise = "per-device" if run_plan.round.private else "none"
-    if len(progress.history) < server.rounds + len(run_plan.evaluation_rounds):
-        raise ConfigError(f"the run stopped after {len(progress.history)} of "
-                          f"{server.rounds + len(run_plan.evaluation_rounds)} rounds (device-level budget)")
+    if len(progress.history) < run_plan.server_rounds(server.rounds):
+        raise ConfigError(f"the run stopped after {len(progress.history)} of {run_plan.server_rounds(server.rounds)} "
+                          "rounds (device-level budget)")
     results = build_results(log, split, server, run_plan, progress, ledger, local, secure=secure, noise=noise)
     results.update(backend=config.backend, algorithm=ranker.name, beyond_accuracy=progress.report,
                    heterogeneity={"availability": config.availability, "data_skew": config.data_skew})
