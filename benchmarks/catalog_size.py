@@ -13,7 +13,10 @@ items and dim 16 against the float32 size of the model it trains and of a model 
 every item: the rise of the resident size over the round in a fresh process (``cold``: what a
 Deployment Engine ClientApp process pays, first use of every code path included), and after a
 first round of a 1k-item model with glibc returning freed memory at once (``warm``: what the
-round's own data costs).
+round's own data costs, storing a new selection included), and for training after a first round
+of the same model (``steady``: every training round but a run's first, whose selection is stored
+already; the round frees the device's cached model, 4.1 MB, as it adopts the received one, so the
+round's own peak is at most the rise plus that).
 
     .venv/bin/python benchmarks/catalog_size.py [--quick] [--device-only]
 
@@ -55,7 +58,7 @@ task = RoundTask(sys.argv[2])
 def kib(field):
     return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 
-def round_at(items, path, device):
+def round_at(items, path, device, number=1):
     model = ModelConfig(num_items=items, dim=16)
     person = Personalizer(path, model=model, privacy=PrivacyConfig(epsilon_budget=999), simulation_seed=(0, device))
     person.grant_consent("benchmark")
@@ -65,7 +68,7 @@ def round_at(items, path, device):
     state = shared.adopt(shared.init_state(torch.Generator().manual_seed(0)),
                          select(counts, model.rows, min_count=0.0, negatives=4))
     config = preset("distributed", min_survivors=100, noise_multiplier=2.0, user_noise_multiplier=2.0, task=task)
-    request = RoundRequest("bench", 1, model, config, state)
+    request = RoundRequest("bench", number, model, config, state)
     open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from the current size
     before = kib("VmRSS")
     outcome = person.contribute(request)
@@ -74,7 +77,9 @@ def round_at(items, path, device):
 
 if sys.argv[3] == "warm":  # a round of a 1k-item model first: code paths and libraries are initialised
     round_at(1000, sys.argv[1] + ".warm", 1)
-peak, size = round_at(1_000_000, sys.argv[1], 0)
+if sys.argv[3] == "steady":  # a first round of the same model: its prior is stored, as after any first round
+    round_at(1_000_000, sys.argv[1], 0)
+peak, size = round_at(1_000_000, sys.argv[1], 0, number=2)
 print(peak, size, 4 * 1_000_000 * 17 / 2**20)
 """
 
@@ -128,13 +133,15 @@ def device() -> dict:
     returned = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
     with tempfile.TemporaryDirectory() as tmp:
         for task in ("train", "count"):
-            for start in ("cold", "warm"):
+            for start in ("cold", "warm", "steady") if task == "train" else ("cold", "warm"):
                 out = subprocess.run([sys.executable, "-c", MEMORY, f"{tmp}/{task}-{start}.sqlite", task, start],
                                      check=True, capture_output=True, text=True,
-                                     env=returned if start == "warm" else None).stdout.split()
+                                     env=None if start == "cold" else returned).stdout.split()
                 memory.setdefault(task, {"model_float32_mb": float(out[1]),
                                          "every_row_model_float32_mb": float(out[2])})
                 memory[task][f"{start}_peak_increase_mb"] = float(out[0])
+                if start == "steady":  # the cached model it frees may have paid for part of the rise
+                    memory[task]["steady_round_peak_bound_mb"] = float(out[0]) + float(out[1])
     return {"replies": replies, "memory_1m_items_dim16": memory}
 
 
@@ -158,8 +165,10 @@ def main() -> None:
               f"{r['count_reply_bytes'] / 1e6:.2f} MB "
               f"(a row for every item: {r['every_row_reply_bytes'] / 1e6:.1f} MB)")
     for task, m in report["device"]["memory_1m_items_dim16"].items():
+        steady = (f", +{m['steady_peak_increase_mb']:.1f} MB after a first round of the same model (its own "
+                  f"peak at most {m['steady_round_peak_bound_mb']:.1f} MB)" if "steady_peak_increase_mb" in m else "")
         print(f"1M items, dim 16, {task} round: peak +{m['cold_peak_increase_mb']:.1f} MB in a fresh process, "
-              f"+{m['warm_peak_increase_mb']:.1f} MB after a first round; model "
+              f"+{m['warm_peak_increase_mb']:.1f} MB after a first round of a small model{steady}; model "
               f"{m['model_float32_mb']:.1f} MB float32 ({m['every_row_model_float32_mb']:.1f} MB with a row for every "
               "item)")
 

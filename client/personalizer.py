@@ -207,10 +207,10 @@ class Personalizer:
     def _load(self, global_model: bool = True) -> None:
         self._loaded_at = self.store.generation()  # read first: a write during the load reloads next time
         if global_model:
-            raw = self.store.get_state(device_state.GLOBAL_KEY)
-            self._has_global = raw is not None
-            self._state = self._initial_state() if raw is None else check_global_state(
-                decode_tensors(raw), self.model_config, MODEL_VERSION)
+            stored = device_state.read_global(self.store)
+            self._has_global = stored is not None
+            self._state = self._initial_state() if stored is None else check_global_state(
+                stored, self.model_config, MODEL_VERSION)
         user = self.store.get_state(device_state.USER_KEY)
         self._user = decode_tensors(user)["user"] if user is not None else None
         rank = self.store.get_state(device_state.RANK_KEY)
@@ -228,7 +228,12 @@ class Personalizer:
         a round adopts its own model through ``contribute``)."""
         checked = check_global_state(state, self.model_config, version)
         self._state, self._has_global = checked, True
-        self.store.put_state({device_state.GLOBAL_KEY: encode_tensors(checked)})
+        self._store_global(checked)
+
+    def _store_global(self, state: dict[str, torch.Tensor], written: dict[str, bytes] | None = None) -> None:
+        """Store ``state`` as the global model, with the other ``written`` values, in one write."""
+        buffers = [p.name for p in self._shared.layout.buffers]
+        self.store.put_state_after(lambda stored: device_state.global_values(state, buffers, stored) | (written or {}))
 
     @property
     def state(self) -> DeviceState:
@@ -524,7 +529,7 @@ class Personalizer:
                 if refresh or self._rank is None:  # the ranking vector follows the user vector's refreshes
                     written[device_state.RANK_KEY] = self._fit_ranking(self._user)
         # the model with what the round fitted or sent, in one write
-        self.store.put_state({device_state.GLOBAL_KEY: encode_tensors(request.state), **written})
+        self._store_global(request.state, written)
         update_state(self.store, rounds_joined=lambda n: n + int(training), last_run=request.run_id,
                      last_round=request.round, device_level_epsilon=request.device_level_epsilon,
                      device_level_delta=request.device_level_delta)

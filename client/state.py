@@ -7,8 +7,10 @@ two objects or processes on one store never lose each other's changes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -22,7 +24,11 @@ from attune.shared.layout import all_finite
 DEVICE_KEY = "device"
 USER_KEY = "user_vector"
 RANK_KEY = "rank_vector"
-GLOBAL_KEY = "global_model"
+GLOBAL_KEY = "global_model"  # its trained parameters: new every round
+# Its buffers (which items have rows, every item's prior: catalog-sized), set by the count round and
+# the same in every round after it: written when their digest changes, not every round.
+BUFFERS_KEY = "global_buffers"
+BUFFERS_DIGEST_KEY = "global_buffers_digest"
 NOT_INTERESTED_KEY = "not_interested"
 EVALUATION_KEY = "evaluation"  # statistics of events ranked when recorded, until an evaluation round
 
@@ -106,3 +112,31 @@ def decode_tensors(raw: bytes) -> dict[str, torch.Tensor]:
         return out
     except (struct.error, ValueError, TypeError, AttributeError) as error:
         raise StoreError(f"a stored tensor value is damaged: {error}") from None
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> bytes:
+    """SHA-256 of the tensors' names, shapes, dtypes and bytes (hashed in place: no copy)."""
+    hashed = hashlib.sha256(json.dumps({name: [list(t.shape), str(t.dtype)] for name, t in tensors.items()}).encode())
+    for tensor in tensors.values():
+        hashed.update(tensor.detach().contiguous().numpy().data)
+    return hashed.hexdigest().encode()
+
+
+def global_values(state: dict[str, torch.Tensor], buffers: Collection[str],
+                  stored: Callable[[str], bytes | None]) -> dict[str, bytes]:
+    """The stored form of a global model: its parameters, and its ``buffers`` unless the ``stored``
+    ones are the same (a training round does not rewrite a 1M-item prior it did not change)."""
+    kept = {name: state[name] for name in buffers if name in state}
+    values = {GLOBAL_KEY: encode_tensors({name: t for name, t in state.items() if name not in kept})}
+    if stored(BUFFERS_DIGEST_KEY) != (digest := _digest(kept)):  # none kept: an earlier model's are replaced
+        values |= {BUFFERS_KEY: encode_tensors(kept), BUFFERS_DIGEST_KEY: digest}
+    return values
+
+
+def read_global(store: EventStore) -> dict[str, torch.Tensor] | None:
+    """The stored global model, parameters and buffers (None: none received yet)."""
+    raw = store.get_state(GLOBAL_KEY)
+    if raw is None:
+        return None
+    buffers = store.get_state(BUFFERS_KEY)
+    return decode_tensors(raw) | ({} if buffers is None else decode_tensors(buffers))

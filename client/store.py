@@ -439,6 +439,12 @@ class EventStore:
         with self.transaction():
             self._write_state(values)
 
+    def put_state_after(self, change: Callable[[Callable[[str], bytes | None]], dict[str, bytes]]) -> None:
+        """Write what ``change`` returns, given a reader of the stored values, in one transaction:
+        a value written only when it differs from the stored one cannot go stale between the two."""
+        with self.transaction():
+            self._write_state(change(self.get_state))
+
     def _write_state(self, values: dict[str, bytes], *, fresh: bool = False) -> None:
         """Inside a transaction: seal and write ``values`` under a new generation (``fresh``: they
         are all the state there is, the rest was just deleted)."""

@@ -2,22 +2,28 @@
 model with selected rows (its gradients, negatives and scores), and a run that counts first."""
 
 import math
+import time
 from dataclasses import replace
 
 import pytest
 import torch
 from in_process_grid import device_grid, simulated_devices
 
+from attune.client import state as state_keys
+from attune.client.personalizer import Personalizer
 from attune.client.training import Cohort, LocalData, train_round
 from attune.server.app import transport_for
 from attune.server.checkpoint import load_checkpoint
 from attune.server.config import ServerConfig
 from attune.server.coordinator import run
 from attune.shared.config import RoundTask, preset
+from attune.shared.events import Event
 from attune.shared.loss import Batch, per_example_loss
 from attune.shared.model import ITEM_BIAS, ITEM_EMBEDDING, ITEM_PRIOR, ROW_ITEMS, ModelConfig, shared_model
 from attune.shared.randomness import Stream, integers
 from attune.shared.selection import select
+from attune.shared.vocabulary import Vocabulary
+from attune.shared.wire import RoundRequest
 
 MODEL = ModelConfig(num_items=30, dim=3, trained_items=8)
 
@@ -104,3 +110,33 @@ def test_each_item_finds_its_row_and_an_item_without_one_finds_none():
     expected = [[owners.tolist().index(i) if i in owners.tolist() else -1 for i in row] for row in items.tolist()]
     assert model.row_of(state, items).tolist() == expected
     assert model.row_of(state | {ROW_ITEMS: torch.full((8,), -1)}, items).tolist() == [[-1] * 4] * 2
+
+
+def test_a_device_stores_the_selection_once_and_reads_back_every_round_s_model(tmp_path, monkeypatch):
+    """The catalog-sized buffers (rows' items, every item's prior) are written when they change,
+    not every round, and a reopened device reads the latest parameters with the latest buffers."""
+    vocabulary = Vocabulary.of([f"item{i}" for i in range(30)])
+    device = Personalizer(tmp_path / "device.sqlite", model=MODEL, vocabulary=vocabulary, simulation_seed=(0, 1))
+    device.grant_consent("test-policy-1")
+    device.record_many(Event(f"item{i % 9}", "click", time.time() - 900 + i) for i in range(20))
+    written: list[set[str]] = []
+    store_after = device.store.put_state_after
+
+    def spy(change):
+        def recorded(read):
+            values = change(read)
+            written.append(set(values))
+            return values
+        store_after(recorded)
+
+    monkeypatch.setattr(device.store, "put_state_after", spy)
+    first, second = _state(0), _state(1)  # the same selection, other parameters
+    recounted = second | {ITEM_PRIOR: second[ITEM_PRIOR] + 1.0}
+    for number, state in enumerate([first, second, recounted], start=1):
+        reply = device.contribute(RoundRequest("run", number, MODEL, preset("local", noise_multiplier=3.0,
+                                                                               user_noise_multiplier=3.0), state))
+        assert reply.vector is not None
+        reopened = Personalizer(tmp_path / "device.sqlite", model=MODEL, vocabulary=vocabulary).global_state()
+        assert all(torch.equal(reopened[name], state[name]) for name in state)
+    buffers = [state_keys.BUFFERS_KEY in keys for keys in written]
+    assert buffers == [True, False, True] and all(state_keys.GLOBAL_KEY in keys for keys in written)
