@@ -24,6 +24,7 @@ from attune.shared.errors import (
 )
 from attune.shared.events import Event, EventContext
 from attune.shared.model import ModelConfig
+from attune.shared.tags import ItemTags, TagAffinity
 from attune.shared.vocabulary import Vocabulary
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Event",
     "EventContext",
     "InvalidEventError",
+    "ItemTags",
     "ModelConfig",
     "ModelMismatchError",
     "Personalizer",
@@ -50,6 +52,7 @@ __all__ = [
     "StoreError",
     "StoredEvent",
     "Support",
+    "TagAffinity",
     "Vocabulary",
     "WrongKeyError",
     "new_key",

@@ -1,8 +1,9 @@
 """Utility under DP as the catalog grows, and what a device pays for it.
 
 Utility: the fast backend (``attune simulate``, each mode's preset) on synthetic logs of 1,000
-people with 30 to 150 events each, Zipf 1 popularity and taste 3.5, over 1k, 10k and 100k items,
-and on MovieLens-100K when it is beside the checkout: HR@10 at epsilon 8 and 2 (``distributed``),
+people with 30 to 150 events each, Zipf 1 popularity and taste 3.5, over 1k, 10k and 100k items
+(and 10k items whose catalog lists 20 categories), and on MovieLens-100K (with its genres) when it
+is beside the checkout: HR@10 at epsilon 8 and 2 (``distributed``),
 without DP (the preset model, and the model with a trained row for every item: the stronger one
 is the no-DP reference), and most popular; each the mean over seeds 0, 1 and 2. The headroom kept
 is ``(dp - popular) / (no_dp - popular)``.
@@ -18,10 +19,12 @@ of the same model (``steady``: every training round but a run's first, whose sel
 already; the round frees the device's cached model, 4.1 MB, as it adopts the received one, so the
 round's own peak is at most the rise plus that).
 
-    .venv/bin/python benchmarks/catalog_size.py [--quick] [--device-only]
+    .venv/bin/python benchmarks/catalog_size.py [--quick] [--shapes SHAPE ...] [--device-only]
 
-``--quick`` runs one seed; ``--device-only`` measures the device alone and keeps the stored
-utility rows. Prints tables and writes benchmarks/results/catalog_size.json.
+``--quick`` runs one seed; ``--shapes`` the catalogs named (``synthetic-10000-tags20``: the 10k
+catalog listing 20 item categories, which devices rank with; MovieLens ranks with its genres);
+``--device-only`` measures the device alone. Rows not run keep their stored values. Prints
+tables and writes benchmarks/results/catalog_size.json.
 """
 
 from __future__ import annotations
@@ -84,9 +87,16 @@ print(peak, size, 4 * 1_000_000 * 17 / 2**20)
 """
 
 
+def data_options(shape: str) -> list[str]:
+    """``synthetic-ITEMS`` or ``synthetic-ITEMS-tagsN`` (a catalog listing N categories), or MovieLens."""
+    if shape == "movielens-100k":
+        return ["--dataset", "movielens", "--data", str(MOVIELENS)]
+    items, _, tags = shape.removeprefix("synthetic-").partition("-tags")
+    return ["--dataset", "synthetic", *SHAPE, "--synthetic-items", items, *(["--synthetic-tags", tags] if tags else [])]
+
+
 def simulate(shape: str, setting: str, seed: int, out: Path) -> float | tuple[float, float]:
-    data = (["--dataset", "movielens", "--data", str(MOVIELENS)] if shape == "movielens-100k" else
-            ["--dataset", "synthetic", *SHAPE, "--synthetic-items", shape.removeprefix("synthetic-")])
+    data = data_options(shape)
     folder = out / f"{shape}-{setting}-{seed}"
     if not (folder / "results.json").exists():
         subprocess.run([sys.executable, "-m", "attune.simulations.cli", "simulate", *data, *SETTINGS[setting],
@@ -95,10 +105,12 @@ def simulate(shape: str, setting: str, seed: int, out: Path) -> float | tuple[fl
     return results["final"]["hr@10"], results["baseline"]["popular"]["hr@10"]
 
 
-def utility(seeds: list[int], out: Path) -> list[dict]:
-    shapes = ["synthetic-1000", "synthetic-10000", "synthetic-100000"]
-    if (MOVIELENS / "u.data").is_file():
-        shapes.append("movielens-100k")
+SHAPES = ["synthetic-1000", "synthetic-10000", "synthetic-100000", "synthetic-10000-tags20", "movielens-100k"]
+
+
+def utility(seeds: list[int], out: Path, shapes: list[str]) -> list[dict]:
+    if not (MOVIELENS / "u.data").is_file():
+        shapes = [shape for shape in shapes if shape != "movielens-100k"]
     cells = [(shape, setting, seed) for shape in shapes for setting in SETTINGS for seed in seeds]
     with ThreadPoolExecutor(2) as pool:  # two simulations at once on this 2-core machine
         done = dict(zip(cells, pool.map(lambda cell: simulate(*cell, out), cells), strict=True))
@@ -149,11 +161,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="one seed instead of three")
     parser.add_argument("--device-only", action="store_true", help="the device's costs alone")
+    parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=SHAPES,
+                        help="the catalogs to simulate (the others keep their stored rows)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "catalog_size")
     args = parser.parse_args()
     out = Path(__file__).parent / "results" / "catalog_size.json"
-    rows = json.loads(out.read_text())["utility"] if args.device_only else utility([0] if args.quick else [0, 1, 2],
-                                                                                   args.runs)
+    stored = json.loads(out.read_text())["utility"] if out.is_file() else []
+    fresh = [] if args.device_only else utility([0] if args.quick else [0, 1, 2], args.runs, args.shapes)
+    ran = {row["shape"] for row in fresh}
+    order = {shape: i for i, shape in enumerate(SHAPES)}
+    rows = sorted([row for row in stored if row["shape"] not in ran] + fresh, key=lambda row: order[row["shape"]])
     report = {"utility": rows, "device": device()}
     out.write_text(json.dumps(report, indent=2))
     print(f"{'catalog':>18} {'eps 8':>7} {'eps 2':>7} {'no DP':>7} {'popular':>8} {'kept@8':>7} {'kept@2':>7}")

@@ -55,12 +55,14 @@ from attune.shared.events import (
 from attune.shared.mechanism import local_entries, round_entries
 from attune.shared.model import MODEL_VERSION, ModelConfig, shared_model
 from attune.shared.randomness import Stream, device_stream
+from attune.shared.tags import ItemTags, TagAffinity, person_tags, tag_lift
 from attune.shared.vocabulary import Vocabulary
 from attune.shared.wire import RoundRequest, check_global_state
 
 log = logging.getLogger(__name__)
 # Below this cosine an event's item is unrelated to the explained one and is not given as a reason.
 _MIN_EXPLAINING_SIMILARITY = 0.2
+_BIAS_CHUNK = 1 << 16  # items scored at once for the tag shares and lifts (a 1M-item catalog in chunks)
 DIVERSIFIED = 1000  # results MMR orders when rank() has no limit
 HISTORY_HALF_LIFE_DAYS = 30.0  # ranking by the person's own history, before the first global model
 # Kept by ``erase``: the ledger (a table of its own), participation, and the person's choice.
@@ -116,6 +118,8 @@ class Personalizer:
         retention: Retention | None = None,
         encryption_key: bytes | None = None,
         simulation_seed: tuple[int, int] | None = None,
+        tags: ItemTags | None = None,
+        tag_affinity: TagAffinity | None = None,
     ) -> None:
         """Open (or create) the person's store at ``store_path``.
 
@@ -124,11 +128,15 @@ class Personalizer:
         (``Vocabulary.of(ids)``; without it ids are hashed); ``privacy`` is the device's own limits
         (its budget binds every process that opens this store: the smallest given wins);
         ``retention`` how long events are kept; ``encryption_key`` (32 bytes, from the platform
-        keystore) seals the store. Raises ``ConfigError`` for a bad argument, ``StoreError`` for a
-        file that is not a usable store and ``WrongKeyError`` for a wrong or missing key.
+        keystore) seals the store; ``tags`` the catalog's item tags (genres, categories: public
+        metadata, one list per model item), which ranking combines with the person's affinity to
+        them as ``tag_affinity`` says (``attune.shared.tags``: on the device, no budget). Raises
+        ``ConfigError`` for a bad argument, ``StoreError`` for a file that is not a usable store and
+        ``WrongKeyError`` for a wrong or missing key.
         """
         for name, value, kind in (("model", model, ModelConfig), ("vocabulary", vocabulary, Vocabulary),
-                                  ("privacy", privacy, PrivacyConfig)):
+                                  ("privacy", privacy, PrivacyConfig), ("tags", tags, ItemTags),
+                                  ("tag_affinity", tag_affinity, TagAffinity)):
             if value is not None and not isinstance(value, kind):
                 raise ConfigError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
         self.model_config = model or (ModelConfig(num_items=vocabulary.num_items) if vocabulary else ModelConfig())
@@ -137,6 +145,11 @@ class Personalizer:
             raise ConfigError(f"the vocabulary has {self.vocabulary.num_items} items but the model's num_items is "
                               f"{self.model_config.num_items}; give ModelConfig(num_items={self.vocabulary.num_items}, "
                               "...) or leave model out to take the vocabulary's size")
+        if tags is not None and tags.num_items != self.model_config.num_items:
+            raise ConfigError(f"the tags list {tags.num_items} items but the model's num_items is "
+                              f"{self.model_config.num_items}")
+        self.tags, self.tag_affinity = tags, tag_affinity or TagAffinity()
+        self._tag_shares: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None  # of the model they came from
         self.privacy = privacy or PrivacyConfig()
         if simulation_seed is not None and not (
                 isinstance(simulation_seed, tuple) and len(simulation_seed) == 2
@@ -335,7 +348,20 @@ class Personalizer:
             return self._history_scores(items)
         with torch.no_grad():
             query = self._query(context)  # first: it refreshes a stale cache
-            return self._shared.score(self._state, query, items.unsqueeze(0))[0]
+            return self._shared.score(self._state, query, items.unsqueeze(0))[0] + self._tag_lift(items)
+
+    def _tag_lift(self, items: torch.Tensor) -> torch.Tensor:
+        """The person's tag affinity on ``items`` (0 without tags, while paused, or with strength 0)."""
+        if self.tags is None or not self.tag_affinity.tag_strength or self.state.paused:
+            return torch.zeros(len(items))
+        if self._tag_shares is None or self._tag_shares[0] is not self._state:  # once per model: 1M items
+            biases = torch.cat([self._shared.item_side(self._state, chunk)[1]
+                                for chunk in torch.arange(self.model_config.num_items).split(_BIAS_CHUNK)])
+            self._tag_shares = (self._state, self.tags.shares(biases))
+        data = self.local_data()
+        own = person_tags(self.tags, data.items, torch.zeros(len(data.items), dtype=torch.long), 1)
+        return torch.cat([tag_lift(self.tags, self._tag_shares[1], own, chunk.unsqueeze(0), self.tag_affinity)[0]
+                          for chunk in items.split(_BIAS_CHUNK)])
 
     def _query(self, context: EventContext | None) -> torch.Tensor:
         """The person's query ``[1, dim]``: their ranking vector (none while paused or before the
@@ -470,6 +496,8 @@ class Personalizer:
             if not self._has_global:  # before any model: the history scores, as score() gives them
                 vectors = torch.zeros_like(vectors)
                 bias = self._history_scores(torch.arange(self.model_config.num_items))
+            else:  # the person's tag affinity does not depend on the moment: part of each item's bias
+                bias = bias + self._tag_lift(torch.arange(self.model_config.num_items))
             scorer = PersonalScorer(vectors, bias, queries.reshape(24, 7, -1))
         save_scorer(scorer, self.vocabulary, target)
         return target

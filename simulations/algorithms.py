@@ -8,6 +8,9 @@ and on both backends.
 - ``ditto``: the ranking vector and the person's own item biases, pulled toward the global biases
   with strength ``lambda`` (Li et al. 2021, "Ditto").
 - ``global``: no personal part: everyone ranks with the shared side alone (context included).
+
+When the catalog lists item tags, a personal algorithm's device adds its person's tag affinity
+(``attune.shared.tags``), as the SDK's ``Personalizer`` does.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ class Algorithm(Protocol):
     @property
     def name(self) -> str: ...
 
+    @property
+    def personal(self) -> bool:
+        """Whether a device ranks with anything of its own (its vector, its tags' affinity)."""
+        ...
+
     def rank(self, state: dict[str, torch.Tensor], model: ModelConfig, users: torch.Tensor,
              started: torch.Tensor, cohort: Cohort, split: Split, seed: int) -> Ranking: ...
 
@@ -35,6 +43,7 @@ class Algorithm(Protocol):
 @dataclass(frozen=True)
 class PartialLocal:
     name: str = "partial-local"
+    personal: bool = True
 
     def rank(self, state, model, users, started, cohort, split, seed):
         return rank_heldout(state, model, users, started, cohort, split, seed)
@@ -43,6 +52,7 @@ class PartialLocal:
 @dataclass(frozen=True)
 class Global:
     name: str = "global"
+    personal: bool = False
 
     def rank(self, state, model, users, started, cohort, split, seed):
         return rank_heldout(state, model, torch.zeros_like(users), started, cohort, split, seed, rank_fit=False)
@@ -55,6 +65,7 @@ class Ditto:
 
     strength: float = 1.0
     name: str = "ditto"
+    personal: bool = True
 
     def rank(self, state, model, users, started, cohort, split, seed):
         generator = torch.Generator().manual_seed(seed)

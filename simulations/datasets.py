@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
@@ -18,6 +18,7 @@ import numpy as np
 
 from attune.shared.errors import DataError
 from attune.shared.events import EVENT_WEIGHTS
+from attune.shared.tags import ItemTags
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class EventLog:
     num_items: int
     item_ids: tuple[str, ...]  # raw id of each item index
     name: str
+    item_tags: ItemTags | None = None  # what the catalog says about each item (genres, a category)
 
     def __len__(self) -> int:
         return int(self.users.shape[0])
@@ -89,7 +91,54 @@ def load_movielens(directory: Path) -> EventLog:
             if not (np.isfinite(times[-1]) and 0 <= times[-1] < 1e11):
                 raise DataError(f"{path}:{number}: timestamp {parts[3].strip()!r} is not unix seconds")
     ones = np.ones(len(users), dtype=np.float32)
-    return _build("movielens-100k", users, items, np.asarray(times), ones)
+    log = _build("movielens-100k", users, items, np.asarray(times), ones)
+    genres = Path(directory) / "u.item"
+    return replace(log, item_tags=_movielens_genres(genres, log.item_ids)) if genres.is_file() else log
+
+
+MOVIELENS_GENRES = 19  # u.item's last 19 fields: one 0/1 flag per genre ("unknown" first)
+
+
+def _movielens_genres(path: Path, item_ids: tuple[str, ...]) -> ItemTags:
+    """Each movie's genres from MovieLens-100K's ``u.item`` (id|title|date|video date|url|19 flags)."""
+    flags: dict[str, list[int]] = {}
+    with path.open(encoding="latin-1") as handle:
+        for number, line in enumerate(handle, 1):
+            parts = line.rstrip("\n").split("|")
+            if len(parts) != 5 + MOVIELENS_GENRES or any(flag not in ("0", "1") for flag in parts[5:]):
+                raise DataError(f"{path}:{number}: expected an id, 4 fields and {MOVIELENS_GENRES} genre flags, "
+                                "separated by |")
+            flags[parts[0]] = [g for g, flag in enumerate(parts[5:]) if flag == "1"]
+    return ItemTags.of([flags.get(item, []) for item in item_ids], MOVIELENS_GENRES)
+
+
+def load_tags(path: Path, item_ids: tuple[str, ...], *, item: str = "item", tag: str = "tag",
+              delimiter: str = ",") -> ItemTags:
+    """Item tags from a CSV with a header: one row per (item, tag) pair, tags named freely (an
+    item may have several, or none; items the log does not know are skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found (paths are relative to the folder you run from: {Path.cwd()})")
+    index = {value: i for i, value in enumerate(item_ids)}
+    lists: list[list[int]] = [[] for _ in item_ids]
+    names: dict[str, int] = {}
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            missing = [c for c in (item, tag) if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path}: no column(s) {', '.join(missing)} (found: "
+                                f"{', '.join(reader.fieldnames or [])})")
+            for number, row in enumerate(reader, 2):
+                if not row[item] or not row[tag]:
+                    raise DataError(f"{path}:{number}: {item!r} and {tag!r} must not be empty")
+                if row[item] in index:
+                    lists[index[row[item]]].append(names.setdefault(row[tag], len(names)))
+    except (UnicodeDecodeError, csv.Error, OSError) as error:
+        raise DataError(f"{path}: not a UTF-8 CSV file this loader reads ({error})") from None
+    if not names:
+        raise DataError(f"{path}: no tag of an item in the log")
+    return ItemTags.of(lists, len(names))
 
 
 @dataclass(frozen=True)
@@ -204,6 +253,7 @@ def synthetic(
     zipf: float = 0.8,
     taste: float = 3.0,
     dim: int = 8,
+    tags: int = 0,
     seed: int = 0,
 ) -> EventLog:
     """Seeded behavior log: users with latent tastes, power-law popularity, timestamps, event types.
@@ -219,6 +269,10 @@ def synthetic(
     personal taste and popularity matter (and a personalized model can beat the popular list).
     The weight of each event is its type's weight (view, click, like, purchase). Every catalog
     item is in the vocabulary, touched or not.
+
+    ``tags`` > 0: the catalog lists one of ``tags`` categories per item, the nearest of as many
+    random directions to the item's taste vector, and a random one for 30% of items (catalogs
+    mislabel); drawn from a stream of their own, so the events are those of ``tags=0``.
     """
     if num_items < 2 or num_users < 1 or not zipf >= 0:
         raise DataError("synthetic data needs at least 1 user, 2 items and a zipf exponent >= 0")
@@ -250,7 +304,18 @@ def synthetic(
         weights.append(type_weights[rng.choice(4, size=picks.shape[0], p=type_probs)])
     log = _build("synthetic", users, [str(i) for i in np.concatenate(chosen)], np.concatenate(times),
                  np.concatenate(weights))
-    return _whole_catalog(log, num_items)
+    return replace(_whole_catalog(log, num_items), item_tags=_categories(items, tags, seed) if tags else None)
+
+
+MISLABELLED = 0.3  # share of synthetic items whose category is drawn at random
+
+
+def _categories(items: np.ndarray, count: int, seed: int) -> ItemTags:
+    rng = np.random.default_rng([seed, 1])
+    category = np.argmax(items @ rng.normal(size=(items.shape[1], count)), axis=1)
+    wrong = rng.random(len(items)) < MISLABELLED
+    category[wrong] = rng.integers(0, count, int(wrong.sum()))
+    return ItemTags.of([[int(c)] for c in category], count)
 
 
 def _whole_catalog(log: EventLog, num_items: int) -> EventLog:

@@ -1,7 +1,7 @@
 """Command-line options built from the config dataclasses, so every default is written once.
 
-Each field of ``ServerConfig``, its ``ModelConfig`` and ``RoundSettings``, ``SimulationConfig`` and
-``DataSource`` (minus the ones a simulation sets itself) becomes one option with the field's help,
+Each field of ``ServerConfig``, its ``ModelConfig`` and ``RoundSettings``, ``SimulationConfig``,
+``TagAffinity`` and ``DataSource`` (minus the ones a simulation sets itself) becomes one option with the field's help,
 in a help panel (data, privacy, training, run). Every option defaults to absent: the coordinator's
 settings get only what was typed (``ServerConfig.parse``, the same parser as Flower's run config),
 and the help shows what an absent value becomes.
@@ -24,16 +24,17 @@ from attune.server.config import ServerConfig
 from attune.shared.config import PRESETS, PrivacyMode, RoundSettings
 from attune.shared.errors import ConfigError
 from attune.shared.model import ModelConfig
+from attune.shared.tags import TagAffinity
 from attune.simulations.runner import DataSource, SimulationConfig
 
 # Set by the simulation itself (from the data or the output folder), not by a flag.
 _SET_BY_SIMULATION = {"num_items", "num_event_types", "architecture", "min_devices", "noise_seed", "signing_key",
                       "resume", "out_dir", "round_timeout", "device_privacy", "model", "round", "out", "source",
-                      "server"}
+                      "server", "tag_affinity"}
 ALIASES = {"target_epsilon": ["--epsilon"], "path": ["--data"], "use_context": ["--context"]}
 SECTIONS: tuple[tuple[str, type], ...] = (("server", ServerConfig), ("model", ModelConfig),
                                           ("round", RoundSettings), ("simulation", SimulationConfig),
-                                          ("source", DataSource))
+                                          ("ranking", TagAffinity), ("source", DataSource))
 DATA = SECTIONS[-1:]
 _PRIVACY = {"mode", "target_epsilon", "delta", "user_share", "user_refreshes", "min_survivor_fraction",
             "device_level_noise", "device_level_epsilon", "device_level_delta", "secure_aggregation", "clip",
@@ -116,7 +117,7 @@ def build(values: dict[str, Any], *, out: Path, **simulation: Any) -> Simulation
     """The simulation the options describe, validated (bad values fail here, before any work)."""
     given = {name: value for name, value in values.items() if value is not None}
     server: dict[str, Any] = {}
-    others: dict[str, dict[str, Any]] = {"simulation": {}, "source": {}}
+    others: dict[str, dict[str, Any]] = {"simulation": {}, "ranking": {}, "source": {}}
     for section, f, _ in option_fields():
         if f.name in given:
             if section in others:
@@ -125,6 +126,6 @@ def build(values: dict[str, Any], *, out: Path, **simulation: Any) -> Simulation
                 server["num-server-rounds" if f.name == "rounds" else f.name.replace("_", "-")] = given[f.name]
     try:
         return SimulationConfig(source=data_source(others["source"]), server=ServerConfig.parse(server), out=out,
-                                **{**others["simulation"], **simulation})
+                                tag_affinity=TagAffinity(**others["ranking"]), **{**others["simulation"], **simulation})
     except TypeError as error:
         raise ConfigError(str(error)) from None

@@ -35,9 +35,10 @@ from attune.shared.mechanism import sensitivity
 from attune.shared.metrics import hit_and_ndcg
 from attune.shared.model import shared_model
 from attune.shared.statements import DEVICE_LEVEL, DISCLOSED, statement
+from attune.shared.tags import TagAffinity, person_tags, tag_lift
 from attune.simulations.algorithms import algorithm
-from attune.simulations.datasets import CsvColumns, EventLog, load_csv, load_movielens, synthetic
-from attune.simulations.evaluation import Split, leave_one_out, popularity_baseline, skew_data_sizes
+from attune.simulations.datasets import CsvColumns, EventLog, load_csv, load_movielens, load_tags, synthetic
+from attune.simulations.evaluation import Ranking, Split, leave_one_out, popularity_baseline, skew_data_sizes
 from attune.simulations.fast import NOISE, Devices, InProcessTransport, device_cohort
 from attune.simulations.report import beyond_accuracy
 
@@ -65,6 +66,10 @@ class DataSource:
                                   low=0.0, high=20.0)
     synthetic_events: str = knob("150", "synthetic: events per person, a mean (Poisson) or a range LOW-HIGH "
                                  "(uniform)")
+    synthetic_tags: int = knob(0, "synthetic: categories the catalog lists, one per item (0: none)", low=0,
+                               high=10**4)
+    tags: Path | None = knob(None, "CSV of item tags (columns item and tag, a row per tag of an item); "
+                             "MovieLens' genres are read from u.item")
 
     def __post_init__(self) -> None:
         if self.dataset not in ("synthetic", "movielens", "csv"):
@@ -95,16 +100,20 @@ class DataSource:
 
     def load(self, seed: int) -> EventLog:
         if self.dataset == "synthetic":
-            return synthetic(num_users=self.synthetic_users, num_items=self.synthetic_items,
-                             zipf=self.synthetic_zipf, taste=self.synthetic_taste,
-                             events_per_user=self.events_per_user(), seed=seed)
-        if self.path is None:
+            log = synthetic(num_users=self.synthetic_users, num_items=self.synthetic_items,
+                            zipf=self.synthetic_zipf, taste=self.synthetic_taste,
+                            events_per_user=self.events_per_user(), tags=self.synthetic_tags, seed=seed)
+        elif self.path is None:
             raise DataError(f"--data is required with --dataset {self.dataset}")
-        if self.dataset == "movielens":
-            return load_movielens(self.path)
-        return load_csv(self.path, CsvColumns(user=self.user_col, item=self.item_col, time=self.time_col,
-                                              weight=self.weight_col, event_type=self.type_col,
-                                              delimiter=self.delimiter))
+        elif self.dataset == "movielens":
+            log = load_movielens(self.path)
+        else:
+            log = load_csv(self.path, CsvColumns(user=self.user_col, item=self.item_col, time=self.time_col,
+                                                 weight=self.weight_col, event_type=self.type_col,
+                                                 delimiter=self.delimiter))
+        if self.tags is not None:
+            log = replace(log, item_tags=load_tags(self.tags, log.item_ids, delimiter=self.delimiter))
+        return log
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,7 @@ class SimulationConfig:
     noise: str = knob("aggregate", "fast backend: aggregate (the shares' total drawn once) or per-device")
     evaluations: int = knob(10, "rounds evaluated, evenly spread (the last always)")
     device_privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # every device's own limits
+    tag_affinity: TagAffinity = field(default_factory=TagAffinity)  # how devices rank with the catalog's tags
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -189,6 +199,18 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
         raise ConfigError(f"every device would refuse this run: {refused}; {why}")
     cohort = device_cohort(log, split, model.use_context)
     ranker = algorithm(config.algorithm)
+    tags = log.item_tags if ranker.personal and config.tag_affinity.tag_strength else None
+    own_tags = None if tags is None else person_tags(tags, cohort.items, cohort.device_of_events(), len(cohort))
+
+    def ranked(state: dict[str, torch.Tensor], devices: Devices) -> Ranking:
+        """How every device ranks its held-out candidates: the algorithm's scores, plus its
+        person's tag affinity when the catalog has tags (on the device, from its own events)."""
+        ranking = ranker.rank(state, model, devices.users, devices.started, cohort, split, server.seed)
+        if tags is None or own_tags is None:
+            return ranking
+        shares = tags.shares(shared_model(model).all_items(state)[1])
+        lift = tag_lift(tags, shares, own_tags, torch.from_numpy(split.candidates), config.tag_affinity)
+        return replace(ranking, scores=ranking.scores + lift)
     evaluate_at = evaluated_rounds(server.rounds, config.evaluations)
     progress = _Progress()
 
@@ -201,7 +223,7 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
             if on_status is not None:
                 on_status(f"round {record.round}: scoring every device's held-out event ({ranker.name})")
             devices = devices_now()
-            ranking = ranker.rank(state, model, devices.users, devices.started, cohort, split, server.seed)
+            ranking = ranked(state, devices)
             hits, gains = hit_and_ndcg(ranking.scores.numpy())
             if not np.isfinite(ranking.scores.numpy()).all():
                 raise DataError(f"round {record.round}: the model diverged (non-finite scores); lower the "
@@ -219,7 +241,9 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
             on_round(record, progress.metrics.get(record.round, {}))
 
     def statistics(state: dict[str, torch.Tensor], devices: Devices) -> torch.Tensor:
-        """What each device would evaluate: its held-out event, ranked as ``evaluate`` ranks it."""
+        """What each device would evaluate: its held-out event, ranked as ``evaluate`` ranks it but
+        for the tag affinity, which a device leaves out of its evaluation rows (it depends on all
+        its events; a row must depend on its own event alone: ``docs/privacy.md``)."""
         ranking = ranker.rank(state, model, devices.users, devices.started, cohort, split, server.seed)
         _, popular = shared_model(model).item_side(state, torch.from_numpy(split.candidates))
         return evaluation.statistics(ranking.scores, popular)
@@ -250,6 +274,8 @@ def simulate(config: SimulationConfig, on_round: Callable[[RoundRecord, dict], N
                           "rounds (device-level budget)")
     results = build_results(log, split, server, run_plan, progress, ledger, local, secure=secure, noise=noise)
     results.update(backend=config.backend, algorithm=ranker.name, beyond_accuracy=progress.report,
+                   tags={"catalog_tags": None if log.item_tags is None else log.item_tags.num_tags,
+                         "used": tags is not None, **asdict(config.tag_affinity)},
                    heterogeneity={"availability": config.availability, "data_skew": config.data_skew})
     results["config"]["source"] = config.source.described()
     (out / "results.json").write_text(json.dumps(results, indent=2))
