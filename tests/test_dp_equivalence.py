@@ -48,7 +48,7 @@ def _opacus_clipped_sum(model, data, negatives, loss, trainable):
     batch = Batch(items, labels, data.weights, data.context)
     per_example_loss(module(items, data.context), batch, loss).sum().backward()
     optimizer.pre_step()
-    return {name: p.grad.clone() for (name, p) in module._module.named_parameters() if p.requires_grad}
+    return {name: p.grad.clone() for (name, p) in model.named_parameters() if p.requires_grad}  # the wrapped one
 
 
 @pytest.mark.parametrize("events", [1, 3, 17])

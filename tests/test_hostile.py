@@ -370,7 +370,7 @@ def test_a_byte_offset_sweep_of_store_corruption_gives_only_attune_errors(tmp_pa
 def test_a_store_that_cannot_be_written_says_so(tmp_path):
     path = _store_with_data(tmp_path / "r.sqlite")
     with EventStore(path) as store:
-        store._db.db.execute("PRAGMA query_only = ON")  # what a read-only file gives, even as root
+        store._db.db.execute("PRAGMA query_only = ON")  # what a read-only file gives, even as root (no public way)
         assert len(store.events()) == 5  # reading still works
         with pytest.raises(StoreError, match="cannot be written"):
             store.add(Event("item9", "click", NOW))

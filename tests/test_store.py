@@ -1,5 +1,6 @@
 """The event store validates every event and never half-writes."""
 
+import sqlite3
 import time
 
 import pytest
@@ -76,8 +77,9 @@ def test_retention_by_count_and_age(tmp_path):
 
 def test_foreign_schema_version_is_refused(tmp_path):
     path = tmp_path / "s.sqlite"
-    with EventStore(path) as store:
-        store._db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    EventStore(path).close()
+    with sqlite3.connect(path) as raw:  # another program's change to the file
+        raw.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     with pytest.raises(StoreError, match="schema version '99'"):
         EventStore(path)
 
