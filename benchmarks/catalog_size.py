@@ -55,7 +55,7 @@ from attune.shared.model import shared_model
 from attune.shared.selection import select
 from attune.shared.wire import RoundRequest
 import attune.shared.accounting as accounting
-accounting.epsilon_of([accounting.Entry("gaussian", z=1.0)], 1e-5)  # Opacus's import is not part of the round
+accounting.epsilon_of([accounting.Entry(accounting.Gaussian(1.0))], 1e-5)  # Opacus's import is not part of the round
 task = RoundTask(sys.argv[2])
 
 def kib(field):

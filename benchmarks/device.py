@@ -35,7 +35,7 @@ from attune.shared.config import preset
 from attune.shared.model import shared_model
 from attune.shared.wire import RoundRequest
 import attune.shared.accounting as accounting
-accounting.epsilon_of([accounting.Entry("gaussian", z=1.0)], 1e-5)  # Opacus's import is not part of the round
+accounting.epsilon_of([accounting.Entry(accounting.Gaussian(1.0))], 1e-5)  # Opacus's import is not part of the round
 mode = sys.argv[2]
 model = ModelConfig(num_items=100_000, dim=32, use_context=False)
 device = Personalizer(sys.argv[1], model=model, privacy=PrivacyConfig(allow_non_private=True, epsilon_budget=999),

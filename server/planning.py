@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from attune.server.config import DEFAULT_MIN_SURVIVOR_FRACTION, DEFAULT_USER_REFRESHES, ServerConfig
-from attune.shared.accounting import Entry, binomial_pmf, calibrate
+from attune.shared.accounting import Entry, Gaussian, binomial_pmf, calibrate
 from attune.shared.config import PrivacyMode, RoundConfig, RoundTask, preset
 from attune.shared.errors import ConfigError
 from attune.shared.mechanism import Side, calibrated
@@ -44,10 +44,10 @@ class Plan:
         ``pivot`` is the chance that exactly one device fewer than the round needs was sampled
         besides this one (``docs/privacy.md``). An evaluation round asks ``every_device``."""
         if every_device or self.sample_rate >= 1:
-            return Entry("gaussian", z=self.device_level_noise)
+            return Entry(Gaussian(self.device_level_noise))
         needed = self.round.min_survivors if self.round.privacy is PrivacyMode.DISTRIBUTED else 1
-        return Entry("gaussian", z=self.device_level_noise, q=self.sample_rate,
-                     pivot=binomial_pmf(needed - 1, self.population - 1, self.sample_rate))
+        return Entry(Gaussian(self.device_level_noise, q=self.sample_rate,
+                              pivot=binomial_pmf(needed - 1, self.population - 1, self.sample_rate)))
 
 
 def planned_participations(rounds: int, rate: float) -> int:
@@ -125,8 +125,8 @@ def plan(config: ServerConfig, population: int) -> Plan:
             evaluation=None if evaluation is None else Side(evaluation, len(evaluating), config.eval_share))
     noise = config.device_level_noise or 0.0
     if config.device_level_epsilon is not None:
-        noise = calibrate(lambda z: [Entry("gaussian", count=config.rounds, z=z, q=rate),
-                                     Entry("gaussian", count=len(evaluating), z=z)],
+        noise = calibrate(lambda z: [Entry(Gaussian(z, q=rate), count=config.rounds),
+                                     Entry(Gaussian(z), count=len(evaluating))],
                           config.device_level_epsilon, config.device_level_delta)
     return Plan(round=round_config, count=count, population=population, expected_cohort=float(cohort), sample_rate=rate,
                 participations=participations, device_level_noise=noise,

@@ -1,9 +1,10 @@
 """Privacy accounting: Renyi DP of every mechanism a ledger records, composed and converted to
 (epsilon, delta) with Opacus's RDP analysis.
 
-A ledger is a list of ``Entry``s, each a mechanism applied ``count`` times to the same data:
+A ledger is a list of ``Entry``s, each a typed mechanism applied ``count`` times to the same data
+(stored as its name and fields):
 
-- ``gaussian``: the (sampled) Gaussian mechanism with noise multiplier ``z`` (noise std over L2
+- ``Gaussian`` (``gaussian``): the (sampled) Gaussian mechanism with noise multiplier ``z`` (noise std over L2
   sensitivity) and Poisson sampling rate ``q``: Opacus's ``compute_rdp`` (Mironov, Talwar and
   Zhang 2019). ``q = 1`` is the plain Gaussian mechanism, ``alpha / (2 z^2)``. With ``pivot``
   ``p > 0`` the round also shows whether it released at all, and with probability at most ``p``
@@ -11,14 +12,14 @@ A ledger is a list of ``Entry``s, each a mechanism applied ``count`` times to th
   others' outcome given away, that round is a plain Gaussian or nothing, so its curve is
   ``log((1 - p) e^{(alpha-1) R_q} + p (q e^{(alpha-1) alpha / (2 z^2)} + 1 - q)) / (alpha - 1)``
   with ``R_q`` the sampled Gaussian's.
-- ``discrete-gaussian-sum``: a sum of integer data plus discrete Gaussian noise shares from
+- ``DiscreteGaussianSum`` (``discrete-gaussian-sum``): a sum of integer data plus discrete Gaussian noise shares from
   several devices (Kairouz, Liu and Steinke 2021, "The Distributed Discrete Gaussian Mechanism",
   Proposition 14 with the ``tau`` of their Theorem 1): ``min(alpha / (2 z^2) + tau * d,
   alpha / 2 * (1 / z + sqrt(d) * tau)^2)`` where ``z`` is the honest noise std over the L2
   sensitivity, ``d`` the dimension and ``tau = 10 * sum_{k<n} exp(-2 pi^2 s^2 k / (k + 1))`` for
   ``n`` shares of std ``s`` each. With ``tau = 0`` (one share) it is the discrete Gaussian,
   ``alpha / (2 z^2)`` (Canonne, Kamath and Steinke 2020).
-- ``zcdp``: a ``rho``-zCDP mechanism, ``alpha * rho`` (the exponential mechanism, Cesar and
+- ``ZCDP`` (``zcdp``): a ``rho``-zCDP mechanism, ``alpha * rho`` (the exponential mechanism, Cesar and
   Rogers 2021).
 
 Orders are the integers 2..256, where Opacus's and dp-accounting's RDP conversions agree, so any
@@ -31,8 +32,9 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 
@@ -40,51 +42,126 @@ from attune.shared.errors import ConfigError
 
 ACCOUNTANT_NAME = "rdp (opacus.accountants.analysis.rdp, integer orders 2-256)"
 ORDERS: tuple[float, ...] = tuple(float(a) for a in range(2, 257))
-MECHANISMS = ("gaussian", "discrete-gaussian-sum", "zcdp")
+
+
+def _finite(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """The Gaussian mechanism with noise multiplier ``z`` (noise std over L2 sensitivity), Poisson
+    sampled at rate ``q``; ``pivot``: the chance that whether the round released hinged on this
+    device (module docstring)."""
+
+    z: float
+    q: float = 1.0
+    pivot: float = 0.0
+    name: ClassVar[str] = "gaussian"
+
+    def __post_init__(self) -> None:
+        _finite(self, "z", "q", "pivot")
+        if self.z <= 0 or not 0 < self.q <= 1 or not 0 <= self.pivot <= 1:
+            raise ConfigError(f"a gaussian entry needs z > 0, q in (0, 1] and pivot in [0, 1], got {self}")
+
+    def curve(self, alphas: np.ndarray) -> np.ndarray:
+        from opacus.accountants.analysis import rdp as rdp_analysis  # ~1.5 s to import
+
+        sampled = np.asarray(rdp_analysis.compute_rdp(q=self.q, noise_multiplier=self.z, steps=1,
+                                                      orders=alphas.tolist()))
+        if not self.pivot:
+            return sampled
+        p, q = self.pivot, self.q
+        terms = [np.log1p(-p) + (alphas - 1) * sampled if p < 1 else np.full(len(alphas), -np.inf),
+                 np.full(len(alphas), math.log(p * q)) + (alphas - 1) * alphas / (2 * self.z**2),
+                 np.full(len(alphas), math.log(p * (1 - q)) if q < 1 else -np.inf)]
+        return np.logaddexp.reduce(terms) / (alphas - 1)
+
+
+@dataclass(frozen=True)
+class DiscreteGaussianSum:
+    """A sum of integer data plus discrete Gaussian noise shares: ``z`` the honest noise std over
+    the L2 sensitivity, ``tau`` the inflation of summing several shares, ``dim`` the dimension."""
+
+    z: float
+    tau: float = 0.0
+    dim: int = 0
+    name: ClassVar[str] = "discrete-gaussian-sum"
+
+    def __post_init__(self) -> None:
+        _finite(self, "z", "tau")
+        if self.z <= 0 or self.tau < 0 or isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 0:
+            raise ConfigError(f"a discrete-gaussian-sum entry needs z > 0, tau >= 0 and an integer dim >= 0, "
+                              f"got {self}")
+
+    def curve(self, alphas: np.ndarray) -> np.ndarray:
+        first = alphas / (2 * self.z**2) + self.tau * self.dim
+        second = alphas / 2 * (1 / self.z + math.sqrt(self.dim) * self.tau) ** 2
+        return np.minimum(first, second)
+
+
+@dataclass(frozen=True)
+class ZCDP:
+    """A ``rho``-zCDP mechanism."""
+
+    rho: float
+    name: ClassVar[str] = "zcdp"
+
+    def __post_init__(self) -> None:
+        _finite(self, "rho")
+        if self.rho < 0:
+            raise ConfigError(f"a zcdp entry needs rho >= 0, got {self.rho}")
+
+    def curve(self, alphas: np.ndarray) -> np.ndarray:
+        return alphas * self.rho
+
+
+Mechanism = Gaussian | DiscreteGaussianSum | ZCDP
+MECHANISMS: dict[str, type[Gaussian] | type[DiscreteGaussianSum] | type[ZCDP]] = {
+    kind.name: kind for kind in (Gaussian, DiscreteGaussianSum, ZCDP)}
+# Ledgers written before typed entries list every field, the other mechanisms' at these values.
+_UNTYPED_DEFAULTS = {"z": 0.0, "q": 1.0, "tau": 0.0, "dim": 0, "rho": 0.0, "pivot": 0.0}
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One mechanism, applied ``count`` times. See the module docstring for each kind."""
+    """One mechanism, applied ``count`` times."""
 
-    mechanism: str
+    mechanism: Mechanism
     count: int = 1
-    z: float = 0.0  # noise multiplier (gaussian, discrete-gaussian-sum)
-    q: float = 1.0  # Poisson sampling rate (gaussian)
-    tau: float = 0.0  # discrete-gaussian-sum: the inflation of summing several shares
-    dim: int = 0  # discrete-gaussian-sum: dimension of the summed vector
-    rho: float = 0.0  # zcdp
-    pivot: float = 0.0  # gaussian: chance that whether the round released hinged on this device
 
     def __post_init__(self) -> None:
-        if self.mechanism not in MECHANISMS:
-            raise ConfigError(f"unknown mechanism {self.mechanism!r}: use one of {', '.join(MECHANISMS)}")
+        if not isinstance(self.mechanism, tuple(MECHANISMS.values())):
+            raise ConfigError(f"a ledger entry's mechanism is one of {', '.join(MECHANISMS)}, got {self.mechanism!r}")
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
             raise ConfigError(f"count must be an integer >= 0, got {self.count!r}")
-        for name in ("z", "q", "tau", "rho", "pivot"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number, got {value!r}")
-        if self.mechanism != "zcdp" and self.z <= 0:
-            raise ConfigError(f"a {self.mechanism} entry needs z > 0, got {self.z}")
-        if not 0 < self.q <= 1 or (self.mechanism != "gaussian" and self.q != 1):
-            raise ConfigError(f"q must be in (0, 1] (and 1 unless gaussian), got {self.q}")
-        if self.tau < 0 or self.rho < 0 or self.dim < 0:
-            raise ConfigError("tau, rho and dim must be >= 0")
-        if not 0 <= self.pivot <= 1 or (self.mechanism != "gaussian" and self.pivot):
-            raise ConfigError(f"pivot must be in [0, 1] (and 0 unless gaussian), got {self.pivot}")
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """The stored form: the mechanism's name, the count and the mechanism's fields."""
+        return {"mechanism": self.mechanism.name, "count": self.count, **asdict(self.mechanism)}
 
     @classmethod
     def from_dict(cls, raw: object) -> Entry:
-        if not isinstance(raw, dict) or set(raw) - set(cls.__dataclass_fields__):
+        """Read a stored entry (ledgers written before typed entries list every mechanism's
+        fields, the others' at their old defaults: accepted, and nothing else)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("mechanism"), str) \
+                or raw["mechanism"] not in MECHANISMS or set(raw) - set(_UNTYPED_DEFAULTS) - {"mechanism", "count"}:
             raise ConfigError(f"not a ledger entry: {raw!r}")
-        return cls(**raw)
+        kind = MECHANISMS[raw["mechanism"]]
+        own = {f.name for f in fields(kind)}
+        foreign = {name: value for name, value in raw.items() if name not in own | {"mechanism", "count"}}
+        if any(value != _UNTYPED_DEFAULTS[name] for name, value in foreign.items()):
+            raise ConfigError(f"not a {kind.name} ledger entry: {raw!r}")
+        try:
+            return cls(kind(**{name: value for name, value in raw.items() if name in own}), raw.get("count", 1))
+        except TypeError as error:
+            raise ConfigError(f"not a ledger entry: {raw!r} ({error})") from None
 
     def times(self, count: int) -> Entry:
-        return Entry(**{**asdict(self), "count": count})
+        return replace(self, count=count)
 
 
 Ledger = Sequence[Entry]
@@ -98,25 +175,9 @@ def distributed_tau(share_std: float, shares: int) -> float:
 
 
 @lru_cache(maxsize=4096)
-def _curve(entry: Entry) -> tuple[float, ...]:
-    """RDP of one application of ``entry`` at every order in ``ORDERS``."""
-    alphas = np.asarray(ORDERS)
-    if entry.mechanism == "zcdp":
-        return tuple(alphas * entry.rho)
-    if entry.mechanism == "discrete-gaussian-sum":
-        first = alphas / (2 * entry.z**2) + entry.tau * entry.dim
-        second = alphas / 2 * (1 / entry.z + math.sqrt(entry.dim) * entry.tau) ** 2
-        return tuple(np.minimum(first, second))
-    from opacus.accountants.analysis import rdp as rdp_analysis  # ~1.5 s to import
-
-    sampled = np.asarray(rdp_analysis.compute_rdp(q=entry.q, noise_multiplier=entry.z, steps=1, orders=list(ORDERS)))
-    if not entry.pivot:
-        return tuple(sampled)
-    p, q = entry.pivot, entry.q
-    terms = [np.log1p(-p) + (alphas - 1) * sampled if p < 1 else np.full(len(alphas), -np.inf),
-             np.full(len(alphas), math.log(p * q)) + (alphas - 1) * alphas / (2 * entry.z**2),
-             np.full(len(alphas), math.log(p * (1 - q)) if q < 1 else -np.inf)]
-    return tuple(np.logaddexp.reduce(terms) / (alphas - 1))
+def _curve(mechanism: Mechanism) -> tuple[float, ...]:
+    """RDP of one application of ``mechanism`` at every order in ``ORDERS``."""
+    return tuple(mechanism.curve(np.asarray(ORDERS)))
 
 
 def binomial_pmf(k: int, n: int, p: float) -> float:
@@ -134,7 +195,7 @@ def rdp_of(ledger: Ledger) -> np.ndarray:
     total = np.zeros(len(ORDERS))
     for entry in ledger:
         if entry.count:
-            total += entry.count * np.asarray(_curve(entry.times(1)))
+            total += entry.count * np.asarray(_curve(entry.mechanism))
     return total
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from attune.shared.accounting import Entry, calibrate, distributed_tau
+from attune.shared.accounting import DiscreteGaussianSum, Entry, calibrate, distributed_tau
 from attune.shared.config import RoundConfig, RoundTask
 from attune.shared.errors import ConfigError, PrivacyError
 from attune.shared.evaluation import EVALUATION_SHAPE, evaluation_layout
@@ -104,9 +104,10 @@ def round_entries(model: ModelConfig, config: RoundConfig, refresh: bool) -> lis
     if not config.private:
         return []
     honest = config.honest_shares
-    entries = [Entry("discrete-gaussian-sum", z=config.noise_multiplier * 2.0**config.quantum_bits
-                     / sensitivity(model, config),
-                     tau=distributed_tau(share_std(config), honest), dim=contribution_dim(model, config.task))]
+    entries = [Entry(DiscreteGaussianSum(z=config.noise_multiplier * 2.0**config.quantum_bits
+                                         / sensitivity(model, config),
+                                         tau=distributed_tau(share_std(config), honest),
+                                         dim=contribution_dim(model, config.task)))]
     if refresh and config.user_steps:
         entries.append(user_entry(model, config))
     return entries
@@ -116,14 +117,15 @@ def smallest_z(model: ModelConfig, config: RoundConfig) -> float:
     """The smallest accounted noise multiplier (noise std over true sensitivity) among a private
     round's mechanisms: its released sum and, when it has any, a refresh step. What a device's
     floor is checked on, so "no one round takes much of the budget" holds at any grid."""
-    return min(entry.z for entry in round_entries(model, config, refresh=config.task is RoundTask.TRAIN))
+    return min(entry.mechanism.z for entry in round_entries(model, config, refresh=config.task is RoundTask.TRAIN)
+               if isinstance(entry.mechanism, DiscreteGaussianSum))
 
 
 def user_entry(model: ModelConfig, config: RoundConfig) -> Entry:
     """A refresh of the user vector: ``user_steps`` discrete Gaussian steps, full noise."""
-    return Entry("discrete-gaussian-sum", count=config.user_steps,
-                 z=config.user_noise_multiplier * 2.0**config.quantum_bits / user_sensitivity(model, config),
-                 dim=model.dim)
+    return Entry(DiscreteGaussianSum(
+        z=config.user_noise_multiplier * 2.0**config.quantum_bits / user_sensitivity(model, config), dim=model.dim),
+        count=config.user_steps)
 
 
 def local_entries(model: ModelConfig, config: RoundConfig, refresh: bool) -> list[Entry]:
@@ -131,8 +133,8 @@ def local_entries(model: ModelConfig, config: RoundConfig, refresh: bool) -> lis
     the weaker guarantee ``epsilon_local`` reported beside ``epsilon`` in distributed mode."""
     if not config.private:
         return []
-    entries = [Entry("discrete-gaussian-sum", z=share_std(config) / sensitivity(model, config),
-                     dim=contribution_dim(model, config.task))]
+    entries = [Entry(DiscreteGaussianSum(z=share_std(config) / sensitivity(model, config),
+                                         dim=contribution_dim(model, config.task)))]
     if refresh and config.user_steps:
         entries.append(user_entry(model, config))
     return entries

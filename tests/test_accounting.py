@@ -10,13 +10,23 @@ import pytest
 from dp_accounting import pld, rdp
 from scipy.special import logsumexp
 
-from attune.shared.accounting import ORDERS, Entry, calibrate, distributed_tau, epsilon_of, ledger_from_json
+from attune.shared.accounting import (
+    ORDERS,
+    ZCDP,
+    DiscreteGaussianSum,
+    Entry,
+    Gaussian,
+    calibrate,
+    distributed_tau,
+    epsilon_of,
+    ledger_from_json,
+)
 from attune.shared.errors import ConfigError
 
-LEDGER = [Entry("discrete-gaussian-sum", count=100, z=6.3, dim=28_000),
-          Entry("discrete-gaussian-sum", count=20, z=4.9, dim=16),
-          Entry("gaussian", count=10, z=1.1, q=0.05),
-          Entry("zcdp", count=3, rho=0.01)]
+LEDGER = [Entry(DiscreteGaussianSum(z=6.3, dim=28_000), count=100),
+          Entry(DiscreteGaussianSum(z=4.9, dim=16), count=20),
+          Entry(Gaussian(z=1.1, q=0.05), count=10),
+          Entry(ZCDP(rho=0.01), count=3)]
 
 
 def _independent(ledger, delta):
@@ -24,12 +34,13 @@ def _independent(ledger, delta):
     with tau * dim below 1e-12 is the Gaussian mechanism to within that)."""
     events = []
     for entry in ledger:
-        if entry.mechanism == "zcdp":
-            event = dp_accounting.ZCDpEvent(entry.rho)
+        mechanism = entry.mechanism
+        if isinstance(mechanism, ZCDP):
+            event = dp_accounting.ZCDpEvent(mechanism.rho)
         else:
-            event = dp_accounting.GaussianDpEvent(entry.z)
-            if entry.q < 1:
-                event = dp_accounting.PoissonSampledDpEvent(entry.q, event)
+            event = dp_accounting.GaussianDpEvent(mechanism.z)
+            if isinstance(mechanism, Gaussian) and mechanism.q < 1:
+                event = dp_accounting.PoissonSampledDpEvent(mechanism.q, event)
         events.append(dp_accounting.SelfComposedDpEvent(event, entry.count))
     composed = dp_accounting.ComposedDpEvent(events)
     by_rdp = rdp.RdpAccountant(orders=list(ORDERS)).compose(composed).get_epsilon(delta)
@@ -39,11 +50,12 @@ def _independent(ledger, delta):
 
 
 def test_epsilon_recomputes_with_dp_accounting():
-    assert max(e.tau * e.dim for e in LEDGER) < 1e-12
+    sums = [e.mechanism for e in LEDGER if isinstance(e.mechanism, DiscreteGaussianSum)]
+    assert max(m.tau * m.dim for m in sums) < 1e-12
     ours = epsilon_of(LEDGER, 1e-5)
     by_rdp, _ = _independent(LEDGER, 1e-5)
     assert ours == pytest.approx(by_rdp, rel=1e-3)
-    gaussian_only = [e for e in LEDGER if e.mechanism != "zcdp"]
+    gaussian_only = [e for e in LEDGER if not isinstance(e.mechanism, ZCDP)]
     _, by_pld = _independent(gaussian_only, 1e-5)
     assert epsilon_of(gaussian_only, 1e-5) >= by_pld  # PLD is tighter: ours never reports less
 
@@ -69,11 +81,8 @@ def test_distributed_discrete_gaussian_bound_holds_against_the_exact_divergence(
     """Kairouz, Liu and Steinke 2021 (Prop. 14 with Thm. 1): the closed form must bound the exact
     Renyi divergence of the summed noise against itself shifted by the sensitivity."""
     total = _log_sum_of_discrete_gaussians(share, shares, 40)
-    entry = Entry("discrete-gaussian-sum", z=share * math.sqrt(shares) / shift,
-                  tau=distributed_tau(share, shares), dim=1)
-    from attune.shared.accounting import _curve
-
-    bound = np.asarray(_curve(entry))
+    mechanism = DiscreteGaussianSum(z=share * math.sqrt(shares) / shift, tau=distributed_tau(share, shares), dim=1)
+    bound = mechanism.curve(np.asarray(ORDERS))
     log_p, log_q = total[shift:], total[:-shift]  # P(x) and P(x - shift) on the common support
     for index, alpha in enumerate(ORDERS[:30]):
         exact = logsumexp(alpha * log_p + (1 - alpha) * log_q) / (alpha - 1)
@@ -82,7 +91,7 @@ def test_distributed_discrete_gaussian_bound_holds_against_the_exact_divergence(
 
 def test_calibration_meets_the_target_and_no_less_noise_would():
     def plan(scale):
-        return [Entry("gaussian", count=50, z=scale)]
+        return [Entry(Gaussian(z=scale), count=50)]
 
     z = calibrate(plan, 4.0, 1e-5)
     assert epsilon_of(plan(z), 1e-5) <= 4.0 < epsilon_of(plan(z * 0.995), 1e-5)
@@ -93,10 +102,13 @@ def test_entries_are_validated_and_round_trip():
     for bad in ({"mechanism": "laplace"}, {"mechanism": "gaussian", "z": 0.0}, {"mechanism": "gaussian", "z": 1.0,
                                                                              "q": 2.0},
                 {"mechanism": "gaussian", "z": float("nan")}, {"mechanism": "gaussian", "z": 1.0, "count": 1.5},
-                {"mechanism": "zcdp", "rho": 1.0, "extra": 1}, "not a dict"):
+                {"mechanism": "zcdp", "rho": 1.0, "extra": 1}, "not a dict",
+                {"mechanism": "zcdp", "rho": 1.0, "z": 2.0}, {"mechanism": "gaussian", "count": 1}):
         with pytest.raises(ConfigError):
             ledger_from_json([bad])
     assert epsilon_of([], 1e-5) == 0.0
+    older = {"mechanism": "zcdp", "count": 2, "z": 0.0, "q": 1.0, "tau": 0.0, "dim": 0, "rho": 0.5, "pivot": 0.0}
+    assert ledger_from_json([older]) == [Entry(ZCDP(rho=0.5), count=2)]  # a ledger from before typed entries
 
 
 def test_without_tau_a_sum_of_few_small_shares_would_be_under_accounted():

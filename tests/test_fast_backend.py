@@ -11,7 +11,7 @@ from dp_accounting import rdp
 
 from attune.client.policy import PrivacyConfig
 from attune.server.config import ServerConfig
-from attune.shared.accounting import ORDERS, epsilon_of, ledger_from_json
+from attune.shared.accounting import ORDERS, DiscreteGaussianSum, epsilon_of, ledger_from_json
 from attune.shared.errors import ConfigError
 from attune.simulations.evaluation import leave_one_out
 from attune.simulations.fast import InProcessTransport, device_cohort
@@ -37,8 +37,8 @@ def test_results_state_the_guarantee_and_recompute_with_dp_accounting(tmp_path):
     assert epsilon_of(ledger, privacy["delta"]) == pytest.approx(privacy["epsilon"], abs=1e-5)
     accountant = rdp.RdpAccountant(orders=list(ORDERS))
     for entry in ledger:  # the discrete Gaussian sums here have tau * dim below 1e-12: Gaussian events
-        assert entry.tau * entry.dim < 1e-12
-        accountant.compose(dp_accounting.GaussianDpEvent(entry.z), entry.count)
+        assert isinstance(entry.mechanism, DiscreteGaussianSum) and entry.mechanism.tau * entry.mechanism.dim < 1e-12
+        accountant.compose(dp_accounting.GaussianDpEvent(entry.mechanism.z), entry.count)
     assert accountant.get_epsilon(privacy["delta"]) == pytest.approx(privacy["epsilon"], rel=1e-3)
     assert "seed" in privacy["noise_source"] and results["rounds"][-1]["epsilon"] == pytest.approx(privacy["epsilon"],
                                                                                                     abs=1e-5)

@@ -182,8 +182,9 @@ def test_planned_ledger_adds_up_the_rounds_and_refreshes():
     rounds = [round_entries(model, config, config.refresh_due(k)) for k in range(7)]
     flat = [entry for entries in rounds for entry in entries]
     planned = planned_entries(model, config, 7)
-    assert sum(e.count for e in planned if e.dim == model.dim) == sum(e.count for e in flat if e.dim == model.dim) == 6
-    assert sum(e.count for e in planned if e.dim != model.dim) == 7
+    user = [sum(e.count for e in entries if e.mechanism.dim == model.dim) for entries in (planned, flat)]
+    assert user == [6, 6]
+    assert sum(e.count for e in planned if e.mechanism.dim != model.dim) == 7
 
 
 def test_a_planned_ledger_holds_the_count_round_once():
@@ -191,8 +192,8 @@ def test_a_planned_ledger_holds_the_count_round_once():
     config = preset("distributed", min_survivors=10, user_every=3, noise_multiplier=4.0, user_noise_multiplier=3.0)
     count = preset("distributed", min_survivors=10, noise_multiplier=2.0, task=RoundTask.COUNT)
     planned = planned_entries(model, config, 7, count=count)
-    (counting,) = [e for e in planned if e.dim == model.num_items]  # one number per catalog item
-    assert counting.count == 1 and counting.z == pytest.approx(2.0 * 2**16 / sensitivity(model, count))
+    (counting,) = [e for e in planned if e.mechanism.dim == model.num_items]  # one number per catalog item
+    assert counting.count == 1 and counting.mechanism.z == pytest.approx(2.0 * 2**16 / sensitivity(model, count))
     assert planned[1:] == planned_entries(model, config, 7)
 
 
@@ -211,8 +212,8 @@ def test_the_budget_split_holds_in_accounted_terms_at_any_grid(bits):
     assert epsilon_of(entries, 1e-5) == pytest.approx(4.0, rel=1e-3)
     rho = {"user": 0.0, "count": 0.0, "evaluation": 0.0, "train": 0.0}
     for e in entries:
-        part = {model.dim: "user", model.num_items: "count", 5: "evaluation"}.get(e.dim, "train")
-        rho[part] += e.count / (2 * e.z**2)
+        part = {model.dim: "user", model.num_items: "count", 5: "evaluation"}.get(e.mechanism.dim, "train")
+        rho[part] += e.count / (2 * e.mechanism.z**2)
     total = sum(rho.values())
     assert rho["user"] / total == pytest.approx(0.3, rel=1e-6)
     assert rho["count"] / total == pytest.approx(0.1, rel=1e-6)
@@ -227,11 +228,11 @@ def test_the_device_floor_is_on_the_accounted_noise_multiplier(bits):
     model = ModelConfig(num_items=200, dim=8, use_context=False, trained_items=0)
     floor = PrivacyConfig(min_noise_multiplier=1.0)
     nominal = preset("local", quantum_bits=bits, noise_multiplier=1.0, user_noise_multiplier=1.0)
-    accounted = min(e.z for e in round_entries(model, nominal, refresh=True))
+    accounted = min(e.mechanism.z for e in round_entries(model, nominal, refresh=True))
     assert (noise_refusal(model, nominal, floor) is None) == (accounted >= 1.0)
     lifted = replace(nominal, noise_multiplier=1.0 * sensitivity(model, nominal) / 2**bits,
                      user_noise_multiplier=1.0 * user_sensitivity(model, nominal) / 2**bits)
     assert noise_refusal(model, lifted, floor) is None
-    assert min(e.z for e in round_entries(model, lifted, refresh=True)) == pytest.approx(1.0)
+    assert min(e.mechanism.z for e in round_entries(model, lifted, refresh=True)) == pytest.approx(1.0)
     if bits == 4:
         assert noise_refusal(model, nominal, floor) is not None
