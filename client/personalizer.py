@@ -27,7 +27,7 @@ from attune.client import state as device_state
 from attune.client.consent import CONSENT_KEY, CONSENT_PURPOSE, read_consent, write_consent
 from attune.client.export import PersonalScorer, save_scorer
 from attune.client.policy import PrivacyConfig, refusal, replayed
-from attune.client.ranking import mmr_order
+from attune.client.ranking import device_ranking, mmr_order, personal_scores
 from attune.client.report import PrivacyReport, build_report, summary
 from attune.client.state import DeviceState, decode_tensors, encode_tensors, read_state, update_state
 from attune.client.store import EventStore, Retention, StoredEvent, file_path
@@ -35,7 +35,6 @@ from attune.client.training import (
     Cohort,
     LocalData,
     evaluation_contributions,
-    fit_rank_vectors,
     initial_user_vector,
     train_round,
 )
@@ -120,6 +119,7 @@ class Personalizer:
         simulation_seed: tuple[int, int] | None = None,
         tags: ItemTags | None = None,
         tag_affinity: TagAffinity | None = None,
+        ranking: str = "partial-local",
     ) -> None:
         """Open (or create) the person's store at ``store_path``.
 
@@ -132,7 +132,8 @@ class Personalizer:
         metadata, one list per model item), which ranking combines with the person's affinity to
         them as ``tag_affinity`` says (``attune.shared.tags``: on the device, no budget). Raises
         ``ConfigError`` for a bad argument, ``StoreError`` for a file that is not a usable store and
-        ``WrongKeyError`` for a wrong or missing key.
+        ``WrongKeyError`` for a wrong or missing key. ``ranking`` is what the device fits for its
+        person after each round (``attune.client.ranking``: ``partial-local``, ``ditto``, ``global``).
         """
         for name, value, kind in (("model", model, ModelConfig), ("vocabulary", vocabulary, Vocabulary),
                                   ("privacy", privacy, PrivacyConfig), ("tags", tags, ItemTags),
@@ -149,6 +150,9 @@ class Personalizer:
             raise ConfigError(f"the tags list {tags.num_items} items but the model's num_items is "
                               f"{self.model_config.num_items}")
         self.tags, self.tag_affinity = tags, tag_affinity or TagAffinity()
+        if not isinstance(ranking, str):
+            raise ConfigError(f"ranking must be a name, got {type(ranking).__name__}")
+        self.ranking = device_ranking(ranking)
         self._tag_shares: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None  # of the model they came from
         self.privacy = privacy or PrivacyConfig()
         if simulation_seed is not None and not (
@@ -227,7 +231,8 @@ class Personalizer:
         user = self.store.get_state(device_state.USER_KEY)
         self._user = decode_tensors(user)["user"] if user is not None else None
         rank = self.store.get_state(device_state.RANK_KEY)
-        self._rank = decode_tensors(rank)["rank"] if rank is not None else None
+        fitted = decode_tensors(rank) if rank is not None else {}
+        self._rank, self._rank_bias = fitted.get("rank"), fitted.get("bias")
 
     def _initial_state(self) -> dict[str, torch.Tensor]:
         """The shared side before any round: fixed (seed 0), so ranking is stable until then."""
@@ -348,7 +353,13 @@ class Personalizer:
             return self._history_scores(items)
         with torch.no_grad():
             query = self._query(context)  # first: it refreshes a stale cache
-            return self._shared.score(self._state, query, items.unsqueeze(0))[0] + self._tag_lift(items)
+            own = None if (bias := self._own_bias()) is None else bias.unsqueeze(0)
+            return personal_scores(self._state, self.model_config, query, items.unsqueeze(0), own)[0] \
+                + self._tag_lift(items)
+
+    def _own_bias(self) -> torch.Tensor | None:
+        """The person's own item biases ``[num_items]`` when the ranking fitted some (not while paused)."""
+        return None if self._rank_bias is None or self.state.paused else self._rank_bias
 
     def _tag_lift(self, items: torch.Tensor) -> torch.Tensor:
         """The person's tag affinity on ``items`` (0 without tags, while paused, or with strength 0)."""
@@ -403,9 +414,10 @@ class Personalizer:
         """Fit and cache the ranking vector from ``user`` against the cached global side (not a
         copy of it: a 1M-item model is not duplicated); its stored form."""
         generator = torch.Generator().manual_seed(int.from_bytes(self._stream("rank").key_bytes()[:8], "little"))
-        self._rank = fit_rank_vectors(self._state, self.model_config, user.unsqueeze(0),
-                                      Cohort.of([self.local_data()]), generator, steps=steps)[0]
-        return encode_tensors({"rank": self._rank})
+        side = self.ranking.fit(self._state, self.model_config, user.unsqueeze(0), Cohort.of([self.local_data()]),
+                                generator, steps=steps)
+        self._rank, self._rank_bias = side.vectors[0], None if side.biases is None else side.biases[0]
+        return encode_tensors({"rank": self._rank} | ({} if self._rank_bias is None else {"bias": self._rank_bias}))
 
     def rank(self, candidate_item_ids: Sequence[str], context: EventContext | None = None, *,
              diversity: float = 0.0, limit: int | None = None) -> list[Ranked]:
@@ -493,6 +505,7 @@ class Personalizer:
             queries = self._queries([EventContext(hour=h, weekday=w) for h in range(24) for w in range(7)],
                                     self._rank if self._rank is not None else self._user)
             vectors, bias = self._shared.all_items(self._state)
+            bias = bias if (own := self._own_bias()) is None else own
             if not self._has_global:  # before any model: the history scores, as score() gives them
                 vectors = torch.zeros_like(vectors)
                 bias = self._history_scores(torch.arange(self.model_config.num_items))
@@ -645,7 +658,7 @@ class Personalizer:
         consent record (the person's choice, which erasing data does not change).
         """
         self.store.erase(keep_state=_KEPT_BY_ERASE)
-        self._user = self._rank = None
+        self._user = self._rank = self._rank_bias = None
         self._state, self._has_global = self._initial_state(), False
 
     def export(self) -> dict:

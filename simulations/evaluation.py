@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attune.client.training import Cohort, fit_rank_vectors
 from attune.shared.errors import DataError
 from attune.shared.events import EVENT_TYPES, RANKED_EVENT_TYPE, context_matrix
 from attune.shared.metrics import hit_and_ndcg
@@ -109,19 +108,3 @@ def test_queries(state: dict[str, torch.Tensor], model: ModelConfig, vectors: to
     shared = shared_model(model)
     global_only = shared.query(state, torch.zeros(len(hours), model.dim), features)
     return shared.query(state, vectors, features), global_only
-
-
-def rank_heldout(state: dict[str, torch.Tensor], model: ModelConfig, users: torch.Tensor, started: torch.Tensor,
-                 cohort: Cohort, split: Split, seed: int, *, rank_fit: bool = True) -> Ranking:
-    """What each device would rank, measured by the simulator (which keeps the held-out events;
-    devices send nothing for evaluation): its ranking vector fitted on the device to its own
-    events from its DP vector (``fit_rank_vectors``), the global model alone if it never joined."""
-    vectors = users
-    if rank_fit:
-        vectors = fit_rank_vectors(state, model, users, cohort, torch.Generator().manual_seed(seed))
-    vectors = vectors * started.unsqueeze(1)
-    personal, global_only = test_queries(state, model, vectors, split)
-    candidates = torch.from_numpy(split.candidates)
-    with torch.no_grad():
-        scores = shared_model(model).score(state, personal, candidates)
-    return Ranking(scores=scores, personal=personal, global_only=global_only)

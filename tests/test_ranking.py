@@ -10,6 +10,7 @@ from device_helpers import request
 from attune.client.export import load_scorer
 from attune.client.personalizer import Personalizer, Status
 from attune.client.ranking import mmr_order
+from attune.shared.errors import ConfigError
 from attune.shared.events import Event, EventContext
 from attune.shared.metrics import intra_list_diversity
 from attune.shared.model import ModelConfig, shared_model
@@ -105,3 +106,31 @@ def test_before_any_round_the_exported_scorer_gives_the_history_scores(tmp_path)
         assert expected[0] > expected[1] > expected[2] == 0.0
         np.testing.assert_allclose(scorer(indices, torch.tensor(9), torch.tensor(1)).numpy(), expected.numpy(),
                                    rtol=1e-5)
+
+
+@pytest.mark.parametrize("ranking", ["partial-local", "ditto", "global"])
+def test_every_ranking_runs_on_a_device_and_ditto_keeps_the_persons_own_biases(tmp_path, ranking):
+    with Personalizer(tmp_path / "d.sqlite", model=MODEL, vocabulary=VOCAB, simulation_seed=(0, 5),
+                      ranking=ranking) as device:
+        device.grant_consent("policy-1")
+        device.record_many(Event("item33", "click", time.time() - 900 + i) for i in range(30))  # one item, often
+        assert device.contribute(request(state=_clustered_global(), model=MODEL)).status is Status.CONTRIBUTED
+        items = [f"item{i}" for i in range(40)]
+        scores = device.score(items)
+        device.pause()
+        global_scores = device.score(items)  # paused: the global model alone
+        device.pause(False)
+    with Personalizer(tmp_path / "d.sqlite", model=MODEL, vocabulary=VOCAB, ranking=ranking) as reopened:
+        assert torch.equal(reopened.score(items), scores)  # what was fitted is stored
+    lift = scores - global_scores
+    if ranking == "global":
+        assert torch.equal(scores, global_scores)
+    else:
+        assert lift[33] > lift[32]  # the person's item rises above its cluster's (same vector, own bias)
+    own_bias = lift[33] - (lift[32] + lift[34]) / 2
+    assert (own_bias > 0.5) == (ranking == "ditto")  # only ditto moves one item's bias on its own
+
+
+def test_an_unknown_ranking_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown ranking"):
+        Personalizer(tmp_path / "d.sqlite", model=MODEL, vocabulary=VOCAB, ranking="magic")
