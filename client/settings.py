@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from attune.client.policy import PrivacyConfig
+from attune.client.ranking import RANKINGS
 from attune.shared.errors import ConfigError
 from attune.shared.vocabulary import Vocabulary
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 NODE_CONFIG_KEYS = frozenset({"store-path", "epsilon-budget", "delta", "min-noise-multiplier", "allow-non-private",
                               "allow-evaluation",
                               "vocabulary-path", "encryption-key-file", "coordinator-public-key",
-                              "allow-unsigned", "partition-id", "num-partitions"})
+                              "allow-unsigned", "partition-id", "num-partitions", "ranking"})
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class DeviceSettings:
     encryption_key_file: Path | None = None
     coordinator_public_key: Path | None = None
     allow_unsigned: bool = False
+    ranking: str = "partial-local"  # what the device fits for its person's ranking (attune.client.ranking)
     # simulations only: the simulator playing the app just before a verified round (it records the
     # held-out event of an evaluation round, as a person's app records what they used)
     before_round: Callable[[Personalizer, RoundRequest], None] | None = None
@@ -116,6 +118,9 @@ class DeviceSettings:
         allow_unsigned = node_config.get("allow-unsigned", False)
         if not isinstance(allow_unsigned, bool):
             raise ConfigError(f"allow-unsigned must be true or false, got {allow_unsigned!r}")
+        ranking = node_config.get("ranking", "partial-local")
+        if ranking not in RANKINGS:
+            raise ConfigError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
         vocabulary = node_config.get("vocabulary-path")
         key_file = node_config.get("encryption-key-file")
         public_key = node_config.get("coordinator-public-key")
@@ -126,4 +131,5 @@ class DeviceSettings:
             encryption_key_file=Path(str(key_file)) if key_file else None,
             coordinator_public_key=Path(str(public_key)) if public_key else None,
             allow_unsigned=allow_unsigned,
+            ranking=str(ranking),
         )

@@ -4,23 +4,23 @@
 A ledger is a list of ``Entry``s, each a typed mechanism applied ``count`` times to the same data
 (stored as its name and fields):
 
-- ``Gaussian`` (``gaussian``): the (sampled) Gaussian mechanism with noise multiplier ``z`` (noise std over L2
-  sensitivity) and Poisson sampling rate ``q``: Opacus's ``compute_rdp`` (Mironov, Talwar and
-  Zhang 2019). ``q = 1`` is the plain Gaussian mechanism, ``alpha / (2 z^2)``. With ``pivot``
-  ``p > 0`` the round also shows whether it released at all, and with probability at most ``p``
-  its release hinged on this device being sampled (exactly the needed number of others was): the
-  others' outcome given away, that round is a plain Gaussian or nothing, so its curve is
+- ``Gaussian`` (``gaussian``): the (sampled) Gaussian mechanism with noise multiplier ``z`` (noise
+  std over L2 sensitivity) and Poisson sampling rate ``q``: Opacus's ``compute_rdp`` (Mironov,
+  Talwar and Zhang 2019). ``q = 1`` is the plain Gaussian mechanism, ``alpha / (2 z^2)``. With
+  ``pivot`` ``p > 0`` the round also shows whether it released at all, and with probability at most
+  ``p`` its release hinged on this device being sampled (exactly the needed number of others was):
+  the others' outcome given away, that round is a plain Gaussian or nothing, so its curve is
   ``log((1 - p) e^{(alpha-1) R_q} + p (q e^{(alpha-1) alpha / (2 z^2)} + 1 - q)) / (alpha - 1)``
   with ``R_q`` the sampled Gaussian's.
-- ``DiscreteGaussianSum`` (``discrete-gaussian-sum``): a sum of integer data plus discrete Gaussian noise shares from
-  several devices (Kairouz, Liu and Steinke 2021, "The Distributed Discrete Gaussian Mechanism",
-  Proposition 14 with the ``tau`` of their Theorem 1): ``min(alpha / (2 z^2) + tau * d,
-  alpha / 2 * (1 / z + sqrt(d) * tau)^2)`` where ``z`` is the honest noise std over the L2
+- ``DiscreteGaussianSum`` (``discrete-gaussian-sum``): a sum of integer data plus discrete Gaussian
+  noise shares from several devices (Kairouz, Liu and Steinke 2021, "The Distributed Discrete
+  Gaussian Mechanism", Proposition 14 with the ``tau`` of their Theorem 1): ``min(alpha / (2 z^2) +
+  tau * d, alpha / 2 * (1 / z + sqrt(d) * tau)^2)`` where ``z`` is the honest noise std over the L2
   sensitivity, ``d`` the dimension and ``tau = 10 * sum_{k<n} exp(-2 pi^2 s^2 k / (k + 1))`` for
-  ``n`` shares of std ``s`` each. With ``tau = 0`` (one share) it is the discrete Gaussian,
-  ``alpha / (2 z^2)`` (Canonne, Kamath and Steinke 2020).
-- ``ZCDP`` (``zcdp``): a ``rho``-zCDP mechanism, ``alpha * rho`` (the exponential mechanism, Cesar and
-  Rogers 2021).
+  ``n`` shares of std ``s`` each. With ``tau = 0`` (one share) it is the discrete Gaussian, ``alpha
+  / (2 z^2)`` (Canonne, Kamath and Steinke 2020).
+- ``ZCDP`` (``zcdp``): a ``rho``-zCDP mechanism, ``alpha * rho`` (the exponential mechanism, Cesar
+  and Rogers 2021).
 
 Orders are the integers 2..256, where Opacus's and dp-accounting's RDP conversions agree, so any
 epsilon this module prints recomputes with dp-accounting (``tests/test_accounting.py``).

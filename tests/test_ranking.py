@@ -7,9 +7,11 @@ import pytest
 import torch
 from device_helpers import request
 
+from attune.client.device_round import open_device
 from attune.client.export import load_scorer
 from attune.client.personalizer import Personalizer, Status
 from attune.client.ranking import mmr_order
+from attune.client.settings import DeviceSettings
 from attune.shared.errors import ConfigError
 from attune.shared.events import Event, EventContext
 from attune.shared.metrics import intra_list_diversity
@@ -134,3 +136,12 @@ def test_every_ranking_runs_on_a_device_and_ditto_keeps_the_persons_own_biases(t
 def test_an_unknown_ranking_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="unknown ranking"):
         Personalizer(tmp_path / "d.sqlite", model=MODEL, vocabulary=VOCAB, ranking="magic")
+
+
+def test_a_supernode_picks_its_devices_ranking_in_its_node_config(tmp_path):
+    settings = DeviceSettings.from_node_config({"store-path": str(tmp_path / "d.sqlite"), "ranking": "ditto"})
+    with open_device(settings, request(model=MODEL)) as device:
+        assert device.ranking.name == "ditto"
+    assert DeviceSettings.from_node_config({"store-path": "x.sqlite"}).ranking == "partial-local"
+    with pytest.raises(ConfigError, match="ranking must be one of"):
+        DeviceSettings.from_node_config({"store-path": "x.sqlite", "ranking": "best"})
