@@ -79,15 +79,15 @@ class ItemTags:
     def num_items(self) -> int:
         return len(self.starts) - 1
 
-    def matrix(self, items: torch.Tensor) -> torch.Tensor:
-        """Rows ``[*items.shape, num_tags]`` of the item x tag matrix (each item's tags share 1)."""
+    def entries(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The nonzero entries of the rows of ``items`` (flattened): each one's position in
+        ``items``, its tag and its weight (one over the item's number of tags). Sparse: a
+        1M-item catalog with many tags never becomes a dense matrix."""
         flat = items.reshape(-1)
         counts = self.starts[flat + 1] - self.starts[flat]
-        owner = torch.repeat_interleave(torch.arange(len(flat)), counts)
-        offsets = torch.arange(len(owner)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-        out = torch.zeros(len(flat), self.num_tags)
-        out[owner, self.tags[self.starts[flat][owner] + offsets]] = 1.0
-        return (out / counts.clamp(min=1).unsqueeze(1)).reshape(*items.shape, self.num_tags)
+        position = torch.repeat_interleave(torch.arange(len(flat)), counts)
+        offsets = torch.arange(len(position)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        return position, self.tags[self.starts[flat][position] + offsets], 1.0 / counts[position].float()
 
     def shares(self, item_bias: torch.Tensor) -> torch.Tensor:
         """Each tag's share ``[num_tags]`` of the popularity ``softmax(item_bias)`` (all items)."""
@@ -104,10 +104,15 @@ def tag_lift(tags: ItemTags, shares: torch.Tensor, own: torch.Tensor, candidates
     events' tag totals are ``own`` ``[people, num_tags]`` (``person_tags``), against ``shares``."""
     floor = shares.clamp(min=1e-12)
     affinity = (own + config.tag_prior_events * floor) / (own.sum(1, keepdim=True) + config.tag_prior_events) / floor
-    return config.tag_strength * (tags.matrix(candidates) * affinity.log().unsqueeze(1)).sum(2)
+    position, tag, weight = tags.entries(candidates)
+    person = position // max(candidates.shape[1], 1)
+    lift = torch.zeros(candidates.numel()).index_add(0, position, weight * affinity.log()[person, tag])
+    return config.tag_strength * lift.reshape(candidates.shape)
 
 
 def person_tags(tags: ItemTags, items: torch.Tensor, owners: torch.Tensor, people: int) -> torch.Tensor:
     """Each person's tag totals ``[people, num_tags]`` over their events' ``items`` (``owners``:
     whose event each is)."""
-    return torch.zeros(people, tags.num_tags).index_add(0, owners, tags.matrix(items))
+    position, tag, weight = tags.entries(items)
+    totals = torch.zeros(people * tags.num_tags).index_add(0, owners[position] * tags.num_tags + tag, weight)
+    return totals.reshape(people, tags.num_tags)

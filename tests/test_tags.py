@@ -98,8 +98,9 @@ def test_the_loaders_read_tags(tmp_path):
     catalog = tmp_path / "tags.csv"
     catalog.write_text("item,tag\nb,comedy\na,drama\nb,drama\nzzz,horror\n")
     tags = load_tags(catalog, ("a", "b", "c"))
-    assert tags.num_tags == 2 and tags.matrix(torch.tensor([0, 1, 2])).tolist() == [
-        [0.0, 1.0], [0.5, 0.5], [0.0, 0.0]]  # the unknown item and its tag are skipped
+    position, tag, weight = tags.entries(torch.tensor([0, 1, 2]))
+    assert tags.num_tags == 2 and list(zip(position.tolist(), tag.tolist(), weight.tolist(), strict=True)) == [
+        (0, 1, 1.0), (1, 0, 0.5), (1, 1, 0.5)]  # the unknown item and its tag are skipped
     catalog.write_text("item,genre\na,drama\n")
     with pytest.raises(DataError, match="no column"):
         load_tags(catalog, ("a",))
