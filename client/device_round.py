@@ -37,7 +37,7 @@ def open_device(settings: DeviceSettings, request: RoundRequest) -> Personalizer
     vocabulary = settings.read_vocabulary() or Vocabulary(request.model.num_items)
     return Personalizer(settings.store_path, model=request.model, vocabulary=vocabulary, privacy=settings.privacy,
                         encryption_key=settings.encryption_key(), simulation_seed=settings.simulation_seed,
-                       ranking=settings.ranking)
+                        ranking=settings.ranking)
 
 
 def run_round(settings: DeviceSettings, arrays: Mapping[str, np.ndarray],

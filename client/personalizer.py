@@ -378,7 +378,11 @@ class Personalizer:
         """The person's query ``[1, dim]``: their ranking vector (none while paused or before the
         first round) at ``context``."""
         self._fresh()
-        return self._queries([context], self._rank if self._rank is not None else self._user)
+        return self._queries([context], self._own_vector())
+
+    def _own_vector(self) -> torch.Tensor | None:
+        """The person's vector for ranking: the ranking vector, or the DP user vector before one is fitted."""
+        return self._rank if self._rank is not None else self._user
 
     def _queries(self, contexts: Sequence[EventContext | None], own: torch.Tensor | None) -> torch.Tensor:
         """The queries ``[n, dim]`` of the person's vector ``own`` (none while paused or before
@@ -503,7 +507,7 @@ class Personalizer:
         with torch.no_grad():
             self._fresh()
             queries = self._queries([EventContext(hour=h, weekday=w) for h in range(24) for w in range(7)],
-                                    self._rank if self._rank is not None else self._user)
+                                    self._own_vector())
             vectors, bias = self._shared.all_items(self._state)
             bias = bias if (own := self._own_bias()) is None else own
             if not self._has_global:  # before any model: the history scores, as score() gives them
@@ -670,6 +674,7 @@ class Personalizer:
         if self._user is not None:
             local = {"user_vector": self._user.tolist(),
                      "rank_vector": None if self._rank is None else self._rank.tolist(),
+                     "own_item_biases": None if self._rank_bias is None else self._rank_bias.tolist(),
                      "dim": self.model_config.dim, "model_version": MODEL_VERSION}
         awaiting = [dict(zip(STATISTICS, row, strict=True)) for row in self._pending_evaluation()[1].tolist()]
         return {"events": events, "consent": self.consent(), "not_interested": self.not_interested(),

@@ -436,8 +436,7 @@ class EventStore:
 
     def put_state(self, values: dict[str, bytes]) -> None:
         """Write several state values in one transaction (e.g. user vector and device state)."""
-        with self.transaction():
-            self._write_state(values)
+        self.put_state_after(lambda _: values)
 
     def put_state_after(self, change: Callable[[Callable[[str], bytes | None]], dict[str, bytes]]) -> None:
         """Write what ``change`` returns, given a reader of the stored values, in one transaction:

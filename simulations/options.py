@@ -1,10 +1,10 @@
 """Command-line options built from the config dataclasses, so every default is written once.
 
 Each field of ``ServerConfig``, its ``ModelConfig`` and ``RoundSettings``, ``SimulationConfig``,
-``TagAffinity`` and ``DataSource`` (minus the ones a simulation sets itself) becomes one option with the field's help,
-in a help panel (data, privacy, training, run). Every option defaults to absent: the coordinator's
-settings get only what was typed (``ServerConfig.parse``, the same parser as Flower's run config),
-and the help shows what an absent value becomes.
+``TagAffinity`` and ``DataSource`` (minus the ones a simulation sets itself) becomes one option with
+the field's help, in a help panel (data, privacy, training, run). Every option defaults to absent:
+the coordinator's settings get only what was typed (``ServerConfig.parse``, the same parser as
+Flower's run config), and the help shows what an absent value becomes.
 """
 
 from __future__ import annotations

@@ -164,3 +164,34 @@ def test_what_is_sent_has_the_same_size_whatever_the_events():
         sizes.add((tuple(record.keys()), len(record["contribution"].data)))
         assert set(content.metric_records) == set() and set(content.config_records) == set()
     assert len(sizes) == 1 and units(config) > 0
+
+
+def test_what_a_device_ranks_with_never_enters_what_it_sends(tmp_path):
+    """The ranking a device fits after a round (ditto's own item biases) and the catalog's tags are
+    on-device post-processing: two devices alike but for them send the same vectors, pay the same
+    ledger and keep the same DP user vector, round after round, ranking in between."""
+    from device_helpers import MODEL as DEVICE_MODEL
+    from device_helpers import VOCAB, request
+
+    from attune.client.personalizer import Personalizer
+    from attune.shared.events import Event
+    from attune.shared.tags import ItemTags
+
+    tags = ItemTags.of([[i % 3] for i in range(DEVICE_MODEL.num_items)], 3)
+    sent, paid, users = [], [], []
+    for ranking, item_tags in (("partial-local", None), ("ditto", tags), ("global", tags)):
+        with Personalizer(tmp_path / f"{ranking}.sqlite", model=DEVICE_MODEL, vocabulary=VOCAB, tags=item_tags,
+                          ranking=ranking, simulation_seed=(0, 3)) as device:
+            device.grant_consent("test-policy-1")
+            device.record_many(Event(f"item{i % 12}", "click", 1.7e9 + i) for i in range(36))
+            vectors = []
+            for number in (1, 2, 3):
+                outcome = device.contribute(request(number, model=DEVICE_MODEL, user_every=1))
+                assert outcome.vector is not None
+                vectors.append(outcome.vector)
+                device.rank(list(VOCAB.ids))  # ranking between rounds reads the tags and the fitted side
+            sent.append(torch.stack(vectors))
+            paid.append([row.entries for row in device.store.ledger()])
+            users.append(device.export()["local_model"]["user_vector"])
+    for other in (1, 2):
+        assert torch.equal(sent[0], sent[other]) and paid[0] == paid[other] and users[0] == users[other]

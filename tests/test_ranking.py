@@ -122,6 +122,8 @@ def test_every_ranking_runs_on_a_device_and_ditto_keeps_the_persons_own_biases(t
         device.pause()
         global_scores = device.score(items)  # paused: the global model alone
         device.pause(False)
+        own = device.export()["local_model"]["own_item_biases"]  # the person's export holds what was fitted
+        assert (own is not None and len(own) == MODEL.num_items) == (ranking == "ditto")
     with Personalizer(tmp_path / "d.sqlite", model=MODEL, vocabulary=VOCAB, ranking=ranking) as reopened:
         assert torch.equal(reopened.score(items), scores)  # what was fitted is stored
     lift = scores - global_scores
