@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from attune.client.store import EventStore
+from attune.client.store import EventStore, Parts
 from attune.shared.errors import StoreError
 from attune.shared.layout import all_finite
 
@@ -80,38 +80,63 @@ def update_state(store: EventStore, **changes: Any) -> DeviceState:
 
 
 _FORMATS = {torch.float32: "<f4", torch.int64: "<i8"}
+PART_BYTES = 1 << 18  # what one stored part of a large value holds (``EventStore`` ``Parts``)
+
+
+def tensor_parts(tensors: dict[str, torch.Tensor], part_bytes: int = PART_BYTES) -> Iterator[bytes]:
+    """A header (names, shapes, dtypes), then the little-endian bytes of each tensor (float32, or
+    int64 for index tensors) at most ``part_bytes`` at a time: no pickle, no code, and no copy of a
+    whole tensor (a 1M-item prior is stored a quarter of a megabyte at a time)."""
+    formats = {name: _FORMATS.get(t.dtype, "<f4") for name, t in tensors.items()}
+    header = json.dumps({name: [list(t.shape), formats[name]] for name, t in tensors.items()}).encode()
+    yield struct.pack("<I", len(header)) + header
+    for name, tensor in tensors.items():
+        flat = tensor.detach().contiguous().numpy().astype(formats[name], copy=False).reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, part_bytes):
+            yield flat[start:start + part_bytes].tobytes()
 
 
 def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
-    """A header (names, shapes, dtypes) and the little-endian bytes of each tensor (float32, or
-    int64 for index tensors): no pickle, no code."""
-    formats = {name: _FORMATS.get(t.dtype, "<f4") for name, t in tensors.items()}
-    header = json.dumps({name: [list(t.shape), formats[name]] for name, t in tensors.items()}).encode()
-    # One copy of the values, the bytes returned: a model-sized tensor is not copied twice more.
-    bodies = [t.detach().contiguous().numpy().astype(formats[name], copy=False).reshape(-1).view(np.uint8).data
-              for name, t in tensors.items()]
-    return b"".join([struct.pack("<I", len(header)), header, *bodies])
+    """``tensor_parts`` as one value, for small tensors."""
+    return b"".join(tensor_parts(tensors))
 
 
-def decode_tensors(raw: bytes) -> dict[str, torch.Tensor]:
+def decode_parts(parts: Iterable[bytes]) -> dict[str, torch.Tensor]:
+    """Tensors from what ``tensor_parts`` wrote (the header whole in the first part, the rest split
+    anywhere): each filled in place from the parts as they come, so no part but the current one is
+    held besides the tensors."""
     try:
-        (length,) = struct.unpack_from("<I", raw)
-        shapes = json.loads(raw[4:4 + length])
-        out, start = {}, 4 + length
+        chunks = iter(parts)
+        first = next(chunks, b"")
+        (length,) = struct.unpack_from("<I", first)
+        shapes = json.loads(first[4:4 + length])
+        pending = memoryview(first)[4 + length:]
+        out = {}
         for name, (shape, dtype) in shapes.items():
             if dtype not in _FORMATS.values():
                 raise ValueError(f"unknown dtype {dtype!r}")
-            count = int(np.prod(shape, dtype=np.int64))
-            values = np.frombuffer(raw, dtype=dtype, count=count, offset=start)
-            out[name] = torch.from_numpy(values.astype(dtype[1:], copy=True)).reshape(shape)
-            start += values.itemsize * count
-        if start != len(raw):
-            raise ValueError(f"{len(raw) - start} trailing bytes")
+            values = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=dtype)
+            target, filled = values.view(np.uint8), 0
+            while filled < target.size:
+                if not len(pending):
+                    pending = memoryview(next(chunks))  # StopIteration: the value was cut short
+                take = min(len(pending), target.size - filled)
+                target[filled:filled + take] = np.frombuffer(pending[:take], dtype=np.uint8)
+                pending, filled = pending[take:], filled + take
+            out[name] = torch.from_numpy(values.astype(dtype[1:], copy=False)).reshape(shape)
+        if len(pending) or next(chunks, None) is not None:
+            raise ValueError("trailing bytes")
         if not all(all_finite(t) for t in out.values()):
             raise ValueError("a stored vector holds NaN or infinity")
         return out
+    except StopIteration:
+        raise StoreError("a stored tensor value is damaged: it is cut short") from None
     except (struct.error, ValueError, TypeError, AttributeError) as error:
         raise StoreError(f"a stored tensor value is damaged: {error}") from None
+
+
+def decode_tensors(raw: bytes) -> dict[str, torch.Tensor]:
+    return decode_parts([raw])
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -123,20 +148,22 @@ def _digest(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def global_values(state: dict[str, torch.Tensor], buffers: Collection[str],
-                  stored: Callable[[str], bytes | None]) -> dict[str, bytes]:
+                  stored: Callable[[str], bytes | None]) -> dict[str, bytes | Parts]:
     """The stored form of a global model: its parameters, and its ``buffers`` unless the ``stored``
     ones are the same (a training round does not rewrite a 1M-item prior it did not change)."""
     kept = {name: state[name] for name in buffers if name in state}
-    values = {GLOBAL_KEY: encode_tensors({name: t for name, t in state.items() if name not in kept})}
+    parameters = {name: tensor for name, tensor in state.items() if name not in kept}
+    values: dict[str, bytes | Parts] = {GLOBAL_KEY: encode_tensors(parameters)}
     if stored(BUFFERS_DIGEST_KEY) != (digest := _digest(kept)):  # none kept: an earlier model's are replaced
-        values |= {BUFFERS_KEY: encode_tensors(kept), BUFFERS_DIGEST_KEY: digest}
+        values |= {BUFFERS_KEY: Parts(tensor_parts(kept)), BUFFERS_DIGEST_KEY: digest}
     return values
 
 
 def read_global(store: EventStore) -> dict[str, torch.Tensor] | None:
     """The stored global model, parameters and buffers (None: none received yet)."""
-    raw = store.get_state(GLOBAL_KEY)
-    if raw is None:
-        return None
-    buffers = store.get_state(BUFFERS_KEY)
-    return decode_tensors(raw) | ({} if buffers is None else decode_tensors(buffers))
+    with store.transaction():  # parameters and buffers of one write
+        raw = store.get_state(GLOBAL_KEY)
+        if raw is None:
+            return None
+        buffers = store.get_parts(BUFFERS_KEY)
+        return decode_tensors(raw) | ({} if buffers is None else decode_parts(buffers))

@@ -10,7 +10,9 @@ then reported as busy. The schema is versioned; a file that is not an Attune sto
 
 With a key every value is sealed (``attune.client.encryption``) and bound to its place: an event
 to its row id, a state value to its key and the write that produced it (a sealed manifest lists
-the current write of each key), so swapped, copied or rolled-back values fail to open. Restoring
+the current write of each key), so swapped, copied or rolled-back values fail to open. A large
+value can be written in parts (``Parts``): each part is a value of its own, sealed and listed
+the same way, so neither the device nor SQLite ever holds a catalog-sized value whole. Restoring
 a whole older copy of the file cannot be seen from inside it: anchor a counter outside it (the
 platform keystore) if that matters to you.
 """
@@ -21,7 +23,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ APPLICATION_ID = 0x41544E45  # "ATNE": marks a file as an Attune store
 _DAY_S = 86_400
 _MANIFEST = "__manifest__"
 _LEDGER = "~ledger"  # the manifest's entry for the ledger's extent
+_PART, _AFTER_PARTS = "#", "$"  # a value written in parts: rows KEY#0, KEY#1, ... (all before KEY$)
 
 # Only the insertion order and the day of each event are stored in the clear (retention needs
 # them); what was done, to which item and at what time is in ``payload``, sealed when a key is set.
@@ -202,6 +205,15 @@ class _Guarded:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.db, name)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A state value given a part at a time, each part sealed and stored on its own (bound to its
+    key, position and write): a catalog-sized value is never held whole by the caller, the sealer
+    or SQLite. Read back with ``EventStore.get_parts``."""
+
+    parts: Iterable[bytes]
 
 
 class EventStore:
@@ -434,29 +446,59 @@ class EventStore:
         except ValueError as error:
             raise _corrupt(self.path, f"the stored {key!r}", error) from None
 
-    def put_state(self, values: dict[str, bytes]) -> None:
+    def get_parts(self, key: str) -> Iterator[bytes] | None:
+        """The parts of a value written as ``Parts``, read lazily (None: never written). Read them
+        inside one ``transaction()``, so that no write falls between two of them."""
+        header = self.get_json(key)
+        if header is None:
+            return None
+        if not isinstance(header, dict) or set(header) != {"parts"} or not isinstance(header["parts"], int):
+            raise _corrupt(self.path, f"the stored {key!r}", ValueError(f"not a list of parts: {header!r}"))
+        return (self._part(key, index) for index in range(header["parts"]))
+
+    def _part(self, key: str, index: int) -> bytes:
+        value = self.get_state(f"{key}{_PART}{index}")
+        if value is None:
+            raise _corrupt(self.path, f"the stored {key!r}", ValueError(f"its part {index} is missing"))
+        return value
+
+    def put_state(self, values: Mapping[str, bytes | Parts]) -> None:
         """Write several state values in one transaction (e.g. user vector and device state)."""
         self.put_state_after(lambda _: values)
 
-    def put_state_after(self, change: Callable[[Callable[[str], bytes | None]], dict[str, bytes]]) -> None:
+    def put_state_after(self, change: Callable[[Callable[[str], bytes | None]], Mapping[str, bytes | Parts]]) -> None:
         """Write what ``change`` returns, given a reader of the stored values, in one transaction:
         a value written only when it differs from the stored one cannot go stale between the two."""
         with self.transaction():
             self._write_state(change(self.get_state))
 
-    def _write_state(self, values: dict[str, bytes], *, fresh: bool = False) -> None:
+    def _write_state(self, values: Mapping[str, bytes | Parts], *, fresh: bool = False) -> None:
         """Inside a transaction: seal and write ``values`` under a new generation (``fresh``: they
-        are all the state there is, the rest was just deleted)."""
+        are all the state there is, the rest was just deleted). A value's earlier parts go."""
         base = {} if fresh or not self.encrypted else self._manifest()  # read before the generation moves
         generation = int(self.generation()) + 1
         self._db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(generation),))
-        rows = [(key, generation, self._sealer.seal(value, f"state:{key}:{generation}"))
-                for key, value in values.items()]
+        written = []
+
+        def write(key: str, value: bytes) -> None:
+            self._db.execute("INSERT OR REPLACE INTO state (key, generation, value) VALUES (?, ?, ?)",
+                             (key, generation, self._sealer.seal(value, f"state:{key}:{generation}")))
+            written.append(key)
+
+        for key, value in values.items():
+            if not fresh:
+                self._db.execute("DELETE FROM state WHERE key > ? AND key < ?", (key + _PART, key + _AFTER_PARTS))
+            if isinstance(value, Parts):
+                count = 0
+                for count, part in enumerate(value.parts, 1):  # one part in memory at a time
+                    write(f"{key}{_PART}{count - 1}", part)
+                value = json.dumps({"parts": count}).encode()
+            write(key, value)
         if self.encrypted:
-            manifest = {**base, **{key: generation for key in values}, _LEDGER: self._ledger_extent()}
-            rows.append((_MANIFEST, generation,
-                         self._sealer.seal(json.dumps(manifest).encode(), f"state:{_MANIFEST}:{generation}")))
-        self._db.executemany("INSERT OR REPLACE INTO state (key, generation, value) VALUES (?, ?, ?)", rows)
+            earlier_parts = tuple(key + _PART for key in values)
+            kept = {key: value for key, value in base.items() if not key.startswith(earlier_parts)}
+            manifest = {**kept, **dict.fromkeys(written, generation), _LEDGER: self._ledger_extent()}
+            write(_MANIFEST, json.dumps(manifest).encode())
 
     def update_json(self, key: str, change: Callable[[object | None], object]) -> object:
         """Read ``key``, apply ``change`` and write the result, all in one transaction (so no

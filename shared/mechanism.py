@@ -41,7 +41,7 @@ from attune.shared.errors import ConfigError, PrivacyError
 from attune.shared.evaluation import EVALUATION_SHAPE, evaluation_layout
 from attune.shared.layout import EventGradients, Layout, rounding_bound
 from attune.shared.model import ModelConfig, shared_model
-from attune.shared.randomness import Stream, discrete_gaussian
+from attune.shared.randomness import Stream, add_discrete_gaussian
 from attune.shared.selection import COUNT_SHAPE, count_layout
 
 # Opacus adds this to norms before dividing (optimizers/optimizer.py); kept identical so Attune's
@@ -169,26 +169,39 @@ def bound(gradients: EventGradients, layout: Layout, device: torch.Tensor, devic
     sums = clipped.map(lambda values: to_units(values, config, clip)).scatter(layout, device, devices, torch.long)
     if project:
         sums = _project(sums, device_bound(config))
-        if not bool((sums.double().norm(dim=1) <= device_bound(config)).all()):
+        if not bool((_row_norms(sums) <= device_bound(config)).all()):
             raise PrivacyError("a device's sum is not within its bound: nothing is sent")
     return sums
 
 
+_COLUMNS = 1 << 16  # columns per pass over the devices' sums: no float64 copy of a catalog-wide count
+
+
+def _row_norms(sums: torch.Tensor) -> torch.Tensor:
+    """Each row's L2 norm in float64, a slice of columns at a time."""
+    squares = torch.zeros(len(sums), dtype=torch.float64)
+    for start in range(0, sums.shape[1], _COLUMNS):
+        squares += sums[:, start:start + _COLUMNS].double().square().sum(dim=1)
+    return squares.sqrt()
+
+
 def _project(sums: torch.Tensor, radius: float) -> torch.Tensor:
     """Rows of integer ``sums`` over ``radius`` in L2 scaled onto it and truncated toward zero
-    (1-Lipschitz, then under one unit of change per coordinate; the norm never grows)."""
-    norms = sums.double().norm(dim=1)
-    over = (norms > radius).nonzero().squeeze(1)
-    if over.numel():
-        sums = sums.clone()
-        sums[over] = torch.trunc(sums[over].double() * (radius / norms[over]).unsqueeze(1)).long()
+    (1-Lipschitz, then under one unit of change per coordinate; the norm never grows), in place."""
+    norms = _row_norms(sums)
+    for row in (norms > radius).nonzero().flatten().tolist():
+        scale = radius / float(norms[row])
+        for start in range(0, sums.shape[1], _COLUMNS):
+            part = sums[row, start:start + _COLUMNS]
+            part.copy_(torch.trunc(part.double() * scale).long())
     return sums
 
 
 def add_noise(bounded: torch.Tensor, std: float, streams: list[Stream]) -> torch.Tensor:
     """Step 2: each device's bounded sum (row) plus discrete Gaussian noise of ``std`` from its own
-    stream."""
-    return bounded + discrete_gaussian(streams, bounded.shape[1], std)
+    stream, added in place (``bounded`` becomes the noised sum: a catalog-wide count round holds
+    one array, not three)."""
+    return add_discrete_gaussian(bounded, streams, std)
 
 
 def bound_floats(sums: torch.Tensor, config: RoundConfig) -> torch.Tensor:

@@ -109,17 +109,26 @@ def discrete_gaussian(streams: list[Stream], count: int, sigma: float) -> torch.
     """``count`` integers per stream with ``P(x) ~ exp(-x^2 / (2 sigma^2))`` (long
     ``[streams, count]``), by Canonne-Kamath-Steinke rejection from the discrete Laplace of scale
     ``t = floor(sigma) + 1``. Each row is drawn from its own stream alone, in the same order
-    whether one stream or many are given, in chunks of ``_NOISE_CHUNK`` so the working memory
-    stays small whatever the model's size."""
-    out = torch.zeros(len(streams), count, dtype=torch.long)
+    whether one stream or many are given."""
+    return add_discrete_gaussian(torch.zeros(len(streams), count, dtype=torch.long), streams, sigma)
+
+
+def add_discrete_gaussian(values: torch.Tensor, streams: list[Stream], sigma: float) -> torch.Tensor:
+    """``values`` (long ``[streams, count]``) plus ``discrete_gaussian`` draws, in place and
+    returned: drawn ``_NOISE_CHUNK`` coordinates at a time, so the working memory stays small
+    whatever the model's size, and no noise array as large as ``values`` is ever held."""
+    if values.dtype != torch.long or values.dim() != 2 or len(values) != len(streams):
+        raise ConfigError("noise is added to a long tensor with one row per stream")
+    count = values.shape[1]
     if sigma <= 0 or count == 0:
-        return out
-    rows = out.numpy()
+        return values
+    rows, draws = values.numpy(), np.empty(min(count, _NOISE_CHUNK), dtype=np.int64)
     for k, stream in enumerate(streams):
         for start in range(0, count, _NOISE_CHUNK):
             stop = min(count, start + _NOISE_CHUNK)
-            _discrete_gaussian_into(stream, rows[k, start:stop], sigma)
-    return out
+            _discrete_gaussian_into(stream, draws[:stop - start], sigma)
+            rows[k, start:stop] += draws[:stop - start]
+    return values
 
 
 def _discrete_gaussian_into(stream: Stream, out: np.ndarray, sigma: float) -> None:

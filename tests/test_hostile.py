@@ -555,3 +555,20 @@ def test_rows_deleted_from_an_encrypted_store_are_seen(tmp_path, deleted):
             device.store.ledger()
             assert device.paused
             device.not_interested()
+
+
+def test_stored_tensors_read_back_from_parts_split_anywhere_after_the_header_and_a_cut_short_one_is_refused():
+    from attune.client.state import decode_parts, encode_tensors, tensor_parts
+
+    values = {"prior": torch.randn(1000), "rows": torch.arange(9, dtype=torch.long)}
+    whole = encode_tensors(values)
+    header = len(next(tensor_parts(values)))
+    assert b"".join(tensor_parts(values, part_bytes=64)) == whole
+    for cuts in ([header], [header + 1, header + 3, 4000], list(range(header, len(whole), 333))):
+        pieces = [whole[a:b] for a, b in zip([0, *cuts], [*cuts, len(whole)], strict=True)]
+        back = decode_parts(pieces)
+        assert all(torch.equal(back[name], value) for name, value in values.items())
+    with pytest.raises(StoreError, match="cut short"):
+        decode_parts([whole[:-1]])
+    with pytest.raises(StoreError, match="trailing"):
+        decode_parts([whole, b"\x00"])

@@ -29,7 +29,7 @@ from attune.shared.mechanism import (
 )
 from attune.shared.model import ModelConfig, shared_model
 from attune.shared.randomness import Stream
-from attune.shared.selection import select
+from attune.shared.selection import count_gradients, count_layout, select
 
 
 def _pair(n: int, seed: int, context: bool, trained_items: int = 0):
@@ -236,3 +236,17 @@ def test_the_device_floor_is_on_the_accounted_noise_multiplier(bits):
     assert min(e.mechanism.z for e in round_entries(model, lifted, refresh=True)) == pytest.approx(1.0)
     if bits == 4:
         assert noise_refusal(model, nominal, floor) is not None
+
+
+def test_a_catalog_wide_count_is_projected_as_a_whole_not_per_slice():
+    """A count over more columns than one pass of the projection (65,536) is scaled by its whole
+    norm: the same as one float64 pass over the row, and within its bound."""
+    config = preset("local", quantum_bits=4, device_norm=3.0, clip=1.0)
+    items = torch.tensor([5, 5, 9, 70_000, 70_000, 70_000, 199_999] * 3)
+    layout = count_layout(200_000)
+    device = torch.zeros(len(items), dtype=torch.long)
+    raw = bound(count_gradients(items, config.clip), layout, device, 1, config, project=False)
+    projected = bound(count_gradients(items, config.clip), layout, device, 1, config)
+    expected = torch.trunc(raw.double() * (device_bound(config) / raw.double().norm())).long()
+    assert float(raw.double().norm()) > device_bound(config)
+    assert torch.equal(projected, expected) and float(projected.double().norm()) <= device_bound(config)

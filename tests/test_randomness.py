@@ -8,7 +8,15 @@ import pytest
 import torch
 from scipy import stats
 
-from attune.shared.randomness import Stream, bernoulli, discrete_gaussian, gumbel, integers, normal
+from attune.shared.randomness import (
+    Stream,
+    add_discrete_gaussian,
+    bernoulli,
+    discrete_gaussian,
+    gumbel,
+    integers,
+    normal,
+)
 
 
 def _discrete_gaussian_pmf(sigma: float, support: np.ndarray) -> np.ndarray:
@@ -69,3 +77,10 @@ def test_a_stream_never_repeats_its_words():
     words = Stream.seeded_from(6).words(1 << 17)
     assert len(np.unique(words)) == len(words)
     assert math.isclose(float(np.mean(words / 2.0**64)), 0.5, abs_tol=0.01)
+
+
+def test_noise_added_in_place_is_the_same_draws():
+    values = torch.arange(40_000, dtype=torch.long).reshape(2, 20_000)  # over one chunk of the sampler
+    expected = values + discrete_gaussian([Stream.seeded_from(3, k) for k in range(2)], 20_000, 5.0)
+    out = add_discrete_gaussian(values, [Stream.seeded_from(3, k) for k in range(2)], 5.0)
+    assert out is values and torch.equal(values, expected)

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attune.client.store import EventStore, Retention
-from attune.shared.errors import InvalidEventError, StoreError
+from attune.shared.errors import InvalidEventError, StoreError, WrongKeyError
 from attune.shared.events import Event, EventContext
 
 NOW = time.time()
@@ -89,3 +89,45 @@ def test_not_a_database_is_a_store_error(tmp_path):
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError):
         EventStore(path)
+
+
+def _part_rows(path, key):
+    with sqlite3.connect(path) as db:  # the file itself, not the store's view of it
+        return sorted(k for (k,) in db.execute("SELECT key FROM state WHERE key LIKE ?", (key + "#%",)))
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_value_in_parts_reads_back_and_a_shorter_rewrite_leaves_no_part_behind(tmp_path, encrypted):
+    from attune.client.encryption import new_key
+    from attune.client.store import Parts
+
+    path, key = tmp_path / "p.sqlite", new_key() if encrypted else None
+    parts = [b"a" * 10, b"b" * 10, b"c"]
+    with EventStore(path, key=key) as store:
+        store.put_state({"big": Parts(iter(parts)), "small": b"s"})
+        with store.transaction():
+            assert list(store.get_parts("big")) == parts and store.get_state("small") == b"s"
+        assert _part_rows(path, "big") == ["big#0", "big#1", "big#2"]
+        store.put_state({"big": Parts([b"d"])})
+        assert _part_rows(path, "big") == ["big#0"]
+    with EventStore(path, key=key) as store:  # reopened (encrypted: the manifest lists what is left)
+        with store.transaction():
+            assert list(store.get_parts("big")) == [b"d"] and store.get_parts("none") is None
+        store.put_state({"big": Parts([b"e", b"f"])})
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM state WHERE key = 'big#1'")
+    with EventStore(path, key=key) as store, store.transaction():
+        with pytest.raises(WrongKeyError if encrypted else StoreError, match="big"):
+            list(store.get_parts("big"))
+
+
+def test_rotating_the_key_keeps_a_value_in_parts(tmp_path):
+    from attune.client.encryption import new_key
+    from attune.client.store import Parts
+
+    path, old, new = tmp_path / "r.sqlite", new_key(), new_key()
+    with EventStore(path, key=old) as store:
+        store.put_state({"big": Parts([b"x" * 7, b"y"])})
+        store.rotate_key(new)
+    with EventStore(path, key=new) as store, store.transaction():
+        assert list(store.get_parts("big")) == [b"x" * 7, b"y"]
