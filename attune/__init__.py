@@ -5,8 +5,9 @@ Attune raises on purpose (``attune.shared.errors``). Coordinators use ``attune.s
 researchers the ``attune`` command and ``attune.simulations``.
 """
 
+from attune.client.device_round import Contribution, Status
 from attune.client.encryption import new_key
-from attune.client.personalizer import Contribution, Personalizer, Ranked, Status, Support
+from attune.client.personalizer import Personalizer, Ranked, Support
 from attune.client.policy import PrivacyConfig
 from attune.client.report import PrivacyReport, RoundSpent
 from attune.client.store import Retention, StoredEvent

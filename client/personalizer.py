@@ -2,8 +2,9 @@
 
 - events: ``record`` into the store (``attune.client.store``);
 - ranking: ``rank``, ``score``, ``explain``, ``export_scorer`` with the person's ranking vector;
-- the round: ``contribute`` decides (``attune.client.policy``), pays (the ledger) and computes
-  (``attune.client.training``) what the device sends for a round;
+- the round: ``round(request)`` is the device's ``DeviceRound`` (``attune.client.device_round``):
+  it decides (``attune.client.policy``), pays (the ledger), computes (``attune.client.training``)
+  and hands over what the device sends; ``contribute`` runs it short of sending;
 - the person's controls: consent, pause, forget, erase, export, key rotation;
 - the report: ``privacy_report`` and ``privacy_summary`` (``attune.client.report``).
 
@@ -18,19 +19,19 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from enum import Enum
 from pathlib import Path
 
 import torch
 
 from attune.client import state as device_state
 from attune.client.consent import CONSENT_KEY, CONSENT_PURPOSE, read_consent, write_consent
+from attune.client.device_round import Contribution, DeviceRound, Standing
 from attune.client.export import PersonalScorer, save_scorer
-from attune.client.policy import PrivacyConfig, refusal, replayed
+from attune.client.policy import PrivacyConfig, replayed
 from attune.client.ranking import device_ranking, mmr_order, personal_scores
 from attune.client.report import PrivacyReport, build_report, summary
 from attune.client.state import DeviceState, decode_tensors, encode_tensors, read_state, update_state
-from attune.client.store import EventStore, Retention, StoredEvent, file_path
+from attune.client.store import EventStore, Reservation, Retention, StoredEvent, file_path
 from attune.client.training import (
     Cohort,
     LocalData,
@@ -66,22 +67,6 @@ DIVERSIFIED = 1000  # results MMR orders when rank() has no limit
 HISTORY_HALF_LIFE_DAYS = 30.0  # ranking by the person's own history, before the first global model
 # Kept by ``erase``: the ledger (a table of its own), participation, and the person's choice.
 _KEPT_BY_ERASE = (device_state.DEVICE_KEY, CONSENT_KEY)
-
-
-class Status(str, Enum):
-    CONTRIBUTED = "contributed"
-    REFUSED = "refused"
-
-
-@dataclass(frozen=True)
-class Contribution:
-    """What ``contribute`` did. ``vector`` is set only when ``status`` is ``CONTRIBUTED``: the one
-    thing to send. Its ledger entry is charged whether or not it is sent: it was computed from the
-    events, and the user-vector refresh that shaped it is kept."""
-
-    status: Status
-    reason: str
-    vector: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -521,69 +506,21 @@ class Personalizer:
 
     # -- the round -------------------------------------------------------------------------------
 
+    def round(self, request: RoundRequest) -> DeviceRound:
+        """The device's round of ``request`` (``attune.client.device_round``): ``run()`` it to
+        join, ``send(outcome)`` for the vector to send."""
+        return DeviceRound(_Phone(self), request)
+
     def contribute(self, request: RoundRequest) -> Contribution:
-        """Join one round: check the device's own limits, pay for the round in the ledger (one
-        transaction: budget check and append, before anything can leave), adopt the received
-        global side, and compute the contribution (``attune.client.training``).
+        """Join one round (``round(request).run()``): check the device's own limits, pay for the
+        round in the ledger (one transaction: budget check and append, before anything can leave),
+        adopt the received global side, and compute the contribution (``attune.client.training``).
 
         Refused, with nothing stored, without the person's consent, while paused, for a replayed
         round, for noise under the device's floor, for a non-private round the device does not
         allow, or when the round would cross the budget (then the device stops contributing).
         """
-        if not isinstance(request, RoundRequest):
-            raise ConfigError(f"request must be a RoundRequest, got {type(request).__name__}")
-        if request.model != self.model_config:
-            return Contribution(Status.REFUSED, f"the round's model {request.model} is not this device's "
-                                f"{self.model_config}")
-        current = self.state
-        if current.budget_exhausted:
-            return Contribution(Status.REFUSED, "privacy budget exhausted: this device no longer contributes")
-        reason = refusal(request, self.privacy, consented=self.consented, paused=current.paused)
-        if reason is not None:
-            return Contribution(Status.REFUSED, reason)
-        training = request.config.task is RoundTask.TRAIN  # else items counted or events evaluated: nothing trained
-        refresh = training and request.config.refresh_due(current.rounds_joined)
-        reservation = self.store.reserve(round_entries(request.model, request.config, refresh),
-                                 local_entries(request.model, request.config, refresh),
-                                 budget=self.epsilon_budget, delta=self.privacy.delta,
-                                 run_id=request.run_id, round=request.round, mode=request.config.mode,
-                                 task=request.config.task.value,
-                                 check=lambda rows: replayed(request, rows))
-        if not reservation.paid:
-            if reservation.over_budget:
-                update_state(self.store, budget_exhausted=True)
-            return Contribution(Status.REFUSED, reservation.reason)
-        self._fresh(global_model=False)
-        self._state, self._has_global = dict(request.state), True
-        start = self._user if self._user is not None else initial_user_vector(
-            self.model_config.dim, self._stream("user-init"))
-        written: dict[str, bytes] = {}  # the global side is encoded last, after the work: never both at once
-        if request.config.task is RoundTask.EVALUATE:  # the events ranked since the last one, then none pending
-            _, stats = self._pending_evaluation()
-            vector = evaluation_contributions(stats, torch.zeros(len(stats), dtype=torch.long), 1, request.config,
-                                              [self._stream(request.round)])[0]
-            written[device_state.EVALUATION_KEY] = encode_tensors({"ids": torch.zeros(0, dtype=torch.long),
-                                                                   "stats": torch.zeros(0, len(STATISTICS))})
-        else:
-            output = train_round(request.state, request.model, start.unsqueeze(0), Cohort.of([self.local_data()]),
-                                 request.config, [self._stream(request.round)], [refresh])
-            vector = output.contributions[0]
-            if training:
-                self._user = output.users[0].float()
-                written[device_state.USER_KEY] = encode_tensors({"user": self._user})
-                if refresh or self._rank is None:  # the ranking vector follows the user vector's refreshes
-                    written[device_state.RANK_KEY] = self._fit_ranking(self._user)
-        # the model with what the round fitted or sent, in one write
-        self._store_global(request.state, written)
-        update_state(self.store, rounds_joined=lambda n: n + int(training), last_run=request.run_id,
-                     last_round=request.round, device_level_epsilon=request.device_level_epsilon,
-                     device_level_delta=request.device_level_delta)
-        return Contribution(Status.CONTRIBUTED, "ok", vector)
-
-    def note_sent(self, contribution: Contribution, nbytes: int) -> None:
-        """Record that a contribution left the device (for the person's report)."""
-        update_state(self.store, contributions_sent=lambda n: n + 1, bytes_sent=lambda n: n + int(nbytes),
-                     last_sent_at=time.time())
+        return self.round(request).run()
 
     def epsilon(self) -> float:
         """Event-level epsilon spent so far (what the coordinator can learn, by the ledger)."""
@@ -693,6 +630,64 @@ class Personalizer:
     def privacy_summary(self) -> str:
         """The privacy report as plain text for the person (what the app shows in its settings)."""
         return summary(self.privacy_report())
+
+
+class _Phone:
+    """A ``Personalizer``'s store and model as a round sees them (``RoundDevice``)."""
+
+    def __init__(self, person: Personalizer) -> None:
+        self.person = person
+        self.model_config, self.privacy = person.model_config, person.privacy
+
+    def standing(self) -> Standing:
+        current = self.person.state
+        return Standing(consented=self.person.consented, paused=current.paused,
+                        budget_exhausted=current.budget_exhausted, rounds_joined=current.rounds_joined)
+
+    def reserve(self, request: RoundRequest, refresh: bool) -> Reservation:
+        person = self.person
+        return person.store.reserve(round_entries(request.model, request.config, refresh),
+                                    local_entries(request.model, request.config, refresh),
+                                    budget=person.epsilon_budget, delta=self.privacy.delta,
+                                    run_id=request.run_id, round=request.round, mode=request.config.mode,
+                                    task=request.config.task.value, check=lambda rows: replayed(request, rows))
+
+    def stop_contributing(self) -> None:
+        update_state(self.person.store, budget_exhausted=True)
+
+    def train(self, request: RoundRequest, refresh: bool) -> torch.Tensor:
+        person, task = self.person, request.config.task
+        person._fresh(global_model=False)
+        person._state, person._has_global = dict(request.state), True
+        start = person._user if person._user is not None else initial_user_vector(
+            self.model_config.dim, person._stream("user-init"))
+        written: dict[str, bytes] = {}  # the global side is encoded last, after the work: never both at once
+        if task is RoundTask.EVALUATE:  # the events ranked since the last one, then none pending
+            _, stats = person._pending_evaluation()
+            vector = evaluation_contributions(stats, torch.zeros(len(stats), dtype=torch.long), 1, request.config,
+                                              [person._stream(request.round)])[0]
+            written[device_state.EVALUATION_KEY] = encode_tensors({"ids": torch.zeros(0, dtype=torch.long),
+                                                                   "stats": torch.zeros(0, len(STATISTICS))})
+        else:  # a count round trains nothing: its items are counted by the same function
+            output = train_round(request.state, request.model, start.unsqueeze(0),
+                                 Cohort.of([person.local_data()]), request.config, [person._stream(request.round)],
+                                 [refresh])
+            vector = output.contributions[0]
+            if task is RoundTask.TRAIN:
+                person._user = output.users[0].float()
+                written[device_state.USER_KEY] = encode_tensors({"user": person._user})
+                if refresh or person._rank is None:  # the ranking vector follows the user vector's refreshes
+                    written[device_state.RANK_KEY] = person._fit_ranking(person._user)
+        person._store_global(request.state, written)  # the model with what the round fitted, in one write
+        update_state(person.store, rounds_joined=lambda n: n + int(task is RoundTask.TRAIN),
+                     last_run=request.run_id, last_round=request.round,
+                     device_level_epsilon=request.device_level_epsilon,
+                     device_level_delta=request.device_level_delta)
+        return vector
+
+    def sent(self, nbytes: int) -> None:
+        update_state(self.person.store, contributions_sent=lambda n: n + 1, bytes_sent=lambda n: n + int(nbytes),
+                     last_sent_at=time.time())
 
 
 def _candidates(item_ids: object) -> list:

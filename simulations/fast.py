@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attune.client.policy import PrivacyConfig, refusal
+from attune.client.device_round import DeviceRound, Standing
+from attune.client.policy import PrivacyConfig
+from attune.client.store import Reservation
 from attune.client.training import Cohort, evaluation_contributions, initial_user_vector, train_round
 from attune.server.coordinator import Collected, Joined
 from attune.shared.accounting import epsilon_of
@@ -29,6 +31,7 @@ from attune.shared.errors import ConfigError
 from attune.shared.evaluation import STATISTICS
 from attune.shared.events import EVENT_TYPES, EVENT_WEIGHTS, context_matrix, nearest_event_types
 from attune.shared.mechanism import planned_entries, share_std
+from attune.shared.model import ModelConfig
 from attune.shared.randomness import Stream, bernoulli, device_stream, discrete_gaussian
 from attune.shared.wire import RoundRequest
 from attune.simulations.datasets import EventLog
@@ -56,15 +59,16 @@ def device_cohort(log: EventLog, split: Split, use_context: bool) -> Cohort:
 
 @dataclass
 class Devices:
-    """Every simulated device's state: its DP user vector (``None`` before its first round) and
-    the rounds it joined. One training and one count config per run, so its ledger is ``counted``
-    count rounds and ``joined`` training rounds as planned."""
+    """Every simulated device's state: its DP user vector (``None`` before its first round), the
+    rounds it joined and whether its budget stopped it. One training and one count config per
+    run, so its ledger is ``counted`` count rounds and ``joined`` training rounds as planned."""
 
     users: torch.Tensor  # [devices, dim]
     started: torch.Tensor  # bool [devices]
     joined: torch.Tensor  # long [devices]: training rounds
     counted: torch.Tensor  # long [devices]: count rounds
     evaluated: torch.Tensor  # long [devices]: evaluation rounds
+    exhausted: torch.Tensor  # bool [devices]: a round its budget could not pay was refused
 
     def joined_rounds(self) -> Joined:
         return Joined(*(dict(enumerate(t.tolist())) for t in (self.joined, self.counted, self.evaluated)))
@@ -99,8 +103,9 @@ class InProcessTransport:
     def _state(self, dim: int) -> Devices:
         if self.devices_state is None:
             count = len(self.cohort)
-            self.devices_state = Devices(torch.zeros(count, dim), torch.zeros(count, dtype=torch.bool),
-                                         *(torch.zeros(count, dtype=torch.long) for _ in range(3)))
+            joined, counted, evaluated = (torch.zeros(count, dtype=torch.long) for _ in range(3))
+            self.devices_state = Devices(torch.zeros(count, dim), torch.zeros(count, dtype=torch.bool), joined,
+                                         counted, evaluated, torch.zeros(count, dtype=torch.bool))
         return self.devices_state
 
     def spent(self, request: RoundRequest, joined: int, counted: int, evaluated: int) -> float:
@@ -126,17 +131,22 @@ class InProcessTransport:
                 raise ConfigError("an evaluation round needs the simulator's evaluator")
             self.evaluation_config = request.config
             self._stats = self.evaluator(request.state, state)  # every device's, computed once
-        declined = refusal(request, self.privacy, consented=True, paused=False)  # same for every device
-        # a budget check depends only on these counts: once per pair
-        joined = list(zip(state.joined[online].tolist(), state.counted[online].tolist(),
-                          state.evaluated[online].tolist(), strict=True))
-        admits = {} if declined else {pair: self._admits(request, *pair) for pair in set(joined)}
-        admitted = [d for d, pair in zip(online, joined, strict=True) if admits.get(pair, False)]
-        total = None
-        for first in range(0, len(admitted), BLOCK):
-            block = admitted[first:first + BLOCK]
-            contributions = self._run_block(request, block)
-            total = contributions if total is None else total + contributions
+        # Devices alike in what a round's admission and ledger read (the rounds they joined, a spent
+        # budget) run it as one ``DeviceRound``: the very object a phone runs, in blocks.
+        standings: dict[tuple[int, int, int, bool], list[int]] = {}
+        for device, joined, counted, evaluated, exhausted in zip(
+                online, state.joined[online].tolist(), state.counted[online].tolist(),
+                state.evaluated[online].tolist(), state.exhausted[online].tolist(), strict=True):
+            standings.setdefault((joined, counted, evaluated, exhausted), []).append(device)
+        total, admitted = None, []
+        for (joined, counted, evaluated, exhausted), devices in standings.items():
+            alike = _Alike(self, request.model, devices, joined, counted, evaluated, exhausted)
+            device_round = DeviceRound(alike, request)
+            contribution = device_round.send(device_round.run())
+            if contribution is not None:
+                total = contribution if total is None else total + contribution
+                admitted += devices
+        admitted.sort(key=online.index)
         if total is not None and self.noise == "aggregate" and request.config.private:
             shares = len(admitted)
             std = share_std(request.config) * math.sqrt(shares)
@@ -145,7 +155,7 @@ class InProcessTransport:
         return Collected(total=total, contributors=admitted, refused=len(online) - len(admitted),
                          failed=len(cohort) - len(online))
 
-    def _admits(self, request: RoundRequest, joined: int, counted: int, evaluated: int) -> bool:
+    def admits(self, request: RoundRequest, joined: int, counted: int, evaluated: int) -> bool:
         """The device's budget check (``EventStore.reserve`` on a phone): would it stay within?"""
         if not request.config.private:
             return True
@@ -154,7 +164,15 @@ class InProcessTransport:
                            evaluated + (task is RoundTask.EVALUATE))
         return after <= self.privacy.epsilon_budget * (1 + 1e-9)
 
-    def _run_block(self, request: RoundRequest, block: list[int]) -> torch.Tensor:
+    def run(self, request: RoundRequest, devices: list[int], refresh: bool) -> torch.Tensor:
+        """The summed contribution of ``devices`` (admitted and paid, all refreshing their user
+        vector or none), computed in blocks."""
+        total = self._run_block(request, devices[:BLOCK], refresh)
+        for first in range(BLOCK, len(devices), BLOCK):
+            total = total + self._run_block(request, devices[first:first + BLOCK], refresh)
+        return total
+
+    def _run_block(self, request: RoundRequest, block: list[int], refresh: bool) -> torch.Tensor:
         state = self._state(request.model.dim)
         index = torch.tensor(block, dtype=torch.long)
         cohort = subset(self.cohort, block)
@@ -172,13 +190,39 @@ class InProcessTransport:
                 state.users[device] = initial_user_vector(request.model.dim,
                                                           device_stream(self.seed, device, "user-init"))
                 state.started[device] = True
-        refresh = [request.config.refresh_due(int(state.joined[d])) for d in block]
         output = train_round(request.state, request.model, state.users[index], cohort, request.config, streams,
-                             refresh,
-                             shares=self.noise == "per-device")
+                             [refresh] * len(block), shares=self.noise == "per-device")
         state.users[index] = output.users.to(state.users.dtype)
         state.joined[index] += 1
         return output.contributions.sum(dim=0)
+
+
+class _Alike:
+    """Simulated devices alike in their standing, as one ``RoundDevice``: they admit, pay and
+    train as each would alone, and send the sum of what each would send."""
+
+    def __init__(self, transport: InProcessTransport, model: ModelConfig, devices: list[int], joined: int,
+                 counted: int, evaluated: int, exhausted: bool) -> None:
+        self.transport, self.devices, self.rounds = transport, devices, (joined, counted, evaluated)
+        self.model_config, self.privacy, self.exhausted = model, transport.privacy, exhausted
+
+    def standing(self) -> Standing:  # simulated people consent and never pause
+        return Standing(consented=True, paused=False, budget_exhausted=self.exhausted, rounds_joined=self.rounds[0])
+
+    def reserve(self, request: RoundRequest, refresh: bool) -> Reservation:
+        if self.transport.admits(request, *self.rounds):
+            return Reservation(row=sum(self.rounds) + 1)  # the row its planned ledger would write
+        return Reservation(row=None, reason="the round would cross the privacy budget", over_budget=True)
+
+    def stop_contributing(self) -> None:
+        assert self.transport.devices_state is not None
+        self.transport.devices_state.exhausted[self.devices] = True
+
+    def train(self, request: RoundRequest, refresh: bool) -> torch.Tensor:
+        return self.transport.run(request, self.devices, refresh)
+
+    def sent(self, nbytes: int) -> None:
+        """Simulated devices keep no report of what they sent."""
 
 
 def subset(cohort: Cohort, devices: list[int]) -> Cohort:

@@ -13,8 +13,9 @@ from device_helpers import MODEL, VOCAB, open_device, request
 from flwr.app import Message
 
 import attune.client.personalizer as personalizer_module
+from attune.client.device_round import Status
 from attune.client.flower_app import handle_train
-from attune.client.personalizer import Personalizer, PrivacyConfig, Status
+from attune.client.personalizer import Personalizer, PrivacyConfig
 from attune.client.settings import DeviceSettings
 from attune.client.state import RANK_KEY, USER_KEY
 from attune.shared.accounting import epsilon_of
@@ -146,10 +147,11 @@ def test_forget_one_event_and_keep_an_item_as_negative(device):
 
 
 def test_privacy_summary_is_plain_text_for_the_person(device):
-    outcome = device.contribute(request(round=1, mode="distributed", min_survivors=10))
-    device.note_sent(outcome, 400)
+    device_round = device.round(request(round=1, mode="distributed", min_survivors=10))
+    sent = device_round.send(device_round.run())
+    assert sent is not None
     text = device.privacy_summary()
-    assert "taking part" in text and "contributions sent: 1" in text and "400 bytes" in text
+    assert "taking part" in text and "contributions sent: 1" in text and f"{8 * sent.numel():,} bytes" in text
     assert f"epsilon {device.epsilon():.2f} of 8.00" in text and "alone" in text and "(distributed)" in text
     assert "never your events, their number" in text
     device.withdraw_consent()

@@ -6,7 +6,8 @@ import pytest
 import torch
 from device_helpers import MODEL, VOCAB, open_device, request
 
-from attune.client.personalizer import Personalizer, Status
+from attune.client.device_round import Status
+from attune.client.personalizer import Personalizer
 from attune.shared.accounting import Entry, epsilon_of
 from attune.shared.errors import ConfigError, InvalidEventError, ModelMismatchError
 from attune.shared.mechanism import local_entries, round_entries
@@ -124,10 +125,11 @@ def test_a_mismatched_round_is_refused_before_anything_changes(tmp_path):
 
 def test_the_report_says_what_left_and_under_which_guarantee(tmp_path):
     with open_device(tmp_path / "d.sqlite") as device:
-        outcome = device.contribute(request(mode="distributed", min_survivors=10))
-        device.note_sent(outcome, 1234)
+        device_round = device.round(request(mode="distributed", min_survivors=10))
+        sent = device_round.send(device_round.run())
+        assert sent is not None and sent.dtype == torch.long
         report = device.privacy_report()
-        assert report.unit == "event" and report.contributions_sent == 1 and report.bytes_sent == 1234
+        assert report.unit == "event" and report.contributions_sent == 1 and report.bytes_sent == 8 * sent.numel()
         assert report.epsilon_spent == pytest.approx(device.epsilon())
         assert report.epsilon_spent < report.epsilon_local  # one share alone is much less private
         assert "user_vector.weight" not in report.shared_parameters

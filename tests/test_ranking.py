@@ -7,9 +7,9 @@ import pytest
 import torch
 from device_helpers import request
 
-from attune.client.device_round import open_device
+from attune.client.device_round import Status, open_device
 from attune.client.export import load_scorer
-from attune.client.personalizer import Personalizer, Status
+from attune.client.personalizer import Personalizer
 from attune.client.ranking import mmr_order
 from attune.client.settings import DeviceSettings
 from attune.shared.errors import ConfigError
