@@ -3,12 +3,14 @@ transport that runs every sampled device's round in this process, in batched blo
 
 Each simulated device holds what a phone would: its events (flat tensors, ``Cohort``), its DP
 user vector and the number of rounds it joined (its ledger is that many planned rounds). Its
-round is ``attune.client.training.train_round``, the very function the ClientApp runs, with a
-stream seeded from the run's seed, the device and the round, so the Flower backend computes the
-same numbers. The sum of the contributions is computed directly instead of through SecAgg+
-(``secure_aggregation: "simulated"`` in ``results.json``); with ``noise="aggregate"`` the
-simulator also draws the honest shares' total noise as one discrete Gaussian of their summed
-variance (same accounting; it skips ``devices x dim`` draws per round).
+round is the ClientApp's ``attune.client.device_round.DeviceRound`` (admit, reserve, train,
+send), run once for all devices alike in their standing; its train step is
+``attune.client.training.train_round``, with a stream seeded from the run's seed, the device and
+the round, so the Flower backend computes the same numbers. The sum of the contributions is
+computed directly instead of through SecAgg+ (``secure_aggregation: "simulated"`` in
+``results.json``); with ``noise="aggregate"`` the simulator also draws the honest shares' total
+noise as one discrete Gaussian of their summed variance (same accounting; it skips
+``devices x dim`` draws per round).
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ class InProcessTransport:
             if contribution is not None:
                 total = contribution if total is None else total + contribution
                 admitted += devices
-        admitted.sort(key=online.index)
+        position = {device: k for k, device in enumerate(online)}
+        admitted.sort(key=position.__getitem__)
         if total is not None and self.noise == "aggregate" and request.config.private:
             shares = len(admitted)
             std = share_std(request.config) * math.sqrt(shares)
