@@ -131,7 +131,7 @@ def decode_parts(parts: Iterable[bytes]) -> dict[str, torch.Tensor]:
         return out
     except StopIteration:
         raise StoreError("a stored tensor value is damaged: it is cut short") from None
-    except (struct.error, ValueError, TypeError, AttributeError) as error:
+    except (struct.error, ValueError, TypeError, AttributeError, MemoryError) as error:  # MemoryError: a vast shape
         raise StoreError(f"a stored tensor value is damaged: {error}") from None
 
 
@@ -161,7 +161,7 @@ def global_values(state: dict[str, torch.Tensor], buffers: Collection[str],
 
 def read_global(store: EventStore) -> dict[str, torch.Tensor] | None:
     """The stored global model, parameters and buffers (None: none received yet)."""
-    with store.transaction():  # parameters and buffers of one write
+    with store.snapshot():  # parameters and buffers of one write
         raw = store.get_state(GLOBAL_KEY)
         if raw is None:
             return None

@@ -315,6 +315,17 @@ class EventStore:
             raise
         self._db.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads that all see one write: ``BEGIN`` (deferred: other readers are not held up) ...
+        ``COMMIT``."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+
     @property
     def encrypted(self) -> bool:
         return self._sealer.encrypted
@@ -448,7 +459,7 @@ class EventStore:
 
     def get_parts(self, key: str) -> Iterator[bytes] | None:
         """The parts of a value written as ``Parts``, read lazily (None: never written). Read them
-        inside one ``transaction()``, so that no write falls between two of them."""
+        inside one ``snapshot()``, so that no write falls between two of them."""
         header = self.get_json(key)
         if header is None:
             return None

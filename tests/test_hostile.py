@@ -3,6 +3,7 @@ refused, nothing committed is lost, and one device never hurts the federation.""
 
 import json
 import sqlite3
+import struct
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -572,3 +573,6 @@ def test_stored_tensors_read_back_from_parts_split_anywhere_after_the_header_and
         decode_parts([whole[:-1]])
     with pytest.raises(StoreError, match="trailing"):
         decode_parts([whole, b"\x00"])
+    vast = json.dumps({"prior": [[10**13], "<f4"]}).encode()  # a damaged header: no 40 TB allocation escapes
+    with pytest.raises(StoreError, match="damaged"):
+        decode_parts([struct.pack("<I", len(vast)) + vast, bytes(64)])

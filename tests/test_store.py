@@ -105,18 +105,18 @@ def test_a_value_in_parts_reads_back_and_a_shorter_rewrite_leaves_no_part_behind
     parts = [b"a" * 10, b"b" * 10, b"c"]
     with EventStore(path, key=key) as store:
         store.put_state({"big": Parts(iter(parts)), "small": b"s"})
-        with store.transaction():
+        with store.snapshot():
             assert list(store.get_parts("big")) == parts and store.get_state("small") == b"s"
         assert _part_rows(path, "big") == ["big#0", "big#1", "big#2"]
         store.put_state({"big": Parts([b"d"])})
         assert _part_rows(path, "big") == ["big#0"]
     with EventStore(path, key=key) as store:  # reopened (encrypted: the manifest lists what is left)
-        with store.transaction():
+        with store.snapshot():
             assert list(store.get_parts("big")) == [b"d"] and store.get_parts("none") is None
         store.put_state({"big": Parts([b"e", b"f"])})
     with sqlite3.connect(path) as db:
         db.execute("DELETE FROM state WHERE key = 'big#1'")
-    with EventStore(path, key=key) as store, store.transaction():
+    with EventStore(path, key=key) as store, store.snapshot():
         with pytest.raises(WrongKeyError if encrypted else StoreError, match="big"):
             list(store.get_parts("big"))
 
@@ -129,5 +129,5 @@ def test_rotating_the_key_keeps_a_value_in_parts(tmp_path):
     with EventStore(path, key=old) as store:
         store.put_state({"big": Parts([b"x" * 7, b"y"])})
         store.rotate_key(new)
-    with EventStore(path, key=new) as store, store.transaction():
+    with EventStore(path, key=new) as store, store.snapshot():
         assert list(store.get_parts("big")) == [b"x" * 7, b"y"]
