@@ -8,8 +8,9 @@ without DP (the preset model, and the model with a trained row for every item: t
 is the no-DP reference), and most popular; each the mean over seeds 0, 1 and 2. The headroom kept
 is ``(dp - popular) / (no_dp - popular)``.
 
-Device: per catalog (and 1M items), the reply of one training round and of the count round in
-bytes (int64 units, what the secure sum carries), and the peak memory of one device round at 1M
+Device: per catalog (and 1M items), the reply of one training round and of one count round in
+bytes (int64 units, what the secure sum carries; a catalog over 131,072 items is counted a slice
+per round, ``count_rounds`` of them), and the peak memory of one device round at 1M
 items and dim 16 against the float32 size of the model it trains and of a model with a row for
 every item: the rise of the resident size over the round in a fresh process (``cold``: what a
 Deployment Engine ClientApp process pays, first use of every code path included), and after a
@@ -131,13 +132,15 @@ def device() -> dict:
     from attune.shared.config import RoundTask
     from attune.shared.mechanism import contribution_dim
     from attune.shared.model import ModelConfig
+    from attune.shared.selection import count_slices
 
     replies = []
     for items in (1_000, 10_000, 100_000, 1_000_000):
         model = ModelConfig(num_items=items, dim=16)
         replies.append({"items": items, "dim": 16, "trained_rows": model.rows,
                         "training_reply_bytes": 8 * contribution_dim(model),
-                        "count_reply_bytes": 8 * contribution_dim(model, RoundTask.COUNT),
+                        "count_reply_bytes": 8 * contribution_dim(model, RoundTask.COUNT),  # one slice's
+                        "count_rounds": count_slices(items),
                         "every_row_reply_bytes": 8 * contribution_dim(ModelConfig(num_items=items, dim=16,
                                                                                   trained_items=0))})
     memory: dict[str, dict[str, float]] = {}
@@ -179,7 +182,7 @@ def main() -> None:
               f"{r['headroom_kept_eps8']:>7.2f} {r['headroom_kept_eps2']:>7.2f}")
     for r in report["device"]["replies"]:
         print(f"{r['items']:>9} items: training reply {r['training_reply_bytes'] / 1e6:.2f} MB, count round "
-              f"{r['count_reply_bytes'] / 1e6:.2f} MB "
+              f"{r['count_reply_bytes'] / 1e6:.2f} MB (x{r['count_rounds']}) "
               f"(a row for every item: {r['every_row_reply_bytes'] / 1e6:.1f} MB)")
     for task, m in report["device"]["memory_1m_items_dim16"].items():
         steady = (f", +{m['steady_peak_increase_mb']:.1f} MB after a first round of the same model (its own "

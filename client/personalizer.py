@@ -27,11 +27,11 @@ from attune.client import state as device_state
 from attune.client.consent import CONSENT_KEY, CONSENT_PURPOSE, read_consent, write_consent
 from attune.client.device_round import Contribution, DeviceRound, Standing
 from attune.client.export import PersonalScorer, save_scorer
-from attune.client.policy import PrivacyConfig, replayed
+from attune.client.policy import PrivacyConfig, replayed, slice_refusal
 from attune.client.ranking import device_ranking, mmr_order, personal_scores
 from attune.client.report import PrivacyReport, build_report, summary
 from attune.client.state import DeviceState, decode_tensors, encode_tensors, read_state, update_state
-from attune.client.store import EventStore, Reservation, Retention, StoredEvent, file_path
+from attune.client.store import EventStore, LedgerRow, Reservation, Retention, StoredEvent, file_path
 from attune.client.training import (
     Cohort,
     LocalData,
@@ -645,12 +645,23 @@ class _Phone:
                         budget_exhausted=current.budget_exhausted, rounds_joined=current.rounds_joined)
 
     def reserve(self, request: RoundRequest, refresh: bool) -> Reservation:
-        person = self.person
-        return person.store.reserve(round_entries(request.model, request.config, refresh),
-                                    local_entries(request.model, request.config, refresh),
-                                    budget=person.epsilon_budget, delta=self.privacy.delta,
-                                    run_id=request.run_id, round=request.round, mode=request.config.mode,
-                                    task=request.config.task.value, check=lambda rows: replayed(request, rows))
+        person, config = self.person, request.config
+        entries = round_entries(request.model, config, refresh)
+        local = local_entries(request.model, config, refresh)
+        part = config.count_part if config.task is RoundTask.COUNT else 0
+
+        def check(rows: list[LedgerRow]) -> str | None:
+            if part == 0:
+                return replayed(request, rows)
+            first = round_entries(request.model, replace(config, count_part=0), False)
+            return replayed(request, rows) or slice_refusal(request, rows, first, vocabulary)
+
+        vocabulary = person.vocabulary.fingerprint if config.task is RoundTask.COUNT else ""
+        if part:  # a later slice of a count pass: paid for with its first slice (parallel composition)
+            entries, local = [], []
+        return person.store.reserve(entries, local, budget=person.epsilon_budget, delta=self.privacy.delta,
+                                    run_id=request.run_id, round=request.round, mode=config.mode,
+                                    task=config.task.value, part=part, vocabulary=vocabulary, check=check)
 
     def stop_contributing(self) -> None:
         update_state(self.person.store, budget_exhausted=True)

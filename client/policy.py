@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from attune.client.store import LedgerRow
+from attune.shared.accounting import Entry
 from attune.shared.config import RoundConfig, RoundTask
 from attune.shared.errors import ConfigError
 from attune.shared.mechanism import smallest_z
@@ -80,4 +81,19 @@ def replayed(request: RoundRequest, rows: list[LedgerRow]) -> str | None:
     if joined and rows[-1].run_id != request.run_id:
         return (f"run {request.run_id} was followed on this device by run {rows[-1].run_id}: a round of an "
                 "earlier run is not joined again")
+    return None
+
+
+def slice_refusal(request: RoundRequest, rows: list[LedgerRow], first: list[Entry], vocabulary: str) -> str | None:
+    """A later slice of a count pass (``attune.shared.selection``) is free only for a device that
+    paid the pass's first slice (``first``: what that slice costs at this round's noise) with the
+    same item ids (``vocabulary``'s fingerprint: an event's item stays in one slice) and has not
+    sent this slice in the pass since; anything else is refused, never charged again."""
+    counts = [row for row in rows if row.run_id == request.run_id and row.task == RoundTask.COUNT.value]
+    starts = [k for k, row in enumerate(counts) if row.part == 0]
+    if not starts or list(counts[starts[-1]].entries) != first or counts[starts[-1]].vocabulary != vocabulary:
+        return (f"count slice {request.config.count_part} of a pass whose first slice this device did not pay at "
+                "this noise with these item ids")
+    if any(row.part == request.config.count_part for row in counts[starts[-1]:]):
+        return f"count slice {request.config.count_part} was already sent in this pass"
     return None

@@ -104,6 +104,8 @@ class LedgerRow:
     entries: tuple[Entry, ...]  # what the coordinator's view of the round cost
     local_entries: tuple[Entry, ...]  # what the device's own contribution alone reveals
     task: str = "train"  # train, count or evaluate
+    part: int = 0  # a count round: the slice of the catalog it counted
+    vocabulary: str = ""  # a count round: the fingerprint of the item ids it counted by
 
 
 def _encode(event: Event) -> bytes:
@@ -537,13 +539,14 @@ class EventStore:
                 raw = json.loads(self._sealer.open(bytes(payload), f"ledger:{row_id}"))
                 out.append(LedgerRow(row_id, float(raw["at"]), str(raw["run_id"]), int(raw["round"]),
                                      str(raw["mode"]), tuple(ledger_from_json(raw["entries"])),
-                                     tuple(ledger_from_json(raw["local_entries"])), str(raw.get("task", "train"))))
+                                     tuple(ledger_from_json(raw["local_entries"])), str(raw.get("task", "train")),
+                                     int(raw.get("part", 0)), str(raw.get("vocabulary", ""))))
         except (ValueError, TypeError, KeyError) as error:
             raise _corrupt(self.path, "the privacy ledger", error) from None
         return out
 
     def reserve(self, entries: list[Entry], local_entries: list[Entry], *, budget: float, delta: float,
-                run_id: str, round: int, mode: str, task: str = "train",
+                run_id: str, round: int, mode: str, task: str = "train", part: int = 0, vocabulary: str = "",
                 check: Callable[[list[LedgerRow]], str | None] = lambda rows: None) -> Reservation:
         """Append a round's ledger entries if they fit the budget, atomically: the row, or why not.
 
@@ -562,7 +565,7 @@ class EventStore:
                                    over_budget=True)
             row = self._db.execute("INSERT INTO ledger (payload) VALUES (x'')").lastrowid
             payload = json.dumps({"at": time.time(), "run_id": run_id, "round": round, "mode": mode, "task": task,
-                                  "entries": ledger_to_json(entries),
+                                  "part": part, "vocabulary": vocabulary, "entries": ledger_to_json(entries),
                                   "local_entries": ledger_to_json(local_entries)}).encode()
             self._db.execute("UPDATE ledger SET payload = ? WHERE id = ?",
                              (self._sealer.seal(payload, f"ledger:{row}"), row))

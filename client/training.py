@@ -34,7 +34,7 @@ from attune.shared.loss import Batch, logit_gradients, per_example_loss
 from attune.shared.mechanism import add_noise, bound, bound_floats, share_std
 from attune.shared.model import ModelConfig, SharedModel, dot_scores, shared_model
 from attune.shared.randomness import Stream, integers, normal
-from attune.shared.selection import count_gradients, count_layout
+from attune.shared.selection import count_gradients, count_layout, count_span
 
 USER = "user"  # the refresh step's one parameter, the user vector (never sent)
 
@@ -167,11 +167,13 @@ def _contributions(state: State, model: SharedModel, users: torch.Tensor, cohort
 
 def _counts(model: SharedModel, cohort: Cohort, config: RoundConfig, streams: list[Stream],
             shares: bool) -> torch.Tensor:
-    """Each device's count round contribution: its events' items, counted by the same mechanism
-    (``attune.shared.selection``)."""
-    gradients = count_gradients(cohort.items, config.clip)
-    return _release(gradients, count_layout(model.config.num_items), cohort.device_of_events(), len(cohort), config,
-                    streams, shares)
+    """Each device's count round contribution: its events' items in the round's slice of the
+    catalog, counted by the same mechanism (``attune.shared.selection``)."""
+    start, stop = count_span(model.config.num_items, config.count_part)
+    inside = (cohort.items >= start) & (cohort.items < stop)
+    gradients = count_gradients(cohort.items[inside] - start, config.clip)
+    return _release(gradients, count_layout(model.config.num_items, config.count_part),
+                    cohort.device_of_events()[inside], len(cohort), config, streams, shares)
 
 
 def evaluation_contributions(stats: torch.Tensor, device: torch.Tensor, count: int, config: RoundConfig,

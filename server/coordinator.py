@@ -16,7 +16,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -32,7 +32,7 @@ from attune.shared.errors import StoreError
 from attune.shared.mechanism import dequantize, device_bound, planned_entries, share_std, units
 from attune.shared.model import ModelConfig, shared_model
 from attune.shared.randomness import Stream, bernoulli
-from attune.shared.selection import select
+from attune.shared.selection import count_slices, select
 from attune.shared.wire import RoundRequest
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,12 @@ class RunState:
     plan: Plan
     device_level: list[Entry]
     participation: Counter  # device id -> training rounds its contribution was in a released sum
-    counted: bool = False  # the count round released its sum (or the model has none)
-    counts: Counter = field(default_factory=Counter)  # device id -> count rounds it was in a released sum
+    counted: bool = False  # the count rounds released their sums (or the model has none)
+    counts: Counter = field(default_factory=Counter)  # device id -> count passes it was in a released sum
+    # A count pass under way (not checkpointed: a resumed run starts the pass again, paid again):
+    # the released sums of its slices so far, and the cohort every slice asks.
+    count_sums: list[torch.Tensor] = field(default_factory=list)
+    count_cohort: list[int] = field(default_factory=list)
     evaluated: Counter = field(default_factory=Counter)  # device id -> evaluation rounds in a released sum
 
 
@@ -158,6 +162,8 @@ def run(transport: Transport, config: ServerConfig, on_round: RoundCallback | No
         evaluating = server_round in run_plan.evaluation_rounds  # every device is asked
         cohort = sample(transport.devices(), 1.0 if evaluating else run_plan.sample_rate,
                         _stream(config, "sample", server_round))
+        if not evaluating and state.count_sums:  # a count pass asks every slice of the devices of its first
+            cohort = state.count_cohort
         if run_plan.device_level_noise > 0 and config.device_level_epsilon is not None:
             after = epsilon_of([*state.device_level, run_plan.device_level_entry(evaluating)],
                                config.device_level_delta)
@@ -198,8 +204,10 @@ def _round(transport: Transport, config: ServerConfig, state: RunState, cohort: 
     if run_plan.device_level_noise > 0:  # what the released model will guarantee after this round
         guarantee = epsilon_of([*state.device_level, run_plan.device_level_entry(evaluating)],
                                config.device_level_delta)
-    counting = not state.counted and not evaluating  # until a count round released its sum, rounds count the items
-    round_config = run_plan.count if counting and run_plan.count is not None else run_plan.round
+    counting = not state.counted and not evaluating  # until a count pass released its sums, rounds count the items
+    round_config = run_plan.round
+    if counting and run_plan.count is not None:
+        round_config = replace(run_plan.count, count_part=len(state.count_sums))
     if evaluating:
         assert run_plan.evaluation is not None
         round_config = run_plan.evaluation
@@ -230,11 +238,18 @@ def _round(transport: Transport, config: ServerConfig, state: RunState, cohort: 
                      "events (noised)", server_round, estimate.hr, estimate.hr_half_width, estimate.popular_hr,
                      estimate.popular_hr_half_width, estimate.devices, estimate.events)
         elif counting:
-            _select(state, config, gradient / (round_config.clip * run_plan.sample_rate))
-            state.counts.update(collected.contributors)
+            if round_config.count_part == 0:  # devices pay for a pass at its first slice
+                state.count_sums, state.count_cohort = [], cohort
+                state.counts.update(collected.contributors)
+            state.count_sums.append(gradient / (round_config.clip * run_plan.sample_rate))
+            if len(state.count_sums) == count_slices(config.model.num_items):
+                _select(state, config, torch.cat(state.count_sums))
+                state.count_sums = []
         else:
             state.params = state.optimizer.step(state.params, gradient / run_plan.expected_cohort)
             state.participation.update(collected.contributors)
+    elif counting:  # a slice not released: the pass starts again (its devices pay again)
+        state.count_sums = []
     if run_plan.device_level_noise > 0:  # an empty or aborted round shows that it released nothing: charged too
         state.device_level.append(run_plan.device_level_entry(evaluating))
     state.round = server_round
@@ -291,7 +306,7 @@ def _select(state: RunState, config: ServerConfig, counts: torch.Tensor) -> None
     state.params = model.layout.flatten(adopted)
     state.buffers = {p.name: adopted[p.name] for p in model.layout.buffers}
     state.counted = True
-    log.info("count round: %d of %d items get a trained row (noisy count >= %g)",
+    log.info("count rounds: %d of %d items get a trained row (noisy count >= %g)",
              int((chosen.row_items >= 0).sum()), config.model.num_items, config.min_item_count)
 
 

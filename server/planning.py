@@ -15,6 +15,7 @@ from attune.shared.config import PrivacyMode, RoundConfig, RoundTask, preset
 from attune.shared.errors import ConfigError
 from attune.shared.mechanism import Side, calibrated
 from attune.shared.model import shared_model
+from attune.shared.selection import count_slices
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Plan:
     is sent to every device every round (signed)."""
 
     round: RoundConfig
-    count: RoundConfig | None  # the count round that selects the trained items (round 1), if the model has one
+    count: RoundConfig | None  # the count rounds that select the trained items (the first), if the model has them
     population: int  # devices connected at the start
     expected_cohort: float  # devices per round in expectation (the sum's divisor)
     sample_rate: float  # each device's chance to be sampled in a round
@@ -93,9 +94,11 @@ def plan(config: ServerConfig, population: int) -> Plan:
     cohort = config.devices_per_round or population
     rate = cohort / population
     counting = shared_model(config.model).counts_items
-    if counting and config.rounds < 2:
-        raise ConfigError("a model with trained_items needs at least 2 rounds: round 1 counts the items")
-    participations = planned_participations(config.rounds - counting, rate)
+    slices = count_slices(config.model.num_items) if counting else 0
+    if counting and config.rounds < slices + 1:
+        raise ConfigError(f"a model with trained_items needs at least {slices + 1} rounds: "
+                          f"{'round 1 counts' if slices == 1 else f'the first {slices} count'} the items")
+    participations = planned_participations(config.rounds - slices, rate)
     mode, given = config.mode, config.round.given()
     values = {**asdict(preset(mode)), **given}
     if mode is not PrivacyMode.OFF and "user_every" not in given:  # user_refreshes refreshes over its rounds

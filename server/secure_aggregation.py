@@ -216,7 +216,7 @@ class SecureTransport:
             {WorkflowKey.CURRENT_ROUND: request.round})
         shares, threshold = secure_sum.neighbourhood(len(cohort), request.config.colluders)
         workflow = _Workflow(
-            min_survivors, contribution_dim(request.model, request.config.task),
+            min_survivors, contribution_dim(request.model, request.config),
             num_shares=shares if shares < len(cohort) else 1.0, reconstruction_threshold=threshold,
             max_weight=secure_sum.MAX_WEIGHT, clipping_range=secure_sum.CLIPPING_RANGE,
             quantization_range=secure_sum.QUANTIZATION_RANGE, modulus_range=secure_sum.MODULUS,

@@ -140,6 +140,8 @@ class RoundConfig:
     user_clip: float = knob(1.0, "L2 bound of one event's gradient on the user vector", above=0.0)
     user_noise_multiplier: float = knob(1.0, "noise of each refresh step in units of user_clip (calibrated "
                                         "when an epsilon is given)", low=0.0)
+    count_part: int = knob(0, "count rounds: which slice of the catalog this one counts (a catalog over "
+                           "131,072 items is counted a slice per round)", low=0)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -49,18 +49,21 @@ from attune.shared.selection import COUNT_SHAPE, count_layout
 NORM_EPS = 1e-6
 
 
-def layout_of(model: ModelConfig, task: RoundTask = RoundTask.TRAIN) -> Layout:
+def layout_of(model: ModelConfig, task: RoundTask = RoundTask.TRAIN, part: int = 0) -> Layout:
     """What a round's contribution covers: the model's trained parameters, in a count round one
-    count per catalog item (``attune.shared.selection``), in an evaluation round five sums
-    (``attune.shared.evaluation``)."""
+    count per item of its slice of the catalog (``attune.shared.selection``), in an evaluation
+    round five sums (``attune.shared.evaluation``)."""
     if task is RoundTask.COUNT:
-        return count_layout(model.num_items)
+        return count_layout(model.num_items, part)
     return evaluation_layout() if task is RoundTask.EVALUATE else shared_model(model).layout
 
 
-def contribution_dim(model: ModelConfig, task: RoundTask = RoundTask.TRAIN) -> int:
-    """Length of a contribution: its layout flattened."""
-    return layout_of(model, task).size
+def contribution_dim(model: ModelConfig, config: RoundConfig | RoundTask = RoundTask.TRAIN) -> int:
+    """Length of a contribution to a round of ``config`` (or of a task, first slice): its layout
+    flattened."""
+    if isinstance(config, RoundTask):
+        return layout_of(model, config).size
+    return layout_of(model, config.task, config.count_part).size
 
 
 def units(config: RoundConfig) -> float:
@@ -74,14 +77,14 @@ def event_rounding(model: ModelConfig, config: RoundConfig) -> float:
     numbers of each of its ``1 + negatives`` items, and the context block)."""
     if config.task is not RoundTask.TRAIN:
         shape = COUNT_SHAPE if config.task is RoundTask.COUNT else EVALUATION_SHAPE
-        return rounding_bound(layout_of(model, config.task), shape)
+        return rounding_bound(layout_of(model, config.task, config.count_part), shape)
     shared = shared_model(model)
     return rounding_bound(shared.layout, shared.event_shape(config.negatives))
 
 
 def sensitivity(model: ModelConfig, config: RoundConfig) -> float:
     """L2 change of a device's released vector (before noise) when one event is added or removed."""
-    return 2.0**config.quantum_bits + event_rounding(model, config) + math.sqrt(contribution_dim(model, config.task))
+    return 2.0**config.quantum_bits + event_rounding(model, config) + math.sqrt(contribution_dim(model, config))
 
 
 def user_sensitivity(model: ModelConfig, config: RoundConfig) -> float:
@@ -107,7 +110,7 @@ def round_entries(model: ModelConfig, config: RoundConfig, refresh: bool) -> lis
     entries = [Entry(DiscreteGaussianSum(z=config.noise_multiplier * 2.0**config.quantum_bits
                                          / sensitivity(model, config),
                                          tau=distributed_tau(share_std(config), honest),
-                                         dim=contribution_dim(model, config.task)))]
+                                         dim=contribution_dim(model, config)))]
     if refresh and config.user_steps:
         entries.append(user_entry(model, config))
     return entries
@@ -134,7 +137,7 @@ def local_entries(model: ModelConfig, config: RoundConfig, refresh: bool) -> lis
     if not config.private:
         return []
     entries = [Entry(DiscreteGaussianSum(z=share_std(config) / sensitivity(model, config),
-                                         dim=contribution_dim(model, config.task)))]
+                                         dim=contribution_dim(model, config)))]
     if refresh and config.user_steps:
         entries.append(user_entry(model, config))
     return entries

@@ -77,7 +77,7 @@ def decode(residues: list[np.ndarray]) -> list[np.ndarray]:
 def max_cohort(model: ModelConfig, config: RoundConfig) -> int:
     """Most devices whose sum cannot wrap around: each contributes at most ``device_bound`` plus
     rounding per coordinate, and the noise of all shares stays within 12 standard deviations."""
-    per_device = device_bound(config) + math.sqrt(contribution_dim(model, config.task))
+    per_device = device_bound(config) + math.sqrt(contribution_dim(model, config))
     room = MODULUS // 2 - 1
     devices = int(room // per_device)
     while devices > 0 and devices * per_device + 12 * share_std(config) * math.sqrt(devices) > room:

@@ -17,6 +17,12 @@ events, ``m`` negatives per event and ``R`` trained rows, the bias that binary c
 against uniformly drawn negatives converges to for an item the model knows nothing else about.
 Rarely seen items then rank by their noisy popularity instead of a noisy embedding, and the
 device's noise and reply cost ``K`` rows, not the catalog.
+
+A catalog of more than ``SLICE_ITEMS`` items is counted in **slices**, one per round
+(``RoundConfig.count_part``), so a device never holds a catalog-sized reply. Each event's item
+lies in exactly one slice and each slice's sum is bounded on its own, so adding or removing one
+event changes one slice's release only: the slices of one count pass are one mechanism (parallel
+composition), paid for once, at its first slice (``attune.client.policy.slice_refusal``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attune.shared.errors import ConfigError
 from attune.shared.layout import EventGradients, EventShape, Layout, Param, Rows, RowsGradient
 
 COUNTS = "item_counts"
@@ -32,9 +39,26 @@ COUNTS = "item_counts"
 PRIOR_FLOOR = 0.5
 
 
-def count_layout(num_items: int) -> Layout:
-    """A count round's contribution: one number per catalog item."""
-    return Layout((Param(COUNTS, (num_items, 1)),))
+SLICE_ITEMS = 1 << 17  # items one count round counts (1 MB of int64 reply)
+
+
+def count_slices(num_items: int) -> int:
+    """Count rounds in one pass over a catalog of ``num_items``."""
+    return -(-num_items // SLICE_ITEMS)
+
+
+def count_span(num_items: int, part: int) -> tuple[int, int]:
+    """The items ``[start, stop)`` that count round ``part`` of a pass counts."""
+    if not 0 <= part < count_slices(num_items):
+        raise ConfigError(f"count part {part} is outside the {count_slices(num_items)} slices of a "
+                          f"{num_items}-item catalog")
+    return part * SLICE_ITEMS, min(num_items, (part + 1) * SLICE_ITEMS)
+
+
+def count_layout(num_items: int, part: int = 0) -> Layout:
+    """A count round's contribution: one number per item of its slice of the catalog."""
+    start, stop = count_span(num_items, part)
+    return Layout((Param(COUNTS, (stop - start, 1)),))
 
 
 COUNT_SHAPE: EventShape = (Rows((COUNTS,), 1),)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from attune.shared.errors import ConfigError, InvalidEventError
 from attune.shared.events import validate_item_id
@@ -37,6 +38,14 @@ class Vocabulary:
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
             raise ConfigError(f"vocabulary ids must be a sequence of item ids, got {type(ids).__name__}")
         return cls(num_items=len(ids), ids=tuple(ids))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 of the mapping (its size and ids): which row each item id has."""
+        hashed = hashlib.sha256(str(self.num_items).encode())
+        for item in self.ids or ():
+            hashed.update(b"\x00" + item.encode())
+        return hashed.hexdigest()
 
     def index(self, item_id: str) -> int:
         validate_item_id(item_id)

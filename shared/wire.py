@@ -138,7 +138,7 @@ def contribution_bound(model: ModelConfig, config: RoundConfig, devices: int = 1
     bounded by ``device_bound`` plus its rounding, and ``devices`` noise shares of std ``s`` have
     norm at most ``s * sqrt(devices) * (sqrt(dim) + 6)`` but with probability below 1e-7
     (Laurent and Massart 2000). In units when private, in gradient units when not."""
-    dim = contribution_dim(model, config.task)
+    dim = contribution_dim(model, config)
     if not config.private:
         return devices * config.device_norm * config.clip * (1 + 1e-9)
     noise = share_std(config) * math.sqrt(devices) * (math.sqrt(dim) + 6.0)
@@ -150,7 +150,7 @@ def check_contribution(vector: np.ndarray | torch.Tensor, model: ModelConfig, co
     """A received contribution (or a secure sum of ``devices`` of them), checked: shape, dtype
     (int64 units when private, float64 when not), finite values, norm within what honest devices
     can produce. Raises ``ModelMismatchError`` saying what is wrong."""
-    dim = contribution_dim(model, config.task)
+    dim = contribution_dim(model, config)
     dtype = torch.long if config.private else torch.float64
     if isinstance(vector, np.ndarray):  # exactly the native array torch reads, checked before torch sees it
         expected = np.dtype(np.int64) if config.private else np.dtype(np.float64)

@@ -71,6 +71,7 @@ class Devices:
     counted: torch.Tensor  # long [devices]: count rounds
     evaluated: torch.Tensor  # long [devices]: evaluation rounds
     exhausted: torch.Tensor  # bool [devices]: a round its budget could not pay was refused
+    count_pass: torch.Tensor  # long [devices]: the round of the first count slice it paid (-1: none)
 
     def joined_rounds(self) -> Joined:
         return Joined(*(dict(enumerate(t.tolist())) for t in (self.joined, self.counted, self.evaluated)))
@@ -94,6 +95,7 @@ class InProcessTransport:
         self.availability, self.noise = availability, noise
         self.devices_state: Devices | None = None
         self.count_config: RoundConfig | None = None  # the run's count round, once seen
+        self.pass_round = -1  # the round of the current count pass's first slice
         self.training_config: RoundConfig | None = None  # and its training rounds
         self.evaluation_config: RoundConfig | None = None  # and its evaluation rounds
         self.evaluator = evaluator
@@ -107,7 +109,8 @@ class InProcessTransport:
             count = len(self.cohort)
             joined, counted, evaluated = (torch.zeros(count, dtype=torch.long) for _ in range(3))
             self.devices_state = Devices(torch.zeros(count, dim), torch.zeros(count, dtype=torch.bool), joined,
-                                         counted, evaluated, torch.zeros(count, dtype=torch.bool))
+                                         counted, evaluated, torch.zeros(count, dtype=torch.bool),
+                                         torch.full((count,), -1, dtype=torch.long))
         return self.devices_state
 
     def spent(self, request: RoundRequest, joined: int, counted: int, evaluated: int) -> float:
@@ -124,8 +127,8 @@ class InProcessTransport:
             flags = bernoulli(Stream.seeded_from(self.seed, "availability", request.round), len(cohort),
                               self.availability)
             online = [d for d, up in zip(cohort, flags.tolist(), strict=True) if up]
-        if request.config.task is RoundTask.COUNT:
-            self.count_config = request.config
+        if request.config.task is RoundTask.COUNT and request.config.count_part == 0:
+            self.count_config, self.pass_round = request.config, request.round
         if request.config.task is RoundTask.TRAIN:
             self.training_config = request.config
         if request.config.task is RoundTask.EVALUATE:
@@ -135,14 +138,15 @@ class InProcessTransport:
             self._stats = self.evaluator(request.state, state)  # every device's, computed once
         # Devices alike in what a round's admission and ledger read (the rounds they joined, a spent
         # budget) run it as one ``DeviceRound``: the very object a phone runs, in blocks.
-        standings: dict[tuple[int, int, int, bool], list[int]] = {}
-        for device, joined, counted, evaluated, exhausted in zip(
+        standings: dict[tuple[int, int, int, bool, bool], list[int]] = {}
+        for device, joined, counted, evaluated, exhausted, paid in zip(
                 online, state.joined[online].tolist(), state.counted[online].tolist(),
-                state.evaluated[online].tolist(), state.exhausted[online].tolist(), strict=True):
-            standings.setdefault((joined, counted, evaluated, exhausted), []).append(device)
+                state.evaluated[online].tolist(), state.exhausted[online].tolist(),
+                (state.count_pass[online] == self.pass_round).tolist(), strict=True):
+            standings.setdefault((joined, counted, evaluated, exhausted, paid), []).append(device)
         total, admitted = None, []
-        for (joined, counted, evaluated, exhausted), devices in standings.items():
-            alike = _Alike(self, request.model, devices, joined, counted, evaluated, exhausted)
+        for (joined, counted, evaluated, exhausted, paid), devices in standings.items():
+            alike = _Alike(self, request.model, devices, joined, counted, evaluated, exhausted, paid)
             device_round = DeviceRound(alike, request)
             contribution = device_round.send(device_round.run())
             if contribution is not None:
@@ -185,7 +189,9 @@ class InProcessTransport:
             return evaluation_contributions(self._stats[index], torch.arange(len(block)), len(block), request.config,
                                             streams, shares=self.noise == "per-device").sum(dim=0)
         if request.config.task is RoundTask.COUNT:  # nothing trained: the users' vectors play no part
-            state.counted[index] += 1
+            if request.config.count_part == 0:  # a pass is paid for at its first slice
+                state.counted[index] += 1
+                state.count_pass[index] = request.round
             return train_round(request.state, request.model, state.users[index], cohort, request.config, streams,
                                [False] * len(block), shares=self.noise == "per-device").contributions.sum(dim=0)
         for device in block:  # a device's first round starts from a vector drawn on the device
@@ -205,14 +211,18 @@ class _Alike:
     train as each would alone, and send the sum of what each would send."""
 
     def __init__(self, transport: InProcessTransport, model: ModelConfig, devices: list[int], joined: int,
-                 counted: int, evaluated: int, exhausted: bool) -> None:
+                 counted: int, evaluated: int, exhausted: bool, paid_pass: bool) -> None:
         self.transport, self.devices, self.rounds = transport, devices, (joined, counted, evaluated)
         self.model_config, self.privacy, self.exhausted = model, transport.privacy, exhausted
+        self.paid_pass = paid_pass  # they paid the current count pass's first slice
 
     def standing(self) -> Standing:  # simulated people consent and never pause
         return Standing(consented=True, paused=False, budget_exhausted=self.exhausted, rounds_joined=self.rounds[0])
 
     def reserve(self, request: RoundRequest, refresh: bool) -> Reservation:
+        if request.config.task is RoundTask.COUNT and request.config.count_part > 0:  # as slice_refusal
+            return Reservation(row=sum(self.rounds) + 1) if self.paid_pass else \
+                Reservation(row=None, reason="a count slice of a pass whose first slice they did not pay")
         if self.transport.admits(request, *self.rounds):
             return Reservation(row=sum(self.rounds) + 1)  # the row its planned ledger would write
         return Reservation(row=None, reason="the round would cross the privacy budget", over_budget=True)

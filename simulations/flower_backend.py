@@ -77,12 +77,12 @@ def _follow(out: Path, run: subprocess.Popen, evaluate_at: set[int], evaluate: E
                 break  # the app saves it just after recording the round
             state: dict[str, torch.Tensor] = {}
             none = torch.zeros(0, dtype=torch.long)
-            devices = Devices(torch.zeros(0), torch.zeros(0, dtype=torch.bool), none, none, none, none.bool())
+            devices = Devices(torch.zeros(0), torch.zeros(0, dtype=torch.bool), none, none, none, none.bool(), none)
             if record.round in evaluate_at:
                 snapshot = torch.load(saved, weights_only=True)
                 state = snapshot["state"]
                 devices = Devices(users=snapshot["users"], started=snapshot["started"], joined=none, counted=none,
-                                  evaluated=none, exhausted=none.bool())
+                                  evaluated=none, exhausted=none.bool(), count_pass=none)
                 saved.unlink()
             evaluate(record, state, _constant(devices))
             done += 1

@@ -239,11 +239,11 @@ def test_the_device_floor_is_on_the_accounted_noise_multiplier(bits):
 
 
 def test_a_catalog_wide_count_is_projected_as_a_whole_not_per_slice():
-    """A count over more columns than one pass of the projection (65,536) is scaled by its whole
-    norm: the same as one float64 pass over the row, and within its bound."""
+    """A count over more columns than one pass of the projection (65,536: here 131,072) is scaled
+    by its whole norm: the same as one float64 pass over the row, and within its bound."""
     config = preset("local", quantum_bits=4, device_norm=3.0, clip=1.0)
-    items = torch.tensor([5, 5, 9, 70_000, 70_000, 70_000, 199_999] * 3)
-    layout = count_layout(200_000)
+    items = torch.tensor([5, 5, 9, 70_000, 70_000, 70_000, 131_000] * 3)
+    layout = count_layout(131_072)
     device = torch.zeros(len(items), dtype=torch.long)
     raw = bound(count_gradients(items, config.clip), layout, device, 1, config, project=False)
     projected = bound(count_gradients(items, config.clip), layout, device, 1, config)
