@@ -129,6 +129,33 @@ def test_a_count_round_leaks_no_more_than_its_accounted_epsilon(mode):
     assert _held_out_accuracy(seen[0][:, extra].numpy(), seen[1][:, extra].numpy()) > _bound(epsilon) + 0.1
 
 
+@pytest.mark.parametrize("mode", ["local", "distributed"])
+def test_a_count_pass_in_slices_leaks_no_more_than_its_one_charge(mode, monkeypatch):
+    """A 200-item catalog counted in two slices of 100: the device pays the first slice's entry
+    once for the pass. The canary's item lies in the second slice, so the first slice's release is
+    the very same with or without it, and the two releases together are no easier to tell apart
+    than that one charge allows."""
+    from attune.shared import selection
+
+    monkeypatch.setattr(selection, "SLICE_ITEMS", 100)
+    devices = 1 if mode == "local" else 5
+    slices = [preset(mode, noise_multiplier=4.8, min_survivors=devices, task=RoundTask.COUNT, count_part=part)
+              for part in range(2)]
+    epsilon = epsilon_of(round_entries(MODEL, slices[0], refresh=False), DELTA)  # what the pass is charged
+    assert 0.8 < epsilon < 1.2
+    small, large, extra = _data(10)  # the device's items in the first slice, the canary in the second
+    user = torch.zeros(1, MODEL.dim)
+    first = _rounds(small, slices[0], "a0", user, devices)
+    assert torch.equal(first, _rounds(large, slices[0], "a0", user, devices))  # same noise: the canary is unseen
+    passes = [torch.cat([_rounds(data, config, f"{side}{config.count_part}", user, devices) for config in slices],
+                        dim=1) for data, side in ((small, "a"), (large, "b"))]
+    statistics = {"canary's count": lambda x: x[:, extra].numpy(), "norm": lambda x: x.norm(dim=1).numpy(),
+                  "first slice's norm": lambda x: x[:, :100].norm(dim=1).numpy()}
+    for attack, f in statistics.items():
+        accuracy = _held_out_accuracy(f(passes[0]), f(passes[1]))
+        assert accuracy <= _bound(epsilon) + 3 * math.sqrt(0.25 / TRIALS), (attack, accuracy, _bound(epsilon))
+
+
 def test_each_share_alone_leaks_no_more_than_epsilon_local():
     config = preset("distributed", noise_multiplier=4.8 * math.sqrt(5), negatives=1, min_survivors=5)
     epsilon_local = epsilon_of(local_entries(MODEL, config, refresh=False), DELTA)
