@@ -39,7 +39,7 @@ from attune.client.training import (
     initial_user_vector,
     train_round,
 )
-from attune.shared.accounting import epsilon_of
+from attune.shared.accounting import Entry, epsilon_of
 from attune.shared.config import RoundTask
 from attune.shared.errors import ConfigError, InvalidEventError
 from attune.shared.evaluation import NEGATIVES, STATISTICS, statistics
@@ -646,19 +646,16 @@ class _Phone:
 
     def reserve(self, request: RoundRequest, refresh: bool) -> Reservation:
         person, config = self.person, request.config
-        entries = round_entries(request.model, config, refresh)
-        local = local_entries(request.model, config, refresh)
-        part = config.count_part if config.task is RoundTask.COUNT else 0
+        counting = config.task is RoundTask.COUNT
+        part, vocabulary = (config.count_part, person.vocabulary.fingerprint) if counting else (0, "")
+        entries, local = round_entries(request.model, config, refresh), local_entries(request.model, config, refresh)
+        first: list[Entry] = []
+        if part:  # a later slice of a count pass: paid for with its first slice (parallel composition)
+            first, entries, local = round_entries(request.model, replace(config, count_part=0), refresh), [], []
 
         def check(rows: list[LedgerRow]) -> str | None:
-            if part == 0:
-                return replayed(request, rows)
-            first = round_entries(request.model, replace(config, count_part=0), False)
-            return replayed(request, rows) or slice_refusal(request, rows, first, vocabulary)
+            return replayed(request, rows) or (slice_refusal(request, rows, first, vocabulary) if part else None)
 
-        vocabulary = person.vocabulary.fingerprint if config.task is RoundTask.COUNT else ""
-        if part:  # a later slice of a count pass: paid for with its first slice (parallel composition)
-            entries, local = [], []
         return person.store.reserve(entries, local, budget=person.epsilon_budget, delta=self.privacy.delta,
                                     run_id=request.run_id, round=request.round, mode=config.mode,
                                     task=config.task.value, part=part, vocabulary=vocabulary, check=check)
