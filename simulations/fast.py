@@ -137,7 +137,8 @@ class InProcessTransport:
             self.evaluation_config = request.config
             self._stats = self.evaluator(request.state, state)  # every device's, computed once
         # Devices alike in what a round's admission and ledger read (the rounds they joined, a spent
-        # budget) run it as one ``DeviceRound``: the very object a phone runs, in blocks.
+        # budget, whether they paid the current count pass) run it as one ``DeviceRound``: the very
+        # object a phone runs, in blocks.
         standings: dict[tuple[int, int, int, bool, bool], list[int]] = {}
         for device, joined, counted, evaluated, exhausted, paid in zip(
                 online, state.joined[online].tolist(), state.counted[online].tolist(),
